@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import VmssdError
-from . import keys
+from . import create, info, keys
 
-COMMANDS = [keys]
+COMMANDS = [info, keys, create]
 
 
 def build_parser() -> argparse.ArgumentParser:
