@@ -1,0 +1,310 @@
+"""GuestMemory: lazy, bounded, thread-safe reads over a RamMap and a source of RamBlock values."""
+
+from __future__ import annotations
+
+import random
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from volatility3_vmssd.codecs import xpress
+from volatility3_vmssd.errors import Findings, FormatError, UnmappedAddressError
+from volatility3_vmssd.savedstate import ramblock as rb
+from volatility3_vmssd.savedstate.guestmemory import BlockSource, GuestMemory, InMemoryBlockSource
+from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, PAGE_SIZE, MissingPageError, encode_block
+from volatility3_vmssd.savedstate.rammap import RamMap, build_layout
+
+MiB = 1 << 20
+
+# Ranges chosen to hit the interesting cases: a range that is not a multiple of 1 MiB (its last block is
+# zero-padded and the next range starts on a fresh block), two ranges adjacent in GPA but not in raw
+# memory (reads must cross them correctly), and a hole.
+RANGES = [(0, MiB + 512 * 1024), (MiB + 512 * 1024, MiB), (4 * MiB, 2 * MiB)]
+HOLE = (MiB + 512 * 1024 + MiB, 4 * MiB)  # [2.5 MiB, 4 MiB)
+
+
+def page_content(gpa_page: int) -> bytes:
+    """Deterministic guest content: mostly fills, some compressible and some incompressible pages."""
+    if gpa_page % 7 == 3:
+        rng = random.Random(gpa_page)
+        text = b"".join(b"gpa %08x word %d; " % (gpa_page, rng.randrange(100)) for _ in range(300))
+        return text[:PAGE_SIZE]
+    if gpa_page % 13 == 5:
+        return random.Random(gpa_page).randbytes(PAGE_SIZE)
+    if gpa_page % 3 == 0:
+        return bytes(PAGE_SIZE)
+    return struct.pack("<Q", gpa_page * 0x0101) * 512
+
+
+def expected_gpa(gpa: int, size: int) -> bytes:
+    """Reference bytes with holes as zeros."""
+    out = bytearray()
+    for page in range(gpa >> 12, ((gpa + size - 1) >> 12) + 1):
+        backed = any(g <= page * PAGE_SIZE < g + n for g, n in RANGES)
+        out += page_content(page) if backed else bytes(PAGE_SIZE)
+    skip = gpa & 0xFFF
+    return bytes(out[skip : skip + size])
+
+
+def build_blocks(records: list, *, variable_runs_for: set[int] = frozenset()) -> dict[int, bytes]:
+    raw: dict[int, bytearray] = {}
+    for record in records:
+        for i in range(record.page_count_total):
+            r = record.mbp_index_start + i
+            block = raw.setdefault(r >> 8, bytearray(BLOCK_SIZE))
+            block[(r & 0xFF) * PAGE_SIZE : ((r & 0xFF) + 1) * PAGE_SIZE] = page_content(record.gpa_index_start + i)
+    return {n: encode_block(bytes(data), use_variable_runs=n in variable_runs_for) for n, data in sorted(raw.items())}
+
+
+RECORDS = build_layout(RANGES)
+BLOCKS = build_blocks(RECORDS, variable_runs_for={2})
+
+
+def make(blocks: dict[int, bytes] | None = None, *, findings: Findings | None = None, **kwargs: object) -> GuestMemory:
+    source = InMemoryBlockSource(blocks if blocks is not None else BLOCKS, path="guest.vmrs")
+    return GuestMemory(RamMap(RECORDS), source, findings=findings, **kwargs)  # type: ignore[arg-type]
+
+
+def test_layout_under_test() -> None:
+    assert [(r.gpa_index_start, r.page_count_total, r.mbp_index_start) for r in RECORDS] == [
+        (0, 384, 0),
+        (384, 256, 512),
+        (1024, 512, 768),
+    ]
+    assert sorted(BLOCKS) == [0, 1, 2, 3, 4]
+
+
+def test_open_reads_indexes_and_decodes_nothing() -> None:
+    memory = make()
+    assert isinstance(memory.source, BlockSource)
+    assert (memory.blocks_indexed, memory.blocks_decoded, memory.source.value_reads) == (0, 0, 0)
+    assert memory.is_backed(0) and not memory.is_backed(HOLE[0]) and memory.is_backed(4 * MiB)
+    assert memory.source.value_reads == 0
+    assert memory.cache_limit == 256
+    assert memory.findings == []
+
+
+@pytest.mark.parametrize(
+    ("gpa", "size"),
+    [
+        (0, 8),
+        (0xC0FFE, 12),
+        (0, MiB + 512 * 1024),
+        (MiB - 4, 8),  # block boundary inside one range
+        (MiB + 512 * 1024 - 100, 200),  # GPA-adjacent ranges, raw not contiguous
+        (MiB, MiB + 512 * 1024),  # to the end of the second range
+        (4 * MiB + 123, 2 * MiB - 123),
+        (2 * MiB + 256 * 1024, 4096),  # inside the variable-run block
+    ],
+)
+def test_reads_match_the_reference(gpa: int, size: int) -> None:
+    memory = make()
+    assert memory.read_gpa(gpa, size) == expected_gpa(gpa, size)
+    assert memory.read_gpa_padded(gpa, size) == expected_gpa(gpa, size)
+
+
+def test_read_running_into_a_hole_returns_the_bytes_before_it() -> None:
+    memory = make()
+    start = HOLE[0] - 100
+    assert memory.read_gpa(start, 1000) == expected_gpa(start, 100)
+    assert memory.read_gpa_padded(start, 1000) == expected_gpa(start, 100) + bytes(900)
+
+
+def test_read_starting_in_a_hole_raises() -> None:
+    memory = make()
+    with pytest.raises(UnmappedAddressError) as err:
+        memory.read_gpa(HOLE[0], 8)
+    assert err.value.address == HOLE[0]
+    with pytest.raises(UnmappedAddressError):
+        memory.read_gpa(6 * MiB, 1)  # past the last range
+    assert memory.read_gpa_padded(HOLE[0], 8) == bytes(8)
+    assert memory.read_gpa_padded(6 * MiB - 4, 8) == expected_gpa(6 * MiB - 4, 4) + bytes(4)
+
+
+def test_padded_read_across_the_hole() -> None:
+    memory = make()
+    start, size = 2 * MiB, 3 * MiB
+    assert memory.read_gpa_padded(start, size) == expected_gpa(start, size)
+    assert memory.read_gpa(0, 0) == b"" and memory.read_gpa_padded(HOLE[0], 0) == b""
+
+
+def test_raw_reads_are_one_flat_stream_of_blocks() -> None:
+    memory = make()
+    assert memory.raw_size == 5 * MiB
+    chunks, offset = [], 0
+    while chunk := memory.read_raw(offset, MiB):
+        chunks.append(chunk)
+        offset += len(chunk)
+    assert offset == memory.raw_size
+    raw = b"".join(chunks)
+    # The last block of the first range is zero-padded after its 128 pages (writer layout).
+    assert raw[MiB + 512 * 1024 : 2 * MiB] == bytes(512 * 1024)
+    assert raw[2 * MiB : 3 * MiB] == expected_gpa(MiB + 512 * 1024, MiB)
+    assert memory.read_raw(memory.raw_size - 4, 100) == raw[-4:]
+    assert memory.read_raw(memory.raw_size, 100) == b""
+    with pytest.raises(ValueError):
+        memory.read_raw(-1, 1)
+
+
+def test_cache_limit_and_lru_eviction() -> None:
+    memory = make(cache_limit=2)
+    for n in (0, 1, 2):
+        memory.read_raw(n * MiB, 8)
+    assert memory.cached_blocks == [1, 2]
+    memory.read_raw(MiB, 8)  # touch 1: now most recent
+    memory.read_raw(3 * MiB, 8)
+    assert memory.cached_blocks == [1, 3]
+    assert memory.blocks_decoded == 4
+    memory.read_raw(MiB + 100, 8)
+    assert memory.blocks_decoded == 4  # a hit decodes nothing
+    memory.set_cache_limit(1)
+    assert memory.cached_blocks == [1]
+    with pytest.raises(ValueError):
+        memory.set_cache_limit(-1)
+
+
+def test_cache_limit_zero_decodes_only_the_pages_asked_for() -> None:
+    memory = make(cache_limit=0)
+    assert memory.read_gpa(0x3000, 8) == expected_gpa(0x3000, 8)
+    assert (memory.blocks_decoded, memory.pages_decoded, memory.cached_blocks) == (0, 1, [])
+    assert memory.read_gpa(0, 2 * MiB) == expected_gpa(0, 2 * MiB)
+    assert memory.blocks_decoded == 1  # the whole first block in one pass; nothing kept
+    assert memory.cached_blocks == []
+
+
+def test_sequential_read_decodes_each_block_once() -> None:
+    memory = make()
+    memory.read_gpa_padded(0, 6 * MiB)
+    assert memory.blocks_decoded == 5 and memory.blocks_indexed <= 5
+    memory.read_gpa_padded(0, 6 * MiB)
+    assert memory.blocks_decoded == 5
+
+
+def test_missing_block_is_reported_and_reads_as_missing() -> None:
+    blocks = dict(BLOCKS)
+    del blocks[1]
+    memory = make(blocks)
+    assert [f.kind for f in memory.findings] == ["missing-block"]
+    assert not memory.is_backed(MiB)
+    with pytest.raises(MissingPageError) as err:
+        memory.read_gpa(MiB, 8)
+    assert "RamBlock 1 is absent" in str(err.value) and err.value.address == MiB
+    assert memory.read_gpa(MiB - 8, 16) == expected_gpa(MiB - 8, 8)
+    assert memory.read_gpa_padded(MiB - 8, 16) == expected_gpa(MiB - 8, 8) + bytes(8)
+    with pytest.raises(MissingPageError):
+        memory.read_raw(0, 2 * MiB)
+    with pytest.raises(FormatError):
+        make(blocks, findings=Findings(strict=True))
+
+
+def test_absurd_map_opens_instantly() -> None:
+    # Hostile metadata claiming 2**40 pages must not make the open walk every block.
+    findings = Findings()
+    memory = GuestMemory(RamMap.identity(1 << 40), InMemoryBlockSource(BLOCKS), findings=findings)
+    assert [f.kind for f in findings] == ["missing-block"]
+    assert findings[0].message.startswith(f"{(1 << 32) - 5} RamBlock(s)") and "5-4294967295" in findings[0].message
+    assert memory.read_gpa(0, 8) == memory.read_raw(0, 8) == expected_gpa(0, 8)
+
+
+def test_unreferenced_block_is_noted() -> None:
+    blocks = dict(BLOCKS)
+    blocks[40] = encode_block(bytes(BLOCK_SIZE))
+    memory = make(blocks)
+    assert [f.kind for f in memory.findings] == ["unreferenced-block"]
+    assert "40" in memory.findings[0].message
+
+
+def test_truncated_block_pages_are_missing_and_reported_once() -> None:
+    blocks = dict(BLOCKS)
+    # Block 0 cut after its first 10 pages: keep the records for pages 0..9 and add an early end marker.
+    data = b"".join(page_content(p) for p in range(256))
+    full = encode_block(data)
+    index = rb.index_block(full, path="x", file_offset=0, findings=Findings())
+    cut = next(index.args[p] - 4 for p in range(10, 256) if index.kinds[p] in (rb.KIND_RAW, rb.KIND_XPRESS))
+    assert cut > 0
+    blocks[0] = full[:cut] + struct.pack("<I", rb.TAG_END)
+    memory = make(blocks, cache_limit=1)
+    start_missing = next(
+        p for p in range(256) if rb.index_block(blocks[0], path="x", file_offset=0, findings=Findings()).kinds[p] == 0
+    )
+    gpa = start_missing * PAGE_SIZE
+    with pytest.raises(MissingPageError):
+        memory.read_gpa(gpa, 8)
+    assert memory.read_gpa(gpa - 8, 100) == expected_gpa(gpa - 8, 8)
+    assert memory.read_gpa_padded(gpa - 8, 100) == expected_gpa(gpa - 8, 8) + bytes(92)
+    memory.read_gpa(2 * MiB, 8)  # evict block 0
+    memory.read_gpa(0, 8)  # and index it again
+    assert memory.blocks_indexed >= 2
+    assert [f.kind for f in memory.findings] == ["truncated"]
+
+
+def test_corrupt_xpress_page_reads_as_missing_with_one_finding() -> None:
+    blocks = dict(BLOCKS)
+    index = rb.index_block(blocks[0], path="x", file_offset=0, findings=Findings())
+    page = next(p for p in range(256) if index.kinds[p] == rb.KIND_XPRESS)
+    value = bytearray(blocks[0])
+    start = index.args[page]
+    value[start : start + index.lengths[page]] = b"\xff" * index.lengths[page]
+    blocks[0] = bytes(value)
+    memory = make(blocks, cache_limit=1)
+    gpa = page * PAGE_SIZE
+    with pytest.raises(MissingPageError):
+        memory.read_gpa(gpa, 8)
+    assert memory.read_gpa_padded(gpa, 8) == bytes(8)
+    memory.read_gpa(2 * MiB, 8)
+    with pytest.raises(MissingPageError):
+        memory.read_gpa(gpa, 8)
+    assert [f.kind for f in memory.findings] == ["bad-page"]
+
+
+def test_native_decoder_failure_falls_back_with_a_finding() -> None:
+    # libfwnt rejects the valid 32-bit extended-length form (spec §3.2 decoder notes): the page must
+    # still decode, through the pure-Python decoder, and the analyst must be told.
+    if xpress.active_decoder() == "python":
+        pytest.skip("no native XPRESS decoder here, so there is nothing to fall back from")
+    python_codec = pytest.importorskip("volatility3_vmssd.codecs._xpress_python")
+    page = b"A" + bytes(PAGE_SIZE - 1)
+    packed = python_codec.compress(page, force_u32=True)
+    value = struct.pack("<I", len(packed)) + packed + struct.pack("<IQI", rb.TAG_MULTI_FILL, 0, 255)
+    value += struct.pack("<I", rb.TAG_END)
+    calls: list[str] = []
+    memory = GuestMemory(RamMap.identity(256), InMemoryBlockSource({0: value}), on_fallback=calls.append)
+    assert memory.read_gpa(0, 8) == page[:8]
+    assert len(calls) == 1
+    assert [f.kind for f in memory.findings] == ["xpress-fallback"]
+
+
+def test_memoryview_values_are_accepted() -> None:
+    views = {n: memoryview(value) for n, value in BLOCKS.items()}
+    memory = GuestMemory(RamMap(RECORDS), InMemoryBlockSource(views))  # type: ignore[arg-type]
+    assert memory.read_gpa_padded(0, 6 * MiB) == expected_gpa(0, 6 * MiB)
+    assert memory.read_raw(3 * MiB, 16) == expected_gpa(4 * MiB, 16)  # raw block 3 = first page of range 3
+
+
+def test_negative_address_is_unmapped() -> None:
+    with pytest.raises(UnmappedAddressError):
+        make().read_gpa(-8, 16)
+
+
+def test_parallel_readers_see_consistent_data() -> None:
+    memory = make(cache_limit=2)  # small cache: constant eviction while threads read
+    rng = random.Random(5)
+    spans = [(rng.randrange(0, 6 * MiB - 64), rng.choice([8, 64, 4096, 70000])) for _ in range(400)]
+
+    def check(span: tuple[int, int]) -> bool:
+        gpa, size = span
+        return memory.read_gpa_padded(gpa, size) == expected_gpa(gpa, size)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(check, spans))
+    assert len(memory.cached_blocks) <= 2
+
+
+def test_record_stats_index_without_decoding() -> None:
+    memory = make()
+    stats = memory.record_stats()
+    assert memory.blocks_decoded == 0
+    assert stats.blocks == 5
+    assert stats.variable_runs > 0
+    assert stats.end_markers == 5

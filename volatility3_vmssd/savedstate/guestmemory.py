@@ -1,0 +1,555 @@
+"""Lazy, bounded reads of guest RAM: a :class:`~.rammap.RamMap` over a source of RamBlock values.
+
+This is what the provider and the Volatility layer read through.  Opening costs nothing beyond
+listing the block numbers: no value is read, indexed or decoded until a read touches it.  A read
+decodes each 1 MiB block it touches in one pass (spec §3.2 says pages decode independently, but
+Volatility's scanners read 16 MiB at a time and page walks hit the same blocks again and again) and
+keeps decoded blocks in an LRU bounded by a block count, as the DLL's ``SetMemoryBlockCacheLimit``
+does.  With the limit at 0 nothing is kept and only the pages a read needs are decoded.
+
+Missing data has two causes, both reported when seen and both treated like holes by padded reads:
+a RamBlock the map needs but the file lacks (spec §7.4, "sparse numbering"), and pages a damaged
+record stream does not produce (:class:`~.ramblock.MissingPageError`).
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Protocol, runtime_checkable
+
+from ..errors import Findings, FormatError, NotFoundError, UnmappedAddressError
+from .ramblock import (
+    BLOCK_SIZE,
+    PAGE_SIZE,
+    PAGES_PER_BLOCK,
+    BlockIndex,
+    BlockStats,
+    MissingPageError,
+    decode_block_bytes,
+    decode_block_pages,
+    decode_page,
+    index_block,
+    uniform_block,
+    uniform_pattern,
+)
+from .rammap import RamMap
+
+__all__ = ["DEFAULT_CACHE_LIMIT", "BlockSource", "GuestMemory", "InMemoryBlockSource"]
+
+DEFAULT_CACHE_LIMIT = 256  # blocks, i.e. at most 256 MiB of decoded RAM
+_BLOCK_MASK = BLOCK_SIZE - 1
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+_ZERO_VIEW = memoryview(_ZERO_BLOCK)
+_ALL_PAGES = frozenset(range(PAGES_PER_BLOCK))
+
+
+@runtime_checkable
+class BlockSource(Protocol):
+    """Where RamBlock values come from: a legacy .bin, a .vmrs key tree, or memory (tests)."""
+
+    path: str
+
+    def block_numbers(self) -> Collection[int]:
+        """Numbers of the RamBlocks present (``RamBlock<n>``), in any order."""
+        ...
+
+    def block_location(self, n: int) -> tuple[int, int] | None:
+        """``(absolute file offset, size)`` of a value, for findings; None if stored inline."""
+        ...
+
+    def read_block_value(self, n: int) -> bytes | memoryview:
+        """The stored value of RamBlock ``n``; raises :class:`NotFoundError` if absent."""
+        ...
+
+
+class InMemoryBlockSource:
+    """A :class:`BlockSource` over a dict of values; counts reads so tests can prove laziness."""
+
+    def __init__(
+        self,
+        blocks: Mapping[int, bytes] | Iterable[tuple[int, bytes]],
+        *,
+        path: str = "<memory>",
+        locations: Mapping[int, int] | None = None,
+    ) -> None:
+        self.path = path
+        self._blocks = dict(blocks)
+        self._locations = dict(locations or {})
+        self.value_reads = 0
+
+    def block_numbers(self) -> Collection[int]:
+        return self._blocks.keys()
+
+    def block_location(self, n: int) -> tuple[int, int] | None:
+        offset = self._locations.get(n)
+        return None if offset is None else (offset, len(self._blocks[n]))
+
+    def read_block_value(self, n: int) -> bytes:
+        try:
+            value = self._blocks[n]
+        except KeyError:
+            raise NotFoundError(f"{self.path}: RamBlock {n} is not present") from None
+        self.value_reads += 1
+        return value
+
+
+class _Block:
+    """One decoded block (missing and undecodable pages read as zeros) and which pages those are.
+
+    Two forms: ``data``, one contiguous 1 MiB (raw values, blocks of one fill pattern — shared —
+    and the rare variable-run blocks), or ``pages``, 256 page objects in which fill pages are the
+    shared cached pattern page.  The page form avoids materialising (and page-faulting) a fresh
+    1 MiB per block, which measured as costly as the XPRESS decoding itself.
+    """
+
+    __slots__ = ("absent", "bad", "data", "pages")
+
+    def __init__(
+        self,
+        data: bytes | None,
+        pages: list[bytes] | None,
+        bad: frozenset[int] | None,
+        absent: bool = False,
+    ) -> None:
+        self.data = data
+        self.pages = pages
+        self.bad = bad  # None when every page is good: the hot path tests only this
+        self.absent = absent
+
+
+def _zeros(n: int) -> memoryview:
+    return _ZERO_VIEW[:n]
+
+
+def _zero_parts(n: int) -> list[memoryview]:
+    """Zeros for a padded hole as views of one shared block: the final join is the only copy."""
+    whole, rest = divmod(n, BLOCK_SIZE)
+    return [_ZERO_VIEW] * whole + ([_ZERO_VIEW[:rest]] if rest else [])
+
+
+def _ranges_text(numbers: list[int], limit: int = 8) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (sorted input), cut after ``limit`` spans."""
+    spans: list[tuple[int, int]] = []
+    for n in numbers:
+        if spans and spans[-1][1] + 1 == n:
+            spans[-1] = (spans[-1][0], n)
+        else:
+            spans.append((n, n))
+    return _spans_text(spans, limit)
+
+
+def _spans_text(spans: list[tuple[int, int]], limit: int = 8) -> str:
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans[:limit])
+    return text + (f", … ({len(spans) - limit} more spans)" if len(spans) > limit else "")
+
+
+class GuestMemory:
+    """Guest-physical and raw saved-memory reads with a thread-safe LRU of decoded blocks.
+
+    Counters ``blocks_indexed``, ``blocks_decoded`` and ``pages_decoded`` let tests and benchmarks
+    prove what a read (or an open) cost.  ``findings`` collects what was worked around.
+    """
+
+    def __init__(
+        self,
+        ram_map: RamMap,
+        source: BlockSource,
+        *,
+        findings: Findings | None = None,
+        cache_limit: int = DEFAULT_CACHE_LIMIT,
+        on_fallback: Callable[..., object] | None = None,
+    ) -> None:
+        self.ram_map = ram_map
+        self.source = source
+        self.path = source.path
+        self.findings = findings if findings is not None else Findings()
+        self.on_fallback = on_fallback
+        self._present = frozenset(source.block_numbers())
+        self._cache: OrderedDict[int, _Block] = OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = 0
+        self.set_cache_limit(cache_limit)
+        self._seen: set[int] = set()  # blocks whose index findings were already recorded
+        self._seen_bad: set[int] = set()  # blocks whose undecodable pages were already reported
+        self.blocks_indexed = 0
+        self.blocks_decoded = 0
+        self.pages_decoded = 0
+        self._check_blocks()
+
+    def __repr__(self) -> str:
+        return f"GuestMemory({self.path!r}, {self.ram_map!r}, cache {len(self._cache)}/{self._limit})"
+
+    # -- open-time checks (index only) -------------------------------------------------------------
+
+    def _check_blocks(self) -> None:
+        """Compare the blocks the map needs with those present, in O(present + ranges).
+
+        Never per block of the map: hostile metadata can claim petabytes.
+        """
+        spans = self.ram_map.block_ranges()
+        present = sorted(self._present)
+        missing: list[tuple[int, int]] = []
+        missing_count = 0
+        for first, count in spans:
+            stop = first + count
+            cur = first
+            i = bisect_left(present, first)
+            while i < len(present) and present[i] < stop:
+                if present[i] > cur:
+                    missing.append((cur, present[i] - 1))
+                    missing_count += present[i] - cur
+                cur = present[i] + 1
+                i += 1
+            if cur < stop:
+                missing.append((cur, stop - 1))
+                missing_count += stop - cur
+        if missing:
+            self.findings.add(
+                self.path,
+                None,
+                "missing-block",
+                f"{missing_count} RamBlock(s) that the RAM map needs are absent: {_spans_text(missing)}; "
+                "their memory reads as missing",
+                error=FormatError,
+            )
+        starts = [first for first, _ in spans]
+        extra = []
+        for n in present:
+            i = bisect_right(starts, n) - 1
+            if i < 0 or n >= spans[i][0] + spans[i][1]:
+                extra.append(n)
+        if extra:
+            self.findings.add(
+                self.path,
+                None,
+                "unreferenced-block",
+                f"{len(extra)} RamBlock(s) are not covered by the RAM map and cannot be read by GPA: "
+                f"{_ranges_text(extra)}",
+            )
+
+    # -- cache -------------------------------------------------------------------------------------
+
+    @property
+    def cache_limit(self) -> int:
+        return self._limit
+
+    def set_cache_limit(self, blocks: int) -> None:
+        """Keep at most ``blocks`` decoded blocks (1 MiB each); 0 keeps none between reads."""
+        if blocks < 0:
+            raise ValueError("cache limit must be >= 0")
+        with self._lock:
+            self._limit = blocks
+            while len(self._cache) > blocks:
+                self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    @property
+    def cached_blocks(self) -> list[int]:
+        """Block numbers in the cache, least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
+    # -- block loading -----------------------------------------------------------------------------
+
+    def _value(self, n: int) -> bytes | memoryview | None:
+        if n not in self._present:
+            return None
+        try:
+            return self.source.read_block_value(n)
+        except NotFoundError:
+            return None
+
+    def _index(self, n: int, value: bytes | memoryview) -> BlockIndex:
+        location = self.source.block_location(n)
+        with self._lock:
+            first = n not in self._seen
+            self._seen.add(n)
+            self.blocks_indexed += 1
+        # Re-indexing after an eviction must not repeat the findings of the first time.
+        findings = self.findings if first else Findings(strict=self.findings.strict)
+        return index_block(value, path=self.path, file_offset=location[0] if location else None, findings=findings)
+
+    def _report_bad_pages(self, n: int, errors: list[tuple[int, FormatError]]) -> None:
+        pages = sorted({page for page, _ in errors})
+        first = errors[0][1]
+        self.findings.add(
+            self.path,
+            first.offset,
+            "bad-page",
+            f"RamBlock {n}: page(s) {_ranges_text(pages)} do not decode and read as missing ({first.expected})",
+            error=FormatError,
+        )
+
+    def _load(self, n: int) -> _Block:
+        value = self._value(n)
+        if value is None:
+            return _Block(_ZERO_BLOCK, None, _ALL_PAGES, absent=True)
+        if len(value) == BLOCK_SIZE:  # raw block: nothing to index or decode
+            with self._lock:
+                self.blocks_decoded += 1
+            return _Block(value if isinstance(value, bytes) else bytes(value), None, None)
+        index = self._index(n, value)
+        errors: list[tuple[int, FormatError]] = []
+        notes: list[str] = []
+        data: bytes | None = None
+        pages: list[bytes] | None = None
+        pattern = uniform_pattern(index)
+        if pattern is not None:
+            data = uniform_block(pattern)
+        elif index.piece_out is not None:
+            data = decode_block_bytes(value, index, on_fallback=notes.append, errors=errors)
+        else:
+            pages = decode_block_pages(value, index, on_fallback=notes.append, errors=errors)
+        with self._lock:
+            self.blocks_decoded += 1
+        self._after_decode(n, errors, notes)
+        bad = set(index.missing_pages)
+        bad.update(page for page, _ in errors)
+        return _Block(data, pages, frozenset(bad) if bad else None)
+
+    def _after_decode(self, n: int, errors: list[tuple[int, FormatError]], notes: list[str]) -> None:
+        """Report undecodable pages and decoder fallbacks once per block; pass fallbacks on."""
+        if notes and self.on_fallback is not None:
+            for note in notes:
+                self.on_fallback(note)
+        if not errors and not notes:
+            return
+        with self._lock:
+            first = n not in self._seen_bad
+            self._seen_bad.add(n)
+        if not first:
+            return
+        if notes:
+            location = self.source.block_location(n)
+            self.findings.add(
+                self.path,
+                location[0] if location else None,
+                "xpress-fallback",
+                f"RamBlock {n}: {len(notes)} XPRESS stream(s) needed the pure-Python decoder ({notes[0]})",
+            )
+        if errors:
+            self._report_bad_pages(n, errors)
+
+    def _block(self, n: int) -> _Block:
+        with self._lock:
+            entry = self._cache.get(n)
+            if entry is not None:
+                self._cache.move_to_end(n)
+                return entry
+        entry = self._load(n)
+        with self._lock:
+            if self._limit:
+                self._cache[n] = entry
+                self._cache.move_to_end(n)
+                while len(self._cache) > self._limit:
+                    self._cache.popitem(last=False)
+        return entry
+
+    def _partial(self, n: int, offset: int, size: int) -> tuple[bytes | memoryview, int]:
+        """Pages of one block for a read when nothing is cached: decode only what is asked."""
+        value = self._value(n)
+        if value is None:
+            return _zeros(size), 0
+        if len(value) == BLOCK_SIZE:
+            return memoryview(value)[offset : offset + size], size
+        index = self._index(n, value)
+        first, last = offset >> 12, (offset + size - 1) >> 12
+        parts: list[bytes | memoryview] = []
+        valid: int | None = None
+        errors: list[tuple[int, FormatError]] = []
+        notes: list[str] = []
+        for page in range(first, last + 1):
+            try:
+                parts.append(decode_page(value, index, page, on_fallback=notes.append))
+            except (MissingPageError, FormatError) as exc:
+                if isinstance(exc, FormatError):
+                    errors.append((page, exc))
+                parts.append(_zeros(PAGE_SIZE))
+                if valid is None:
+                    valid = max((page << 12) - offset, 0)
+        with self._lock:
+            self.pages_decoded += last + 1 - first
+        self._after_decode(n, errors, notes)
+        skip = offset - (first << 12)
+        return memoryview(b"".join(parts))[skip : skip + size], size if valid is None else valid
+
+    def _append(self, n: int, offset: int, size: int, parts: list[bytes | memoryview], pad: bool) -> int:
+        """Append bytes [offset, offset + size) of block ``n`` to ``parts``; returns how many.
+
+        Padded reads take everything (missing pages read as zeros); others stop before the first
+        missing page.
+        """
+        if not self._limit and size < BLOCK_SIZE:
+            data, valid = self._partial(n, offset, size)
+            if pad or valid == size:
+                parts.append(data)
+                return size
+            if valid:
+                parts.append(data[:valid])
+            return valid
+        entry = self._block(n)
+        valid = size
+        if entry.bad is not None and not pad:
+            bad = entry.bad
+            for page in range(offset >> 12, ((offset + size - 1) >> 12) + 1):
+                if page in bad:
+                    valid = max((page << 12) - offset, 0)
+                    break
+            if not valid:
+                return 0
+        end = offset + valid
+        if entry.pages is None:
+            data = entry.data
+            assert data is not None
+            parts.append(data if valid == BLOCK_SIZE else memoryview(data)[offset:end])
+            return valid
+        pages = entry.pages
+        first, last = offset >> 12, (end - 1) >> 12
+        head = offset & 0xFFF
+        if first == last:
+            parts.append(memoryview(pages[first])[head : head + valid])
+            return valid
+        parts.append(memoryview(pages[first])[head:] if head else pages[first])
+        parts.extend(pages[first + 1 : last])
+        tail = end - (last << 12)
+        parts.append(pages[last] if tail == PAGE_SIZE else memoryview(pages[last])[:tail])
+        return valid
+
+    def _missing(self, raw: int, gpa: int | None) -> MissingPageError:
+        n = raw >> 20
+        where = f"GPA {gpa:#x} (raw offset {raw:#x})" if gpa is not None else f"raw offset {raw:#x}"
+        if n not in self._present:
+            why = f"RamBlock {n} is absent from the file"
+        else:
+            location = self.source.block_location(n)
+            at = f" (value at file offset {location[0]:#x})" if location else ""
+            why = f"page {(raw >> 12) & 0xFF} of RamBlock {n}{at} is missing or does not decode"
+        return MissingPageError(f"{self.path}: {where}: {why}", (raw >> 12) & 0xFF, gpa)
+
+    def _collect(self, raw: int, length: int, parts: list[bytes | memoryview], pad: bool) -> tuple[int, int | None]:
+        """Append raw bytes [raw, raw + length); returns (bytes appended, raw offset of missing data)."""
+        got = 0
+        while got < length:
+            offset = raw & _BLOCK_MASK
+            take = min(length - got, BLOCK_SIZE - offset)
+            valid = self._append(raw >> 20, offset, take, parts, pad)
+            if valid < take:
+                return got + valid, raw + valid
+            got += take
+            raw += take
+        return got, None
+
+    # -- public reads ------------------------------------------------------------------------------
+
+    @property
+    def raw_size(self) -> int:
+        return self.ram_map.raw_size
+
+    @property
+    def maximum_gpa(self) -> int:
+        return self.ram_map.maximum_gpa
+
+    def is_backed(self, gpa: int) -> bool:
+        """Whether the map backs ``gpa`` and its RamBlock is present (no value is read)."""
+        raw = self.ram_map.raw_offset(gpa)
+        return raw is not None and (raw >> 20) in self._present
+
+    def read_raw(self, offset: int, size: int) -> bytes:
+        """Raw saved memory (ReadGuestRawSavedMemory): short at ``raw_size``, raises on missing data."""
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must be non-negative")
+        end = min(offset + size, self.ram_map.raw_size)
+        if end <= offset:
+            return b""
+        parts: list[bytes | memoryview] = []
+        _, missing = self._collect(offset, end - offset, parts, False)
+        if missing is not None:
+            raise self._missing(missing, None)
+        return b"".join(parts)
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        """Guest-physical read; stops short at a hole or missing data, raises if ``gpa`` itself is one.
+
+        A read starting in a hole raises :class:`UnmappedAddressError`; one starting on missing data
+        raises :class:`MissingPageError`.
+        """
+        if self._limit and size > 0:
+            located = self.ram_map.locate(gpa)
+            if located is not None and size <= located[1]:
+                raw = located[0]
+                offset = raw & _BLOCK_MASK
+                if offset + size <= BLOCK_SIZE:
+                    entry = self._block(raw >> 20)
+                    if entry.bad is None:
+                        pages = entry.pages
+                        if pages is None:
+                            return entry.data[offset : offset + size]  # type: ignore[index]
+                        head = offset & 0xFFF
+                        if head + size <= PAGE_SIZE:
+                            return pages[offset >> 12][head : head + size]
+        return self._read(gpa, size, False)
+
+    def read_gpa_padded(self, gpa: int, size: int) -> bytes:
+        """Exactly ``size`` bytes; holes and missing data read as zeros (Volatility's ``pad=True``)."""
+        if self._limit and size > 0:
+            located = self.ram_map.locate(gpa)
+            if located is not None and size <= located[1]:
+                raw = located[0]
+                offset = raw & _BLOCK_MASK
+                if offset + size <= BLOCK_SIZE:
+                    entry = self._block(raw >> 20)
+                    pages = entry.pages
+                    if pages is None:
+                        return entry.data[offset : offset + size]  # type: ignore[index]
+                    head = offset & 0xFFF
+                    if head + size <= PAGE_SIZE:
+                        return pages[offset >> 12][head : head + size]
+        return self._read(gpa, size, True)
+
+    def _read(self, gpa: int, size: int, pad: bool) -> bytes:
+        if size < 0:
+            raise ValueError("size must be non-negative")
+        if size == 0:
+            return b""
+        parts: list[bytes | memoryview] = []
+        pos, end = gpa, gpa + size
+        missing: int | None = None
+        for run_gpa, raw, length in self.ram_map.runs(gpa, size):
+            if run_gpa > pos:
+                if not pad:
+                    break
+                parts.extend(_zero_parts(run_gpa - pos))
+                pos = run_gpa
+            got, missing = self._collect(raw, length, parts, pad)
+            pos += got
+            if missing is not None:
+                break
+        if pad:
+            if pos < end:
+                parts.extend(_zero_parts(end - pos))
+        elif pos == gpa:
+            if missing is not None:
+                raise self._missing(missing, gpa)
+            raise UnmappedAddressError(f"{self.path}: GPA {gpa:#x} is not backed by saved RAM", gpa)
+        return b"".join(parts)
+
+    # -- statistics --------------------------------------------------------------------------------
+
+    def record_stats(self) -> BlockStats:
+        """Index every present block (reads each value, decodes nothing) and sum the record counts."""
+        total = BlockStats()
+        for n in sorted(self._present):
+            value = self._value(n)
+            if value is None:
+                continue
+            if len(value) == BLOCK_SIZE:
+                total = total + BlockStats(blocks=1, raw_blocks=1)
+            else:
+                total = total + self._index(n, value).stats
+        return total

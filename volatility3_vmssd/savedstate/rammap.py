@@ -1,0 +1,348 @@
+"""Guest-physical → raw-saved-memory mapping from RamMemoryBlock records (spec §3.1).
+
+Each RamMemoryBlock record says: the ``PageCountTotal`` pages starting at GPA page
+``GpaIndexStart`` are stored from raw page ``MbpIndexStart`` on, where raw saved memory is the
+concatenation of the 1 MiB RamBlocks (raw page r lives in ``RamBlock{r >> 8}``, page ``r & 0xFF``).
+Any other GPA is unbacked (an MMIO hole).  The mapping always uses ``MbpIndexStart``, never a
+running total: openvmm starts every range on a fresh 1 MiB block [1 + inf], so cumulative page
+counts would be wrong for any range that is not a multiple of 1 MiB.
+
+Field semantics were never seen in a real .vmrs ([1] openvmm + [inf], consistent with the DLL
+API); a legacy .bin has no metadata here and is mapped with :meth:`RamMap.identity`, which
+reproduces the DLL's bytes at GPA 0xC0FFE on the real sample [V].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator
+
+from ..errors import Findings, FormatError, TruncatedError, UnsupportedError
+
+__all__ = [
+    "RAM_MEMORY_BLOCK_V3",
+    "RamMap",
+    "RamMemoryBlockRecord",
+    "build_layout",
+    "layout_ram",
+]
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGES_PER_BLOCK = 256
+BLOCK_SIZE = PAGE_SIZE * PAGES_PER_BLOCK
+
+#: SavedStateVersion, Flags, PageCountTotal, MbpIndexStart, GpaIndexStart, VirtualNode, padding,
+#: KsrBlockId — the 48-byte version-3 record [3].
+RAM_MEMORY_BLOCK_V3 = struct.Struct("<IIQQQIIQ")
+RAM_MEMORY_BLOCK_VERSION = 3
+_VERSION = struct.Struct("<I")
+
+FLAG_HOT_ADDED = 0x1
+FLAG_SGX = 0x2
+FLAG_VTL2_MB = 0x4
+FLAG_SPECIFIC_PURPOSE = 0x8
+
+# A GPA page number must fit a 64-bit address; anything above is corrupt.
+_MAX_PAGE = 1 << (64 - PAGE_SHIFT)
+
+
+@dataclasses.dataclass(frozen=True)
+class RamMemoryBlockRecord:
+    """One ``RamMemoryBlock%d`` value (version 3, 48 bytes).  ``key`` only names it in findings."""
+
+    page_count_total: int
+    mbp_index_start: int
+    gpa_index_start: int
+    flags: int = 0
+    virtual_node: int = 0
+    ksr_block_id: int = 0
+    saved_state_version: int = RAM_MEMORY_BLOCK_VERSION
+    padding: int = 0
+    key: str | None = dataclasses.field(default=None, compare=False)
+
+    @classmethod
+    def parse(
+        cls,
+        data: bytes | bytearray | memoryview,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
+        key: str | None = None,
+    ) -> RamMemoryBlockRecord:
+        """Parse one record; an unknown SavedStateVersion raises :class:`UnsupportedError`.
+
+        Legacy (VM version ≤ 5.0) records have another, undocumented size [1], so the caller can
+        catch UnsupportedError and fall back (for example to an identity map).  Trailing bytes
+        after the 48 are ignored.
+        """
+        if len(data) < _VERSION.size:
+            raise TruncatedError(path, offset, f"RamMemoryBlock record of {len(data)} bytes has no version")
+        version = _VERSION.unpack_from(data)[0]
+        if version != RAM_MEMORY_BLOCK_VERSION:
+            where = os.fspath(path) if path is not None else "<memory>"
+            raise UnsupportedError(
+                f"{where}: RamMemoryBlock {key or ''} has SavedStateVersion {version}; only version 3 is known"
+            )
+        if len(data) < RAM_MEMORY_BLOCK_V3.size:
+            raise TruncatedError(path, offset, f"RamMemoryBlock v3 record needs 48 bytes, got {len(data)}")
+        _, flags, count, mbp, gpa, node, pad, ksr = RAM_MEMORY_BLOCK_V3.unpack_from(data)
+        return cls(count, mbp, gpa, flags, node, ksr, version, pad, key)
+
+    def build(self) -> bytes:
+        return RAM_MEMORY_BLOCK_V3.pack(
+            self.saved_state_version,
+            self.flags,
+            self.page_count_total,
+            self.mbp_index_start,
+            self.gpa_index_start,
+            self.virtual_node,
+            self.padding,
+            self.ksr_block_id,
+        )
+
+    @property
+    def is_hot_added(self) -> bool:
+        return bool(self.flags & FLAG_HOT_ADDED)
+
+    @property
+    def is_sgx(self) -> bool:
+        return bool(self.flags & FLAG_SGX)
+
+    @property
+    def is_vtl2_mb(self) -> bool:
+        return bool(self.flags & FLAG_VTL2_MB)
+
+    @property
+    def is_specific_purpose(self) -> bool:
+        return bool(self.flags & FLAG_SPECIFIC_PURPOSE)
+
+
+def _overlaps(starts: list[int], ends: list[int], start: int, end: int) -> bool:
+    """Whether [start, end) meets any interval of a sorted, disjoint interval list."""
+    i = bisect_right(starts, start)
+    if i and ends[i - 1] > start:
+        return True
+    return i < len(starts) and starts[i] < end
+
+
+class RamMap:
+    """GPA ↔ raw saved-memory offsets for a set of RamMemoryBlock records.
+
+    Lookups bisect over ranges sorted by GPA; ranges adjacent both in GPA and in raw memory are
+    coalesced into one *segment* so that reads and Volatility's ``mapping()`` see as few pieces
+    as possible.  Overlapping records (in GPA or in raw memory) are corrupt: the first one in
+    record order wins and the later one is dropped with a finding.
+    """
+
+    def __init__(
+        self,
+        records: Iterable[RamMemoryBlockRecord],
+        *,
+        findings: Findings | None = None,
+        path: str | os.PathLike[str] = "<memory>",
+    ) -> None:
+        self.findings = findings if findings is not None else Findings()
+        self.path = os.fspath(path)
+        gpa_starts: list[int] = []
+        gpa_ends: list[int] = []
+        raw_starts: list[int] = []
+        raw_ends: list[int] = []
+        accepted: list[RamMemoryBlockRecord] = []
+        for number, record in enumerate(records):
+            name = record.key or f"RamMemoryBlock #{number}"
+            count, gpa, mbp = record.page_count_total, record.gpa_index_start, record.mbp_index_start
+            if count == 0:
+                self.findings.add(self.path, None, "ram-map", f"{name} covers no pages; ignored")
+                continue
+            if gpa + count > _MAX_PAGE or mbp + count > _MAX_PAGE:
+                self.findings.add(
+                    self.path, None, "ram-map", f"{name} runs past the 64-bit address space; ignored", error=FormatError
+                )
+                continue
+            if _overlaps(gpa_starts, gpa_ends, gpa, gpa + count):
+                self.findings.add(
+                    self.path,
+                    None,
+                    "ram-map",
+                    f"{name} (GPA pages {gpa:#x}+{count:#x}) overlaps an earlier range; the earlier one wins",
+                    error=FormatError,
+                )
+                continue
+            if _overlaps(raw_starts, raw_ends, mbp, mbp + count):
+                self.findings.add(
+                    self.path,
+                    None,
+                    "ram-map",
+                    f"{name} (raw pages {mbp:#x}+{count:#x}) overlaps an earlier range in raw memory; "
+                    "the earlier one wins",
+                    error=FormatError,
+                )
+                continue
+            i = bisect_right(gpa_starts, gpa)
+            gpa_starts.insert(i, gpa)
+            gpa_ends.insert(i, gpa + count)
+            j = bisect_right(raw_starts, mbp)
+            raw_starts.insert(j, mbp)
+            raw_ends.insert(j, mbp + count)
+            accepted.append(record)
+        accepted.sort(key=lambda r: r.gpa_index_start)
+        self.records: tuple[RamMemoryBlockRecord, ...] = tuple(accepted)
+
+        # Coalesced segments, in bytes, sorted by GPA.
+        seg_gpa: list[int] = []
+        seg_raw: list[int] = []
+        seg_len: list[int] = []
+        for record in accepted:
+            gpa = record.gpa_index_start << PAGE_SHIFT
+            raw = record.mbp_index_start << PAGE_SHIFT
+            length = record.page_count_total << PAGE_SHIFT
+            if seg_gpa and seg_gpa[-1] + seg_len[-1] == gpa and seg_raw[-1] + seg_len[-1] == raw:
+                seg_len[-1] += length
+            else:
+                seg_gpa.append(gpa)
+                seg_raw.append(raw)
+                seg_len.append(length)
+        self._seg_gpa = seg_gpa
+        self._seg_raw = seg_raw
+        self._seg_len = seg_len
+        self._seg_end = [g + n for g, n in zip(seg_gpa, seg_len, strict=True)]
+        raw_pages = max(raw_ends, default=0)
+        #: Raw saved memory in whole 1 MiB blocks: raw memory *is* the concatenation of RamBlocks,
+        #: and writers pad the last block of a range [inf].  Equal to the pages-only size whenever
+        #: ranges end on block boundaries, as on the real .bin (64,512 pages = 252 MiB) [V].
+        self.raw_block_count = -(-raw_pages // PAGES_PER_BLOCK)
+        self.raw_size = self.raw_block_count * BLOCK_SIZE
+        self._raw_ranges = list(zip(raw_starts, raw_ends, strict=True))
+
+    @classmethod
+    def identity(
+        cls, page_count: int, *, findings: Findings | None = None, path: str | os.PathLike[str] = "<memory>"
+    ) -> RamMap:
+        """One chunk from GPA 0, raw page = GPA page: the legacy .bin without its .vsv metadata [V]."""
+        record = RamMemoryBlockRecord(page_count, 0, 0, key="identity")
+        return cls([record], findings=findings, path=path)
+
+    def __repr__(self) -> str:
+        return f"RamMap({len(self.records)} ranges, {self.page_count} pages, raw {self.raw_size:#x})"
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    @property
+    def page_count(self) -> int:
+        return sum(r.page_count_total for r in self.records)
+
+    @property
+    def minimum_gpa(self) -> int:
+        """First backed byte (0 for an empty map)."""
+        return self._seg_gpa[0] if self._seg_gpa else 0
+
+    @property
+    def maximum_gpa(self) -> int:
+        """Last backed byte, inclusive, as Volatility's ``maximum_address`` wants; -1 if empty."""
+        return self._seg_end[-1] - 1 if self._seg_end else -1
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """``(GpaIndexStart, PageCountTotal)`` per accepted record, in GPA order (GetGuestPhysicalMemoryChunks)."""
+        return [(r.gpa_index_start, r.page_count_total) for r in self.records]
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """Coalesced ``(gpa, raw_offset, length)`` byte ranges in GPA order."""
+        return list(zip(self._seg_gpa, self._seg_raw, self._seg_len, strict=True))
+
+    def raw_page(self, gpa_page: int) -> int | None:
+        """Raw page number holding GPA page ``gpa_page``, or None in a hole."""
+        raw = self.raw_offset(gpa_page << PAGE_SHIFT)
+        return None if raw is None else raw >> PAGE_SHIFT
+
+    def raw_offset(self, gpa: int) -> int | None:
+        """Raw saved-memory offset of a GPA (GuestPhysicalAddressToRawSavedMemoryOffset), or None."""
+        i = bisect_right(self._seg_gpa, gpa) - 1
+        if i < 0 or gpa >= self._seg_end[i]:
+            return None
+        return self._seg_raw[i] + gpa - self._seg_gpa[i]
+
+    def locate(self, gpa: int) -> tuple[int, int] | None:
+        """``(raw_offset, backed bytes from gpa to the end of its segment)``, or None in a hole."""
+        i = bisect_right(self._seg_gpa, gpa) - 1
+        if i < 0:
+            return None
+        left = self._seg_end[i] - gpa
+        if left <= 0:
+            return None
+        return self._seg_raw[i] + gpa - self._seg_gpa[i], left
+
+    def is_backed(self, gpa: int) -> bool:
+        return self.raw_offset(gpa) is not None
+
+    def runs(self, start_gpa: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """Backed pieces ``(gpa, raw_offset, length)`` of [start_gpa, start_gpa + length), holes skipped."""
+        end = start_gpa + length
+        i = max(bisect_right(self._seg_gpa, start_gpa) - 1, 0)
+        seg_gpa, seg_raw, seg_end = self._seg_gpa, self._seg_raw, self._seg_end
+        while i < len(seg_gpa) and seg_gpa[i] < end:
+            lo = max(start_gpa, seg_gpa[i])
+            hi = min(end, seg_end[i])
+            if hi > lo:
+                yield lo, seg_raw[i] + lo - seg_gpa[i], hi - lo
+            i += 1
+
+    def block_ranges(self) -> list[tuple[int, int]]:
+        """``(first RamBlock, block count)`` spans that the map needs, merged, in raw order."""
+        spans: list[tuple[int, int]] = []
+        for start, end in self._raw_ranges:
+            first, stop = start // PAGES_PER_BLOCK, -(-end // PAGES_PER_BLOCK)
+            if spans and spans[-1][0] + spans[-1][1] >= first:
+                prev_first, prev_count = spans[-1]
+                spans[-1] = (prev_first, max(prev_count, stop - prev_first))
+            else:
+                spans.append((first, stop - first))
+        return spans
+
+
+def layout_ram(ram_size: int, holes: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """Place ``ram_size`` bytes of RAM from GPA 0, skipping ``(start, size)`` MMIO holes.
+
+    RAM that a hole displaces continues above it (the usual PC layout: RAM below the 32-bit MMIO
+    gap, the rest from 4 GiB).  Returns backed ``(gpa, length)`` ranges; all page aligned.
+    """
+    if ram_size < 0 or ram_size % PAGE_SIZE:
+        raise ValueError("ram_size must be a non-negative multiple of 4096")
+    ranges: list[tuple[int, int]] = []
+    gpa, left = 0, ram_size
+    for start, size in sorted(holes):
+        if start % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ValueError(f"hole ({start:#x}, {size:#x}) is not page aligned")
+        if left == 0:
+            break
+        if start > gpa:
+            take = min(left, start - gpa)
+            ranges.append((gpa, take))
+            left -= take
+        gpa = max(gpa, start + size)
+    if left:
+        ranges.append((gpa, left))
+    return ranges
+
+
+def build_layout(ranges: Iterable[tuple[int, int]]) -> list[RamMemoryBlockRecord]:
+    """RamMemoryBlock records for backed ``(gpa, length)`` ranges, laid out as openvmm's writer does.
+
+    Every range starts on a fresh 1 MiB RamBlock (``MbpIndexStart`` a multiple of 256) and the
+    last block of a range is zero-padded [1: openvmm], so ``MbpIndexStart`` is *not* a running
+    page total — exactly the case a reader must not get wrong.
+    """
+    records: list[RamMemoryBlockRecord] = []
+    next_block = 0
+    for n, (gpa, length) in enumerate(sorted(ranges)):
+        if gpa % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+            raise ValueError(f"range ({gpa:#x}, {length:#x}) is not page aligned")
+        pages = length // PAGE_SIZE
+        records.append(
+            RamMemoryBlockRecord(pages, next_block * PAGES_PER_BLOCK, gpa // PAGE_SIZE, key=f"RamMemoryBlock{n}")
+        )
+        next_block += -(-pages // PAGES_PER_BLOCK)
+    return records
