@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,6 @@ from volatility3_vmssd.savedstate.legacy_bin import (
 )
 from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, PAGE_SIZE, encode_block
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 REAL_BIN = SHARED / "data" / "real" / "test_file.bin"
 MiB = 1 << 20
 

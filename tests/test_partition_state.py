@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import struct
-from pathlib import Path
 
 import pytest
+from conftest import SHARED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +49,6 @@ from volatility3_vmssd.savedstate.registers import (
     sdk_vendor,
 )
 
-SHARED = Path(os.environ.get("VMSSD_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 REGISTERS_JSON = SHARED / "data" / "linux-guest" / "registers.json"
 
 WINDOWS_10_OS_ID = 0x0001_040A_0000_4A61  # Microsoft, Windows NT, 10.0, build 19041

@@ -12,7 +12,6 @@ import random
 import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -656,7 +655,9 @@ def test_native_failure_falls_back_and_reports(monkeypatch: pytest.MonkeyPatch, 
 # --------------------------------------------------------------------------------------------------
 # Real data: the XPRESS pages of a real Hyper-V .bin (spec §5.1), compressed by Windows itself.
 
-REAL_BIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "test_file.bin"
+from conftest import REAL  # noqa: E402
+
+REAL_BIN = REAL / "test_file.bin"
 
 
 def _real_bin_blocks() -> dict[str, list[tuple[str, bytes]]]:
