@@ -182,3 +182,24 @@ def test_types_and_sizes(tmp_path: Path) -> None:
         }
         assert s.get("/s").size == len("héllo".encode("utf-16-le"))
         assert s.get("/a").read(1, 1) == b"\x02"
+
+
+def test_tables_come_first_so_a_cut_copy_keeps_its_keys(tmp_path: Path) -> None:
+    # Evidence is sometimes copied while the VM is still saving: with the key tables ahead of the
+    # values, a cut copy loses values (reported), not the whole tree.
+    path = tmp_path / "full.vmrs"
+    blobs = {f"RamBlock{i}": bytes([i]) * 5000 for i in range(20)}
+    write_storage(path, {"savedstate": blobs, "configuration": {"version": 2304}})
+    with HyperVStorage.open(path, strict=True) as s:
+        tables = [o.offset for o in s.objects if o.type == ObjectType.KEY_TABLE]
+        values = [o.offset for o in s.objects if o.type == ObjectType.FILE_OBJECT]
+        cut_at = s.get("/savedstate/RamBlock10").data_location[0] + 100  # type: ignore[index]
+    assert max(tables) < min(values)
+    cut = tmp_path / "cut.vmrs"
+    cut.write_bytes(path.read_bytes()[:cut_at])
+    with HyperVStorage.open(cut) as s:
+        assert s.get("/configuration/version").value == 2304
+        assert s.get("/savedstate/RamBlock9").read() == bytes([9]) * 5000
+        assert s.get("/savedstate/RamBlock10").read(allow_partial=True) == bytes([10]) * 100
+        assert s.get("/savedstate/RamBlock11").read(allow_partial=True) == b""
+        assert any(f.kind == "truncated" for f in s.findings)

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import shutil
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import BinaryIO
@@ -133,6 +134,7 @@ class HyperVStorageWriter:
         overwrite: bool = False,
         replay_log_data_size: int = 0x3000,
         key_table_size: int | None = None,
+        tables_first: bool = True,
     ) -> None:
         if alignment < MIN_ALIGNMENT or alignment > MAX_ALIGNMENT or alignment & (alignment - 1):
             raise ValueError(f"data alignment must be a power of two in 0x1000..0x10000, not {alignment:#x}")
@@ -146,6 +148,15 @@ class HyperVStorageWriter:
         self._end = self.replay_log_offset + self.replay_log_size
         self._objects: list[tuple[ObjectType, int, int]] = []  # (type, offset, size)
         self._root = _Node("")
+        # With tables_first, values stream to a spill file and are appended after the key tables at
+        # close: a copy cut short (evidence copied while the VM was saving) then keeps its tables and
+        # loses only RAM, which the reader can report page by page.
+        self._spill: BinaryIO | None = None
+        self._spill_end = 0
+        self._fo_nodes: list[_Node] = []
+        self._fo_ids: set[int] = set()
+        if tables_first:
+            self._spill = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.path)))  # noqa: SIM115
 
     # ------------------------------------------------------------------ building the tree
     def _node_for(self, path: str, create_leaf_type: KeyType | None) -> _Node:
@@ -186,6 +197,9 @@ class HyperVStorageWriter:
         if key_type in (KeyType.STRING, KeyType.ARRAY):
             if len(data) >= FILE_OBJECT_THRESHOLD:
                 node.fo = (len(data), self._write_file_object(data))
+                if self._spill is not None and id(node) not in self._fo_ids:
+                    self._fo_ids.add(id(node))
+                    self._fo_nodes.append(node)
                 node.flags = KEY_FLAG_FILE_OBJECT
                 node.payload = FILE_OBJECT_POINTER.pack(*node.fo)
             else:
@@ -194,6 +208,13 @@ class HyperVStorageWriter:
             node.payload = data
 
     def _write_file_object(self, data: bytes) -> int:
+        if self._spill is not None:  # offset relative to the spill; made absolute at close
+            offset = self._spill_end
+            size = align_up(max(len(data), 1), self.alignment)
+            self._spill.seek(offset)
+            self._spill.write(data)
+            self._spill_end = offset + size
+            return offset
         assert self._fh is not None
         offset = self._end
         size = align_up(max(len(data), 1), self.alignment)
@@ -286,12 +307,30 @@ class HyperVStorageWriter:
             return
         fh = self._fh
         try:
+            if self._spill is not None:
+                # Table sizes do not depend on the file-object offsets (a pointer is 12 bytes), so
+                # lay out once to learn where the values will start, then fix the pointers.
+                base = self._end + len(self._layout_key_tables()) * self.key_table_size
+                for node in self._fo_nodes:
+                    assert node.fo is not None
+                    node.fo = (node.fo[0], base + node.fo[1])
+                    node.payload = FILE_OBJECT_POINTER.pack(*node.fo)
             for table in self._layout_key_tables():
                 offset = self._end
                 fh.seek(offset)
                 fh.write(table)
                 self._end += len(table)
                 self._objects.append((ObjectType.KEY_TABLE, offset, len(table)))
+            if self._spill is not None:
+                self._spill.seek(0)
+                fh.seek(self._end)
+                for node in self._fo_nodes:
+                    assert node.fo is not None
+                    self._objects.append(
+                        (ObjectType.FILE_OBJECT, node.fo[1], align_up(max(node.fo[0], 1), self.alignment))
+                    )
+                shutil.copyfileobj(self._spill, fh, 1 << 22)
+                self._end += self._spill_end
             self._write_object_tables(fh)
             self._write_replay_log(fh)
             self._write_headers(fh)
@@ -299,6 +338,9 @@ class HyperVStorageWriter:
         finally:
             fh.close()
             self._fh = None
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
 
     def _write_object_tables(self, fh: BinaryIO) -> None:
         """Root table at 0x2000; when it overflows, its last slot chains to further tables."""
@@ -351,6 +393,9 @@ class HyperVStorageWriter:
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
             with _suppress_os_error():
                 os.unlink(self.path)
 
