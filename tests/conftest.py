@@ -23,3 +23,42 @@ def need(path: Path) -> Path:
 @pytest.fixture
 def real_dir() -> Path:
     return need(REAL)
+
+
+# ----------------------------------------------------------------------------- the real Linux guest
+# Decompressing the 268 MB core and writing it as a saved state costs seconds: do it once per session
+# and share it between test files.
+BIOS_ROM = (0xFFFC0000, 0x1_0000_0000)  # not RAM: left out of a Hyper-V image (data README)
+LOW_HOLE = (0xA0000, 0x100000)
+
+
+@pytest.fixture(scope="session")
+def guest_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import lzma
+    import shutil
+
+    src = need(LINUX_GUEST / "memory" / "guest.elf.xz")
+    out = tmp_path_factory.mktemp("guest") / "guest.elf"
+    with lzma.open(src) as fin, open(out, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 22)
+    return out
+
+
+@pytest.fixture(scope="session")
+def guest_registers() -> dict:
+    import json
+
+    return json.loads(need(LINUX_GUEST / "registers.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def guest_vmrs(guest_elf: Path, guest_registers: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real guest's RAM (BIOS ROM left out) and registers as a plain .vmrs."""
+    from volatility3_vmssd.savedstate.cpujson import state_from_json
+    from volatility3_vmssd.savedstate.images import MemoryImage
+    from volatility3_vmssd.savedstate.writer import write_vmrs
+
+    out = tmp_path_factory.mktemp("guest-vmrs") / "guest.vmrs"
+    with MemoryImage.open(guest_elf) as image:
+        write_vmrs(out, image, state_from_json(guest_registers), holes=[BIOS_ROM], jobs=2)
+    return out

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import lzma
 import os
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
-from conftest import LINUX_GUEST, need
+from conftest import BIOS_ROM, LOW_HOLE
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.errors import FormatError, NotFoundError, UnmappedAddressError
@@ -94,24 +92,6 @@ def test_runtime_state_vmrs_without_memory(real_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the real Linux guest
-@pytest.fixture(scope="session")
-def guest_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = need(LINUX_GUEST / "memory" / "guest.elf.xz")
-    out = tmp_path_factory.mktemp("guest") / "guest.elf"
-    with lzma.open(src) as fin, open(out, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 22)
-    return out
-
-
-@pytest.fixture(scope="session")
-def guest_registers() -> dict:
-    return json.loads(need(LINUX_GUEST / "registers.json").read_text())
-
-
-BIOS_ROM = (0xFFFC0000, 0x1_0000_0000)  # not RAM: left out of a Hyper-V image (data README)
-LOW_HOLE = (0xA0000, 0x100000)
-
-
 @pytest.mark.parametrize("holes", [[BIOS_ROM], [LOW_HOLE, BIOS_ROM]], ids=["plain", "split"])
 def test_linux_guest_round_trip(guest_elf: Path, guest_registers: dict, tmp_path: Path, holes: list) -> None:
     out = tmp_path / "guest.vmrs"
