@@ -708,3 +708,17 @@ def test_real_windows_pages() -> None:
     assert [block0[0xC0][0], block0[0xC1][0]] == ["xpress", "xpress"]
     memory = b"".join(xpress.decompress_python(block0[p][1], PAGE) for p in (0xC0, 0xC1))
     assert struct.unpack_from("<3I", memory, 0xFFE) == (75826887, 1235222542, 3439375364)
+
+
+def test_environment_pins_the_decoder_in_child_processes() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from volatility3_vmssd.codecs import xpress; print(xpress.active_decoder())"
+    env = {**os.environ, "VMSSD_XPRESS_DECODER": "python"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "python"
+    env["VMSSD_XPRESS_DECODER"] = "no-such-decoder"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "ignored" in out.stderr and out.stdout.strip() != "no-such-decoder"

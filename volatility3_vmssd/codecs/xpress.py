@@ -21,8 +21,10 @@ caller is told through ``on_fallback`` (it records a finding).  Round trip::
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 
 from . import _xpress_python
@@ -188,3 +190,17 @@ def _load_ntdll() -> _NativeDecoder | None:
         return out.raw[: final.value]
 
     return decode
+
+
+def _decoder_from_environment() -> None:
+    """``VMSSD_XPRESS_DECODER=python`` pins the fallback in processes we do not control (``vol``)."""
+    wanted = os.environ.get("VMSSD_XPRESS_DECODER", "").strip().lower()
+    if wanted in ("", "auto"):
+        return
+    try:
+        force_decoder(wanted)
+    except ValueError as exc:
+        warnings.warn(f"VMSSD_XPRESS_DECODER ignored: {exc}", RuntimeWarning, stacklevel=2)
+
+
+_decoder_from_environment()
