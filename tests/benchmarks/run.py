@@ -1,0 +1,431 @@
+"""Performance harness: every target of the performance issue, as ratios measured in one run.
+
+Run from the repository root:
+
+    python tests/benchmarks/run.py                # everything (< 10 min on 2 cores)
+    python tests/benchmarks/run.py --quick        # smaller inputs, one repetition: a smoke run
+    python tests/benchmarks/run.py --json out.json
+
+Inputs are built here: synthetic memory with a realistic mix of zero, compressible and random pages,
+a .vmrs describing 16 GiB (fill pages), a 4 GiB scan image, and the real Linux guest when ../shared
+(or $VMSSD_SHARED) is present.  Every read target is a ratio of times measured in the same run
+against **T_dec**: the time pyfwnt alone needs to decode every XPRESS page of the file, with the
+compressed pages extracted beforehand (the physical limit of the format on one core).
+
+Not part of the test suite: nothing here asserts timings; it prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from volatility3_vmssd import SavedStateProvider  # noqa: E402
+from volatility3_vmssd.codecs import xpress  # noqa: E402
+from volatility3_vmssd.errors import Findings  # noqa: E402
+from volatility3_vmssd.savedstate.cpujson import state_from_json  # noqa: E402
+from volatility3_vmssd.savedstate.images import MemoryImage  # noqa: E402
+from volatility3_vmssd.savedstate.ramblock import KIND_XPRESS, index_block  # noqa: E402
+from volatility3_vmssd.savedstate.writer import write_vmrs  # noqa: E402
+
+SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
+GUEST = SHARED / "data" / "linux-guest"
+MIB = 1 << 20
+CHUNK = 16 * MIB
+MINIMAL_REGS = {"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "0xd01", "cr0": "0x80000011"}}}]}
+
+
+# ----------------------------------------------------------------------------- helpers
+def best_of(n: int, fn: Callable[[], object]) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), times
+
+
+def synthetic_memory(path: Path, mib: int, seed: int = 1) -> None:
+    """50% zero pages, 10% patterned (fill), 25% compressible (text/structures), 15% random."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randrange(3, 12)) for _ in range(512)]
+    with open(path, "wb") as fh:
+        for _ in range(mib * 256):
+            r = rng.random()
+            if r < 0.50:
+                page = bytes(4096)
+            elif r < 0.60:
+                page = rng.randbytes(8) * 512
+            elif r < 0.85:
+                buf = bytearray()
+                while len(buf) < 4096:
+                    buf += rng.choice(words) + bytes(rng.randrange(0, 24))
+                page = bytes(buf[:4096])
+            else:
+                page = rng.randbytes(4096)
+            fh.write(page)
+
+
+def xpress_pages(path: Path) -> list[tuple[bytes, int]]:
+    """Every XPRESS page of a .vmrs, extracted beforehand (compressed bytes, 4096)."""
+    out: list[tuple[bytes, int]] = []
+    with SavedStateProvider.load_vmrs(path) as p:
+        source = p.memory.source
+        for n in sorted(source.block_numbers()):
+            value = bytes(source.read_block_value(n))
+            if len(value) == MIB:
+                continue
+            index = index_block(value, path=str(path), file_offset=0, findings=Findings())
+            for page in range(256):
+                if index.kinds[page] == KIND_XPRESS:
+                    start = index.args[page]
+                    out.append((value[start : start + index.lengths[page]], 4096))
+    return out
+
+
+def t_dec(pages: list[tuple[bytes, int]], reps: int) -> float:
+    import pyfwnt
+
+    decode = pyfwnt.lzxpress_decompress
+    return best_of(reps, lambda: [decode(data, size) for data, size in pages])[0]
+
+
+def provider_read_all(path: Path) -> int:
+    with SavedStateProvider.load_vmrs(path) as p:
+        total = 0
+        for start, count in p.get_guest_physical_memory_chunks()[1]:
+            gpa, end = start * 4096, (start + count) * 4096
+            while gpa < end:
+                n = min(CHUNK, end - gpa)
+                total += len(p.read_guest_physical_address(gpa, n))
+                gpa += n
+        return total
+
+
+def make_layer(path: Path):  # type: ignore[no-untyped-def]
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import physical
+
+    from volatility3_vmssd.volatility.layer import HyperVSavedStateLayer
+
+    ctx = contexts.Context()
+    ctx.config["base.location"] = path.as_uri()
+    ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
+    ctx.config["hv.base_layer"] = "base"
+    layer = HyperVSavedStateLayer(ctx, "hv", "hv")
+    ctx.add_layer(layer)
+    return layer
+
+
+def layer_read_all(path: Path) -> int:
+    """As scanners do: walk mapping(), read in chunks of at most 16 MiB."""
+    layer = make_layer(path)
+    total = 0
+    lo, hi = layer.minimum_address, layer.maximum_address
+    for offset, sublen, *_ in layer.mapping(lo, hi - lo + 1, ignore_errors=True):
+        pos, end = offset, offset + sublen
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            total += len(layer.read(pos, n, pad=True))
+            pos += n
+    return total
+
+
+def random_reads(path: Path, reads: int, working_set: int) -> float:
+    layer = make_layer(path)
+    top = min(working_set, layer.maximum_address + 1)
+    for pos in range(0, top, CHUNK):  # warm the cache
+        layer.read(pos, min(CHUNK, top - pos), pad=True)
+    rng = random.Random(7)
+    addrs = [rng.randrange(0, top - 8) & ~7 for _ in range(reads)]
+    t0 = time.perf_counter()
+    read = layer.read
+    for a in addrs:
+        read(a, 8, pad=True)
+    return reads / (time.perf_counter() - t0)
+
+
+def open_stack_info(path: Path) -> tuple[float, int]:
+    """FileLayer → our stacker → hyperv.info rows, in-process; returns (seconds, blocks decoded)."""
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import physical
+
+    from volatility3_vmssd.volatility.plugin_impl import info_rows
+    from volatility3_vmssd.volatility.stackers import HyperVSavedStateStacker
+
+    t0 = time.perf_counter()
+    ctx = contexts.Context()
+    ctx.config["base.location"] = path.as_uri()
+    ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
+    layer = HyperVSavedStateStacker.stack(ctx, "base")
+    assert layer is not None, "our stacker did not stack the large .vmrs"
+    ctx.add_layer(layer)
+    rows = list(info_rows(layer))
+    elapsed = time.perf_counter() - t0
+    assert rows
+    return elapsed, layer.provider.memory.blocks_decoded
+
+
+def run_vol(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in bytes of that process, stdout)."""
+    plugins = str(REPO / "volatility3_vmssd" / "volatility_plugins")
+    vol = shutil.which("vol", path=str(Path(sys.executable).parent)) or shutil.which("vol") or "vol"
+    cmd = [vol, "-q", "-p", plugins]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"vol {' '.join(args)} exited {proc.returncode}")
+    return elapsed, usage.ru_maxrss * 1024, out
+
+
+def large_fill_vmrs(path: Path, gib: int, rotate: list[bytes] | None = None) -> None:
+    """A .vmrs describing ``gib`` GiB; blocks are a zero fill, or cycle through ``rotate`` values."""
+    from volatility3_vmssd.savedstate.partition_state import build_partition_state
+    from volatility3_vmssd.savedstate.ramblock import encode_block
+    from volatility3_vmssd.savedstate.rammap import BLOCK_SIZE, build_layout
+    from volatility3_vmssd.storage import HyperVStorageWriter
+
+    ram = gib << 30
+    hole = (0xC0000000, 0x1_0000_0000)
+    ranges = [(0, min(ram, hole[0]))] + ([(hole[1], ram - hole[0])] if ram > hole[0] else [])
+    records = build_layout(ranges)
+    zero = encode_block(bytes(BLOCK_SIZE))
+    with HyperVStorageWriter(path) as w:
+        w.set("/configuration/properties/version", 0x900)
+        w.set("/savedstate/VmVersion", 0x900)
+        w.set("/savedstate/savedVM/partition_state", build_partition_state(state_from_json(MINIMAL_REGS)))
+        for i, rec in enumerate(records):
+            w.set(f"/savedstate/RamMemoryBlock{i}", rec.build())
+        k = 0
+        for rec in records:
+            first = rec.mbp_index_start // 256
+            for n in range(first, first + -(-rec.page_count_total // 256)):
+                w.set(f"/savedstate/RamBlock{n}", rotate[k % len(rotate)] if rotate else zero)
+                k += 1
+
+
+def write_lime(src: Path, out: Path) -> None:
+    """The same RAM as a LiME file (one range per chunk): the baseline for whole vol runs."""
+    import struct
+
+    with SavedStateProvider.load_vmrs(src) as p, open(out, "wb") as fh:
+        for start, count in p.get_guest_physical_memory_chunks()[1]:
+            gpa, end = start * 4096, (start + count) * 4096
+            fh.write(struct.pack("<IIQQ8x", 0x4C694D45, 1, gpa, end - 1))
+            while gpa < end:
+                n = min(CHUNK, end - gpa)
+                fh.write(p.read_guest_physical_address_padded(gpa, n))
+                gpa += n
+
+
+# ----------------------------------------------------------------------------- the run
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small inputs, one repetition")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--synthetic-mib", type=int, default=512)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    reps = 1 if args.quick else args.reps
+    syn_mib = 64 if args.quick else args.synthetic_mib
+    rows: list[dict[str, object]] = []
+
+    def row(name: str, value: float, unit: str, target: str, met: bool | None, detail: str = "") -> None:
+        rows.append(
+            {
+                "measurement": name,
+                "value": round(value, 4),
+                "unit": unit,
+                "target": target,
+                "met": met,
+                "detail": detail,
+            }
+        )
+        flag = "-" if met is None else ("yes" if met else "NO")
+        print(f"{name:<62} {value:>12.4g} {unit:<8} {target:<28} {flag:<4} {detail}", flush=True)
+
+    print(f"decoder: {xpress.active_decoder()}, cpus: {os.cpu_count()}, python {sys.version.split()[0]}")
+    print(f"{'measurement':<62} {'value':>12} {'unit':<8} {'target':<28} met")
+    with tempfile.TemporaryDirectory(prefix="vmssd-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        inputs: dict[str, Path] = {}
+        raw = tmp / "synthetic.raw"
+        synthetic_memory(raw, syn_mib)
+        inputs["synthetic"] = tmp / "synthetic.vmrs"
+        with MemoryImage.open(raw) as image:
+            write_vmrs(inputs["synthetic"], image, state_from_json(MINIMAL_REGS), holes=[(0xA0000, 0x100000)], jobs=2)
+        raw.unlink()
+        guest_elf = None
+        if (GUEST / "memory" / "guest.elf.xz").exists():
+            import lzma
+
+            guest_elf = tmp / "guest.elf"
+            with lzma.open(GUEST / "memory" / "guest.elf.xz") as fin, open(guest_elf, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 22)
+            inputs["linux-guest"] = tmp / "guest.vmrs"
+            regs = json.loads((GUEST / "registers.json").read_text())
+            with MemoryImage.open(guest_elf) as image:
+                write_vmrs(inputs["linux-guest"], image, state_from_json(regs), holes=[(0xFFFC0000, 1 << 32)], jobs=2)
+        else:
+            print(f"(no {GUEST}: the real-guest rows are skipped)")
+
+        # --- reads against T_dec ------------------------------------------------------------
+        for name, path in inputs.items():
+            pages = xpress_pages(path)
+            tdec = t_dec(pages, reps)
+            mb = sum(len(d) for d, _ in pages) / 1e6
+            row(
+                f"[{name}] T_dec: pyfwnt over {len(pages)} XPRESS pages",
+                tdec,
+                "s",
+                "reference",
+                None,
+                f"{mb:.1f} MB in",
+            )
+            t_prov, _ = best_of(reps, lambda path=path: provider_read_all(path))
+            row(
+                f"[{name}] provider reads, 16 MiB, cold / T_dec",
+                t_prov / tdec,
+                "x",
+                "<= 1.33",
+                t_prov / tdec <= 1.33,
+                f"{t_prov:.3f} s",
+            )
+            t_layer, _ = best_of(reps, lambda path=path: layer_read_all(path))
+            row(
+                f"[{name}] layer.read 16 MiB via mapping, cold / T_dec",
+                t_layer / tdec,
+                "x",
+                "<= 1.67",
+                t_layer / tdec <= 1.67,
+                f"{t_layer:.3f} s",
+            )
+            if xpress.active_decoder() != "python":
+                xpress.force_decoder("python")
+                try:
+                    t_py, _ = best_of(1, lambda pages=pages: [xpress.decompress(d, s) for d, s in pages])
+                finally:
+                    xpress.force_decoder(None)
+                row(
+                    f"[{name}] fallback pure-Python decoder rate",
+                    len(pages) * 4096 / 1e6 / t_py,
+                    "MB/s",
+                    "report",
+                    None,
+                    f"{t_py:.2f} s for what pyfwnt does in {tdec:.3f} s",
+                )
+        path = inputs.get("linux-guest", inputs["synthetic"])
+        rate = random_reads(path, 50_000 if args.quick else 200_000, 256 * MIB)
+        row("random 8-byte layer reads, 256 MiB working set, warm", rate, "reads/s", ">= 100000", rate >= 100_000)
+
+        # --- instant open ---------------------------------------------------------------------
+        large = tmp / "large16.vmrs"
+        large_fill_vmrs(large, 16)
+        times, decoded = [], []
+        for _ in range(max(3, reps)):
+            t, d = open_stack_info(large)
+            times.append(t)
+            decoded.append(d)
+        row(
+            "open + stack + hyperv.info, 16 GiB described (best)",
+            min(times),
+            "s",
+            "< 0.5 s, 0 decoded",
+            min(times) < 0.5 and max(decoded) == 0,
+            f"median {statistics.median(times):.3f} s, decoded {max(decoded)}",
+        )
+        large.unlink()
+
+        # --- whole vol runs ---------------------------------------------------------------------
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
+        if guest_elf is not None:
+            lime = tmp / "guest.lime"
+            write_lime(inputs["linux-guest"], lime)
+            symbols = str(GUEST / "symbols")
+            run_vol(["-s", symbols, "-f", str(lime), "linux.pslist"], env)  # warm the identifier cache
+            cache_limit = SavedStateProvider.load_vmrs(inputs["linux-guest"]).get_memory_block_cache_limit()
+            for plugin in ("linux.pslist", "banners.Banners"):
+                res = {}
+                for label, f in (("vmrs", inputs["linux-guest"]), ("lime", lime)):
+                    runs = [run_vol(["-s", symbols, "-f", str(f), plugin], env) for _ in range(max(1, reps - 1))]
+                    res[label] = (min(r[0] for r in runs), max(r[1] for r in runs))
+                ratio = res["vmrs"][0] / res["lime"][0]
+                row(
+                    f"vol {plugin}: .vmrs / LiME wall time",
+                    ratio,
+                    "x",
+                    "<= 1.25",
+                    ratio <= 1.25,
+                    f"{res['vmrs'][0]:.2f} s vs {res['lime'][0]:.2f} s",
+                )
+                extra = (res["vmrs"][1] - res["lime"][1]) / MIB
+                limit = cache_limit + 50
+                row(
+                    f"vol {plugin}: peak RSS over the LiME run",
+                    extra,
+                    "MiB",
+                    f"<= {limit} (cache + 50)",
+                    extra <= limit,
+                    f"{res['vmrs'][1] / MIB:.0f} vs {res['lime'][1] / MIB:.0f} MiB",
+                )
+            env_py = {**env, "VMSSD_XPRESS_DECODER": "python"}
+            t, _rss, out = run_vol(["-s", symbols, "-f", str(inputs["linux-guest"]), "linux.pslist"], env_py)
+            expected = (GUEST / "expected" / "linux.pslist.txt").read_text().splitlines()[1:]
+            same = out.splitlines()[1:] == expected
+            row("vol linux.pslist with the pure-Python decoder", t, "s", "finishes, same rows", same)
+
+        # --- bounded memory while scanning ------------------------------------------------------
+        from volatility3_vmssd.savedstate.ramblock import encode_block
+
+        rng = random.Random(3)
+        samples = []
+        for _ in range(8):
+            block = bytearray(MIB)
+            for page in range(0, MIB, 4096):
+                if rng.random() < 0.6:
+                    block[page : page + 4096] = (rng.randbytes(64) + bytes(64)) * 32
+            samples.append(encode_block(bytes(block)))
+        scan = tmp / "scan4.vmrs"
+        large_fill_vmrs(scan, 1 if args.quick else 4, rotate=samples)
+        _, idle_rss, _ = run_vol(["-f", str(scan), "hyperv.info"], env)
+        t, scan_rss, _ = run_vol(["-f", str(scan), "banners.Banners"], env)
+        over = (scan_rss - idle_rss) / MIB
+        default_limit = SavedStateProvider.load_vmrs(scan).get_memory_block_cache_limit()
+        row(
+            f"peak RSS scanning {'1' if args.quick else '4'} GiB (banners) over idle vol",
+            over,
+            "MiB",
+            f"<= {default_limit + 50} (limit + 50)",
+            over <= default_limit + 50,
+            f"scan took {t:.1f} s",
+        )
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"harness peak RSS {peak:.0f} MiB")
+    result = {"decoder": xpress.active_decoder(), "rows": rows}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
