@@ -18,10 +18,10 @@ import os
 import re
 import threading
 from collections.abc import Collection, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .codecs import xpress
-from .errors import BackendUnavailableError, Finding, Findings, NotFoundError, UnsupportedError, VmssdError
+from .errors import Finding, Findings, NotFoundError, UnsupportedError, VmssdError
 from .savedstate.guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
 from .savedstate.legacy_bin import BinFile
 from .savedstate.partition_state import (
@@ -39,6 +39,9 @@ from .savedstate.registers import Architecture, PagingMode, ProcessorVendor, Reg
 from .savedstate.translate import translate_with_size
 from .storage import HyperVStorage, Key, commit_replay_log
 from .storage.reader import is_hyperv_storage
+
+if TYPE_CHECKING:
+    from .dll.provider import DllSavedStateProvider
 
 BACKENDS = ("native", "dll", "auto")
 _RAM_MEMORY_BLOCK = re.compile(r"^RamMemoryBlock/?(\d+)/?$")
@@ -148,13 +151,16 @@ class SavedStateProvider:
 
     # ------------------------------------------------------------------ loading
     @staticmethod
-    def _check_backend(backend: str) -> None:
+    def _use_dll(backend: str) -> bool:
+        """True for "dll" (which raises BackendUnavailableError off Windows) and for "auto" when an
+        acceptable DLL is found; False for "native" and for "auto" without one."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-        if backend == "dll":
-            raise BackendUnavailableError(
-                "the vmsavedstatedumpprovider.dll backend is not available in this build; use backend='native'"
-            )
+        if backend == "auto":
+            from .dll import dll_available
+
+            return dll_available()
+        return backend == "dll"
 
     @classmethod
     def load_vmrs(
@@ -164,9 +170,17 @@ class SavedStateProvider:
         backend: str = "native",
         strict: bool = False,
         cache_limit: int = DEFAULT_CACHE_LIMIT,
-    ) -> SavedStateProvider:
-        """Open a ``.vmrs`` (LoadSavedStateFile). A pending journal is applied in memory only."""
-        cls._check_backend(backend)
+        dll_path: str | os.PathLike[str] | None = None,
+    ) -> SavedStateProvider | DllSavedStateProvider:
+        """Open a ``.vmrs`` (LoadSavedStateFile). A pending journal is applied in memory only.
+
+        ``backend="dll"`` opens it with Microsoft's DLL instead (Windows; ``dll_path`` or discovery),
+        ``"auto"`` does so when an acceptable DLL is found and falls back to the native reader.
+        """
+        if cls._use_dll(backend):
+            from .dll.provider import DllSavedStateProvider
+
+            return DllSavedStateProvider.load_vmrs(path, dll_path=dll_path, strict=strict, cache_limit=cache_limit)
         storage = HyperVStorage.open(path, strict=strict)
         try:
             findings = storage.findings
@@ -199,9 +213,18 @@ class SavedStateProvider:
         backend: str = "native",
         strict: bool = False,
         cache_limit: int = DEFAULT_CACHE_LIMIT,
-    ) -> SavedStateProvider:
-        """Open a legacy pair (LoadSavedStateFiles): memory from the ``.bin``, CPU state and map from the ``.vsv``."""
-        cls._check_backend(backend)
+        dll_path: str | os.PathLike[str] | None = None,
+    ) -> SavedStateProvider | DllSavedStateProvider:
+        """Open a legacy pair (LoadSavedStateFiles): memory from the ``.bin``, CPU state and map from the ``.vsv``.
+
+        ``backend`` and ``dll_path`` as for :meth:`load_vmrs`.
+        """
+        if cls._use_dll(backend):
+            from .dll.provider import DllSavedStateProvider
+
+            return DllSavedStateProvider.load_bin_vsv(
+                bin_path, vsv_path, dll_path=dll_path, strict=strict, cache_limit=cache_limit
+            )
         vsv = os.fspath(vsv_path)
         bin_findings = Findings(strict=strict)
         bin_file = BinFile.open(bin_path, findings=bin_findings)
