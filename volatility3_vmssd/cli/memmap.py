@@ -1,0 +1,73 @@
+"""``vmssd memmap``: which guest-physical ranges are saved, where in raw saved memory, in which RamBlocks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..locate import open_saved_state
+from .progress import human_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "memmap",
+        help="list the saved GPA ranges, their raw saved-memory offsets and RamBlocks",
+        description=(
+            "List the guest-physical ranges a saved state backs (one per RamMemoryBlock record, in GPA"
+            " order), the holes between them, each range's offset in raw saved memory (the RamBlocks"
+            " concatenated, as `vmssd read --raw-offset` reads it) and the RamBlock numbers it uses."
+            " Ends are inclusive. Reads no RAM."
+        ),
+        epilog="examples:\n  vmssd memmap vm.vmrs\n  vmssd memmap --json vm.bin --vsv vm.vsv | jq '.[].gpa_start'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", help="the saved state: .vmrs, .bin + .vsv or .vsv (+ .bin)")
+    p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list: gpa_start, size, raw_offset, first_ramblock, last_ramblock per range",
+    )
+    p.set_defaults(func=run)
+
+
+def _blocks(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _count_blocks(spans: list[tuple[int, int]]) -> int:
+    """Distinct RamBlocks over inclusive spans, without listing them (a corrupt map may claim petabytes)."""
+    count, reached = 0, -1
+    for first, last in sorted(spans):
+        first = max(first, reached + 1)
+        if last >= first:
+            count += last - first + 1
+            reached = last
+    return count
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_saved_state(args.file, vsv=args.vsv) as provider:
+        ranges = provider.memory_map()
+    if args.json:
+        json.dump(ranges, sys.stdout, indent=1)
+        print()
+        return 0
+    out = sys.stdout
+    out.write(f"{'GPA start':<18}  {'GPA end':<18}  {'size':>10}  {'raw offset':<18}  RamBlocks\n")
+    pos = 0
+    for r in ranges:
+        start, size = r["gpa_start"], r["size"]
+        if start > pos:
+            out.write(f"{pos:#018x}  {start - 1:#018x}  {human_size(start - pos):>10}  {'-':<18}  (hole)\n")
+        out.write(
+            f"{start:#018x}  {start + size - 1:#018x}  {human_size(size):>10}  {r['raw_offset']:#018x}"
+            f"  {_blocks(r['first_ramblock'], r['last_ramblock'])}\n"
+        )
+        pos = max(pos, start + size)
+    total = sum(r["size"] for r in ranges)
+    blocks = _count_blocks([(r["first_ramblock"], r["last_ramblock"]) for r in ranges])
+    out.write(f"{len(ranges)} range(s), {total:,} bytes ({human_size(total)}) of RAM in {blocks} RamBlock(s)\n")
+    return 0

@@ -1,0 +1,105 @@
+"""A one-line progress bar on stderr (bytes done/total, rate, ETA) for long CLI jobs.
+
+It draws only when the stream is a terminal, so logs, pipes and tests get no carriage-return noise,
+and redraws at most a few times a second, so it costs nothing next to the work it reports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import TextIO
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: binary units, one decimal (bytes stay whole)."""
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    """``75`` -> ``"1:15"``, ``3700`` -> ``"1:01:40"``."""
+    s = max(0, int(seconds + 0.5))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressBar:
+    """Call :meth:`update` with each amount of bytes done; :meth:`close` (or ``with``) clears the line."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        label: str = "",
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        interval: float = 0.2,
+    ) -> None:
+        self.total = max(total, 0)
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        if enabled is None:
+            enabled = _is_terminal(self.stream)
+        self.enabled = enabled
+        self.interval = interval
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._drawn = False
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval or self.done >= self.total:
+            self._last = now
+            self._draw(now)
+
+    def line(self, now: float | None = None) -> str:
+        """The text of the bar as it would be drawn now (fits the terminal width)."""
+        now = time.monotonic() if now is None else now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        frac = min(self.done / self.total, 1.0) if self.total else 1.0
+        left = (self.total - self.done) / rate if rate > 0 and self.done else None
+        eta = "ETA --:--" if left is None else f"ETA {human_duration(left)}"
+        info = f" {frac * 100:3.0f}% {human_size(self.done)}/{human_size(self.total)}  {human_size(rate)}/s  {eta}"
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        label = f"{self.label} " if self.label else ""
+        bar_width = max(0, min(40, width - len(label) - len(info) - 2))
+        filled = int(frac * bar_width)
+        bar = f"[{'#' * filled}{'.' * (bar_width - filled)}]" if bar_width >= 10 else ""
+        return (label + bar + info)[:width]
+
+    def _draw(self, now: float) -> None:
+        self.stream.write("\r" + self.line(now) + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
