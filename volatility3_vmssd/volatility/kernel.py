@@ -1,0 +1,159 @@
+"""Kernel page tables from saved CR3 values, validated the way Volatility validates its own DTB hits.
+
+A saved state holds every VP's CR3 and paging mode, so a Windows kernel layer can be built without
+scanning for self-referential page-map pages.  The saved CR3 is whatever the VP was running with: a
+process DTB (fine: Windows maps the kernel in every process), but also a KVA-shadow *user* CR3, a
+Linux task's tables, or 5-level tables Volatility cannot walk.  So each candidate is checked with
+``Intel64LayerCheck``/``Intel32LayerCheck`` (KUSER_SHARED_DATA mapped in both halves or a plausible
+NtMajorVersion) before anything is published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from volatility3.framework import constants, interfaces
+from volatility3.framework.automagic import windows as windows_automagic
+from volatility3.framework.layers import intel
+
+from ..errors import VmssdError
+from ..provider import SavedStateProvider
+
+vollog = logging.getLogger(__name__)
+
+__all__ = ["KernelCandidate", "build_kernel_layer", "kernel_candidates", "validate_candidate"]
+
+#: CR3 address bits per paging mode; the low bits hold PCID (long mode) or PWT/PCD flags.
+LONG_MODE_CR3_MASK = 0x000F_FFFF_FFFF_F000
+PAE_CR3_MASK = 0xFFFF_FFE0
+BIT32_CR3_MASK = 0xFFFF_F000
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCandidate:
+    """What one VP's saved state says about its page tables; ``reason`` is set when it is unusable."""
+
+    vp: int
+    vtl: int | None = None
+    levels: int = 0
+    cr3: int | None = None
+    dtb: int | None = None
+    layer_class: type[intel.Intel] | None = None
+    check: type[windows_automagic.Intel32LayerCheck] | None = None
+    architecture: str | None = None
+    pae: bool = False
+    reason: str | None = None
+
+
+def kernel_candidates(provider: SavedStateProvider) -> list[KernelCandidate]:
+    """One candidate per VP (active or forced VTL), in VP order."""
+    out: list[KernelCandidate] = []
+    for vp in range(provider.vp_count()):
+        try:
+            vtl = provider.get_active_virtual_trust_level(vp)
+            regs = provider.get_registers(vp)
+            levels = provider.get_paging_levels(vp)
+        except VmssdError as exc:
+            out.append(KernelCandidate(vp, reason=str(exc)))
+            continue
+        cr3 = regs.get("cr3")
+        if not isinstance(cr3, int):
+            out.append(KernelCandidate(vp, vtl, levels, reason="no CR3 saved"))
+        elif levels == 5:
+            out.append(
+                KernelCandidate(
+                    vp, vtl, levels, cr3, reason="5-level paging (CR4.LA57): Volatility 3 has no 5-level Intel layer"
+                )
+            )
+        elif levels == 4:
+            out.append(
+                KernelCandidate(
+                    vp,
+                    vtl,
+                    levels,
+                    cr3,
+                    cr3 & LONG_MODE_CR3_MASK,
+                    intel.WindowsIntel32e,
+                    windows_automagic.Intel64LayerCheck,
+                    "Intel64",
+                    False,
+                )
+            )
+        elif levels == 3:
+            out.append(
+                KernelCandidate(
+                    vp,
+                    vtl,
+                    levels,
+                    cr3,
+                    cr3 & PAE_CR3_MASK,
+                    intel.WindowsIntelPAE,
+                    windows_automagic.Intel32LayerCheck,
+                    "Intel32",
+                    True,
+                )
+            )
+        elif levels == 2:
+            out.append(
+                KernelCandidate(
+                    vp,
+                    vtl,
+                    levels,
+                    cr3,
+                    cr3 & BIT32_CR3_MASK,
+                    intel.WindowsIntel,
+                    windows_automagic.Intel32LayerCheck,
+                    "Intel32",
+                    False,
+                )
+            )
+        else:
+            out.append(KernelCandidate(vp, vtl, levels, cr3, reason="paging is off"))
+    return out
+
+
+def build_kernel_layer(
+    context: interfaces.context.ContextInterface,
+    memory_layer: str,
+    candidate: KernelCandidate,
+    *,
+    name: str | None = None,
+    config_path: str | None = None,
+) -> intel.Intel:
+    """A Windows Intel layer over ``memory_layer`` with the candidate's DTB (not added to the context).
+
+    The configuration is exactly what upstream's WindowsIntelStacker writes (``memory_layer`` and
+    ``page_map_offset`` under ``IntelHelper``), so reconstruction and ``--save-config`` are unchanged.
+    """
+    assert candidate.layer_class is not None and candidate.dtb is not None
+    name = name or context.layers.free_layer_name("IntelLayer")
+    config_path = config_path or interfaces.configuration.path_join("IntelHelper", name)
+    context.config[interfaces.configuration.path_join(config_path, "memory_layer")] = memory_layer
+    context.config[interfaces.configuration.path_join(config_path, "page_map_offset")] = candidate.dtb
+    return candidate.layer_class(context, config_path=config_path, name=name, metadata={"os": "Windows"})
+
+
+def validate_candidate(
+    context: interfaces.context.ContextInterface,
+    memory_layer: str,
+    candidate: KernelCandidate,
+    *,
+    name: str | None = None,
+    config_path: str | None = None,
+) -> tuple[intel.Intel | None, str]:
+    """``(layer, why)``: the Intel layer if the candidate passes Volatility's Windows check, else None."""
+    if candidate.reason is not None or candidate.check is None or candidate.dtb is None:
+        return None, candidate.reason or "no usable CR3"
+    check_name = candidate.check.__name__
+    if not context.layers[memory_layer].is_valid(candidate.dtb, 0x1000):
+        return None, f"DTB {candidate.dtb:#x} is not backed by saved RAM"
+    layer = build_kernel_layer(context, memory_layer, candidate, name=name, config_path=config_path)
+    try:
+        ok = bool(candidate.check.check(layer))
+    except Exception as exc:  # the check walks guest page tables: anything may be garbage
+        vollog.log(constants.LOGLEVEL_VVVV, f"VP {candidate.vp}: {check_name} raised {exc!r}")
+        ok = False
+    if not ok:
+        return None, f"{check_name} failed: KUSER_SHARED_DATA is not mapped as in a Windows kernel"
+    return layer, f"{check_name} passed"

@@ -1,0 +1,55 @@
+"""Command-line options for Hyper-V saved states, carried by a do-nothing automagic.
+
+Volatility turns every automagic requirement into a global option (``vol -h`` shows them), and the
+stackers see the values in their (cloned) config under ``automagic.HyperVSavedStateOptions``.  This is
+the only way to give stackers options: they are classes with no configuration of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from volatility3.framework import constants, interfaces
+from volatility3.framework.configuration import requirements
+
+__all__ = ["OPTIONS_PATH", "HyperVSavedStateOptions", "option"]
+
+OPTIONS_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PATH, "HyperVSavedStateOptions")
+
+
+class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
+    """Holds --hyperv-vsv-location and --hyperv-vtl for the Hyper-V stackers; does nothing itself."""
+
+    priority = 0
+    exclusion_list: list[str] = []
+
+    def __call__(
+        self,
+        context: interfaces.context.ContextInterface,
+        config_path: str,
+        requirement: interfaces.configuration.RequirementInterface,
+        progress_callback: constants.ProgressCallback = None,
+    ) -> list[Any] | None:
+        return None
+
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [
+            requirements.URIRequirement(
+                name="hyperv_vsv_location",
+                description="Hyper-V: the .vsv of a legacy .bin saved state, when it is not beside the .bin"
+                " with the same base name",
+                optional=True,
+            ),
+            requirements.IntRequirement(
+                name="hyperv_vtl",
+                description="Hyper-V: read registers and CR3 of this virtual trust level on every VP instead of"
+                " the active one",
+                optional=True,
+            ),
+        ]
+
+
+def option(context: interfaces.context.ContextInterface, name: str) -> Any:
+    """The value of one of our options in ``context`` (None when not given)."""
+    return context.config.get(interfaces.configuration.path_join(OPTIONS_PATH, name), None)

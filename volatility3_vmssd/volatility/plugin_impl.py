@@ -1,0 +1,351 @@
+"""The code behind the ``hyperv.*`` plugins, as mixins without a plugin base class.
+
+Volatility names a plugin after the module that defines its class and lists every imported
+``PluginInterface`` subclass, so the classes themselves are defined in the thin shim modules
+(``volatility3/plugins/hyperv/*.py``: listed as ``hyperv.info.Info`` and so on) and combine one of
+these mixins with ``PluginInterface``.  A mixin is not a plugin, so nothing is listed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from volatility3.framework import interfaces, renderers
+from volatility3.framework.configuration import requirements
+from volatility3.framework.renderers import format_hints
+
+from ..errors import VmssdError
+from ..savedstate.registers import SegmentRegister, TableRegister
+from .kernel import kernel_candidates, validate_candidate
+from .layer import HyperVSavedStateLayer
+from .paths import find_vmcx
+from .vmcx import read_vm_config
+
+vollog = logging.getLogger(__name__)
+
+__all__ = [
+    "InfoPlugin",
+    "MemmapPlugin",
+    "PagingModePlugin",
+    "RegistersPlugin",
+    "find_saved_state_layer",
+]
+
+
+def find_saved_state_layer(
+    context: interfaces.context.ContextInterface, layer_name: str
+) -> HyperVSavedStateLayer | None:
+    """Our layer at or below ``layer_name`` (breadth first through ``dependencies``).
+
+    The ``primary`` requirement may be satisfied by an Intel layer stacked on top of ours, and a
+    context may hold several stacks, so walk down from the one the plugin was given.
+    """
+    queue, seen = [layer_name], set()
+    while queue:
+        name = queue.pop(0)
+        if name in seen or name not in context.layers:
+            continue
+        seen.add(name)
+        layer = context.layers[name]
+        if isinstance(layer, HyperVSavedStateLayer):
+            return layer
+        queue.extend(getattr(layer, "dependencies", []))
+    return None
+
+
+def _input_location(context: interfaces.context.ContextInterface, layer_name: str) -> str:
+    """The file under a layer, for messages (the layer name alone, such as "primary", says little)."""
+    queue = [layer_name]
+    while queue:
+        name = queue.pop(0)
+        if name not in context.layers:
+            continue
+        layer = context.layers[name]
+        location = getattr(layer, "location", None)
+        if isinstance(location, str):
+            return location
+        queue.extend(getattr(layer, "dependencies", []))
+    return f"Layer {layer_name}"
+
+
+def _primary_requirement() -> requirements.TranslationLayerRequirement:
+    return requirements.TranslationLayerRequirement(name="primary", description="Memory layer of the saved state")
+
+
+class _SavedStatePlugin:
+    """Finds our layer for the plugin, or explains why there is none."""
+
+    def _saved_state_layer(self) -> HyperVSavedStateLayer | None:
+        context: interfaces.context.ContextInterface = self.context  # type: ignore[attr-defined]
+        primary: str = self.config["primary"]  # type: ignore[attr-defined]
+        layer = find_saved_state_layer(context, primary)
+        if layer is None:
+            vollog.error(
+                f"{_input_location(context, primary)} is not a Hyper-V saved state (no HyperVSavedStateLayer under"
+                " the primary layer). hyperv.* plugins need a .vmrs with saved memory or a legacy .bin/.vsv pair;"
+                " run with -vvvv to see the stacking decisions."
+            )
+        return layer
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes ({n / (1 << 20):,.1f} MiB)"
+
+
+def info_rows(layer: HyperVSavedStateLayer) -> Iterator[tuple[str, str]]:
+    """``(variable, value)`` rows of ``hyperv.info``; reads no guest RAM."""
+    provider = layer.provider
+    d = provider.describe()
+    kinds = {"vmrs": ".vmrs", "bin+vsv": "legacy .bin + .vsv", "bin": "legacy .bin alone (memory only, no CPU state)"}
+    yield "File kind", kinds.get(d["file_kind"], str(d["file_kind"]))
+    for path in d["files"]:
+        yield "File", str(path)
+    plain = [
+        ("Container version", "container_version"),
+        ("VM version", "vm_version"),
+        ("Saved-state type", "saved_state_type"),
+        ("Virtual processors", "vp_count"),
+        ("Processor vendor", "processor_vendor"),
+        ("Architecture (VP 0)", "architecture"),
+        ("Paging mode (VP 0)", "paging_mode"),
+        ("Guest OS", "guest_os"),
+    ]
+    for label, key in plain:
+        if d.get(key) is not None:
+            yield label, str(d[key])
+    yield "Guest RAM", _size(d["ram_bytes"])
+    yield "GPA chunks", str(d["chunk_count"])
+    yield "RamBlocks", str(d["ramblock_count"])
+    yield "Raw saved memory", _size(d["raw_saved_memory_bytes"])
+    yield "XPRESS decoder", str(d["decoder"])
+    yield "Block cache limit", f"{d['cache_limit_blocks']} blocks of 1 MiB"
+    journal = d.get("journal")
+    if journal:
+        yield "Replay log", ", ".join(f"{k} {v}" for k, v in journal.items())
+    vtl = layer.config.get("vtl", None)
+    if vtl is not None:
+        yield "Forced VTL", str(vtl)
+    meta = layer.metadata
+    if meta.get("page_map_offset") is not None:
+        yield (
+            "Kernel DTB",
+            f"{meta['page_map_offset']:#x} from the saved CR3 of VP {meta.get('hyperv_kernel_vp')}"
+            f" ({meta.get('architecture')}{', PAE' if meta.get('pae') else ''}; validated)",
+        )
+    vmcx = None
+    for path in provider.paths:
+        vmcx = find_vmcx(Path(path))
+        if vmcx is not None:
+            break
+    if vmcx is not None:
+        yield "VM configuration", str(vmcx)
+        yield from read_vm_config(vmcx)
+    for finding in d.get("findings", []):
+        yield "Finding", str(finding)
+
+
+class InfoPlugin(_SavedStatePlugin):
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [_primary_requirement()]
+
+    def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        layer = self._saved_state_layer()
+        if layer is None:
+            return
+        for variable, value in info_rows(layer):
+            yield 0, (variable, value)
+
+    def run(self) -> renderers.TreeGrid:
+        return renderers.TreeGrid([("Variable", str), ("Value", str)], self._generator())
+
+
+# ----------------------------------------------------------------------------------------- registers
+
+
+def _register_cells(value: object) -> tuple[int, str]:
+    if isinstance(value, SegmentRegister):
+        return value.selector, f"base={value.base:#x} limit={value.limit:#x} attributes={value.attributes:#06x}"
+    if isinstance(value, TableRegister):
+        return value.base, f"limit={value.limit:#x}"
+    if isinstance(value, int):
+        return value, ""
+    to_int = getattr(value, "to_int", None)
+    return (to_int() if callable(to_int) else 0), str(value)
+
+
+class RegistersPlugin(_SavedStatePlugin):
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [
+            _primary_requirement(),
+            requirements.IntRequirement(name="vp", description="Only this virtual processor", optional=True),
+        ]
+
+    def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        layer = self._saved_state_layer()
+        if layer is None:
+            return
+        provider = layer.provider
+        if provider.state is None:
+            vollog.error("This saved state has no CPU state (a legacy .bin without its .vsv): no registers")
+            return
+        only = self.config.get("vp", None)  # type: ignore[attr-defined]
+        for vp, vp_state in enumerate(provider.state.vps):
+            if only is not None and vp != only:
+                continue
+            try:
+                active = provider.get_active_virtual_trust_level(vp)
+            except VmssdError:
+                active = None
+            for vtl in sorted(vp_state.registers):
+                try:
+                    bank = provider.get_registers(vp, vtl)
+                except VmssdError as exc:
+                    vollog.warning(f"VP {vp} VTL {vtl}: {exc}")
+                    continue
+                for name, value in bank.items():
+                    number, details = _register_cells(value)
+                    yield 0, (vp, vtl, vtl == active, name, format_hints.Hex(number), details)
+
+    def run(self) -> renderers.TreeGrid:
+        return renderers.TreeGrid(
+            [
+                ("VP", int),
+                ("VTL", int),
+                ("Active", bool),
+                ("Register", str),
+                ("Value", format_hints.Hex),
+                ("Details", str),
+            ],
+            self._generator(),
+        )
+
+
+# ---------------------------------------------------------------------------------------- pagingmode
+
+
+class PagingModePlugin(_SavedStatePlugin):
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [_primary_requirement()]
+
+    def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        layer = self._saved_state_layer()
+        if layer is None:
+            return
+        provider = layer.provider
+        if provider.state is None:
+            vollog.error("This saved state has no CPU state (a legacy .bin without its .vsv): no paging mode")
+            return
+        context: interfaces.context.ContextInterface = self.context  # type: ignore[attr-defined]
+        # Trial layers are configured where upstream's Intel stackers put theirs, never added to the context.
+        scratch = interfaces.configuration.path_join("IntelHelper", f"{layer.name}_cr3_check")
+        na = renderers.NotApplicableValue()
+        for candidate in kernel_candidates(provider):
+            vp = candidate.vp
+            try:
+                regs = provider.get_registers(vp)
+                arch = provider.get_architecture(vp).name
+                mode = provider.get_paging_mode(vp).name
+            except VmssdError as exc:
+                yield 0, (vp, na, na, str(exc), na, na, na, na, na, "no")
+                continue
+            if candidate.levels:
+                mode = f"{mode} ({candidate.levels}-level)"
+
+            def reg(name: str, regs: dict[str, Any] = regs) -> Any:
+                value = regs.get(name)
+                return format_hints.Hex(value) if isinstance(value, int) else na
+
+            if candidate.reason is not None:
+                verdict = f"no: {candidate.reason}"
+            else:
+                kernel, why = validate_candidate(
+                    context, layer.name, candidate, name=f"{layer.name}_cr3_check", config_path=scratch
+                )
+                verdict = f"yes: {why}" if kernel is not None else f"no: {why}"
+            dtb = format_hints.Hex(candidate.dtb) if candidate.dtb is not None else na
+            yield (
+                0,
+                (
+                    vp,
+                    candidate.vtl if candidate.vtl is not None else na,
+                    arch,
+                    mode,
+                    reg("cr0"),
+                    reg("cr3"),
+                    reg("cr4"),
+                    reg("efer"),
+                    dtb,
+                    verdict,
+                ),
+            )
+
+    def run(self) -> renderers.TreeGrid:
+        return renderers.TreeGrid(
+            [
+                ("VP", int),
+                ("VTL", int),
+                ("Architecture", str),
+                ("Paging mode", str),
+                ("CR0", format_hints.Hex),
+                ("CR3", format_hints.Hex),
+                ("CR4", format_hints.Hex),
+                ("EFER", format_hints.Hex),
+                ("DTB", format_hints.Hex),
+                ("Kernel page table", str),
+            ],
+            self._generator(),
+        )
+
+
+# -------------------------------------------------------------------------------------------- memmap
+
+
+class MemmapPlugin(_SavedStatePlugin):
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [_primary_requirement()]
+
+    def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        layer = self._saved_state_layer()
+        if layer is None:
+            return
+        provider = layer.provider
+        present = set(provider.memory.source.block_numbers())
+        for rng in provider.memory_map():
+            first, last = rng["first_ramblock"], rng["last_ramblock"]
+            have = sum(1 for n in range(first, last + 1) if n in present)
+            yield (
+                0,
+                (
+                    format_hints.Hex(rng["gpa_start"]),
+                    format_hints.Hex(rng["gpa_start"] + rng["size"] - 1),
+                    format_hints.Hex(rng["size"]),
+                    format_hints.Hex(rng["raw_offset"]),
+                    first,
+                    last,
+                    f"{have}/{last - first + 1}",
+                ),
+            )
+
+    def run(self) -> renderers.TreeGrid:
+        return renderers.TreeGrid(
+            [
+                ("GPA start", format_hints.Hex),
+                ("GPA end", format_hints.Hex),
+                ("Size", format_hints.Hex),
+                ("Raw offset", format_hints.Hex),
+                ("First RamBlock", int),
+                ("Last RamBlock", int),
+                ("RamBlocks present", str),
+            ],
+            self._generator(),
+        )
