@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
-REAL = SHARED / "data" / "real"
-LINUX_GUEST = SHARED / "data" / "linux-guest"
-
-
-def need(path: Path) -> Path:
-    """Return ``path`` or skip the test, saying what is missing (a fresh clone has no ../shared)."""
-    if not path.exists():
-        pytest.skip(f"needs {path} (the shared real-data folder beside the repository); not present here")
-    return path
+from shared_data import BIOS_ROM, LINUX_GUEST, REAL, REPO, SHARED, need  # noqa: F401
 
 
 @pytest.fixture
@@ -28,10 +16,6 @@ def real_dir() -> Path:
 # ----------------------------------------------------------------------------- the real Linux guest
 # Decompressing the 268 MB core and writing it as a saved state costs seconds: do it once per session
 # and share it between test files.
-BIOS_ROM = (0xFFFC0000, 0x1_0000_0000)  # not RAM: left out of a Hyper-V image (data README)
-LOW_HOLE = (0xA0000, 0x100000)
-
-
 @pytest.fixture(scope="session")
 def guest_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import lzma

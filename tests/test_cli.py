@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from shared_data import REPO
 
 SAMPLE = REPO / "tests" / "data" / "sample.vmrs"
 

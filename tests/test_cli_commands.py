@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LINUX_GUEST, REPO, need
+from shared_data import LINUX_GUEST, REPO, need
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.savedstate.cpujson import state_from_json, state_to_json

@@ -13,9 +13,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_data import SHARED
 
 from volatility3_vmssd.errors import Findings, FormatError, TruncatedError, VmssdError
 from volatility3_vmssd.savedstate.legacy_bin import (

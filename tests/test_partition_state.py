@@ -7,9 +7,9 @@ import random
 import struct
 
 import pytest
-from conftest import SHARED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_data import SHARED
 
 from volatility3_vmssd.errors import Findings, FormatError, NotFoundError, TruncatedError, VmssdError
 from volatility3_vmssd.savedstate.partition_state import (

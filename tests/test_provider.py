@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import BIOS_ROM, LOW_HOLE
+from shared_data import BIOS_ROM, LOW_HOLE
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.errors import FormatError, NotFoundError, UnmappedAddressError

@@ -655,7 +655,7 @@ def test_native_failure_falls_back_and_reports(monkeypatch: pytest.MonkeyPatch, 
 # --------------------------------------------------------------------------------------------------
 # Real data: the XPRESS pages of a real Hyper-V .bin (spec §5.1), compressed by Windows itself.
 
-from conftest import REAL  # noqa: E402
+from shared_data import REAL  # noqa: E402
 
 REAL_BIN = REAL / "test_file.bin"
 

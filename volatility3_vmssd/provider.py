@@ -408,6 +408,10 @@ class SavedStateProvider:
     def get_enabled_virtual_trust_levels(self, vp: int) -> int:
         return self._vp(vp).enabled_vtls_bitmap()
 
+    def get_virtual_trust_levels(self, vp: int) -> list[int]:
+        """The VTLs this VP has a saved register bank for, lowest first."""
+        return sorted(self._vp(vp).registers)
+
     def get_active_virtual_trust_level(self, vp: int) -> int:
         forced = self._forced_vtl.get(vp)
         return forced if forced is not None else self._vp(vp).active_vtl()
@@ -462,6 +466,10 @@ class SavedStateProvider:
         return getattr(cs, "selector", 0) & 3 == 0
 
     # ------------------------------------------------------------------ memory
+    def has_saved_memory(self) -> bool:
+        """False for runtime-state and configuration files: no GPA range or no RamBlock at all."""
+        return self.memory.ram_map.maximum_gpa >= 0 and bool(self.memory.source.block_numbers())
+
     def read_guest_physical_address(self, gpa: int, size: int) -> bytes:
         """Bytes at ``gpa``; a read into a hole returns the bytes before it; one starting in a hole raises."""
         return self.memory.read_gpa(gpa, size)

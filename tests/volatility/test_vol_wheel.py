@@ -133,7 +133,8 @@ def test_wheel_installs_plugins_that_plain_vol_lists(tmp_path: Path) -> None:
             [*vol_command(python), *args], capture_output=True, text=True, env=env, cwd=work, check=False
         )
 
-    pip("install", "--no-deps", "--no-index", str(wheel))
+    # --ignore-installed: CI has installed the checkout system-wide, which the venv can see
+    pip("install", "--no-deps", "--no-index", "--ignore-installed", str(wheel))
     shims = site / "volatility3" / "plugins" / "hyperv"
     assert {p.name for p in shims.glob("*.py")} == SHIMS
     located = subprocess.run(

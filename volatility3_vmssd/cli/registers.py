@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         positions = [args.vp] if args.vp is not None else list(range(len(state.vps)))
         selected: list[tuple[int, int]] = []  # (VP position, VTL)
         for i in positions:
-            vtls = sorted(state.vps[i].registers)
+            vtls = provider.get_virtual_trust_levels(i)
             selected += [(i, vtl) for vtl in vtls if args.vtl is None or vtl == args.vtl]
         if not selected:
             bank = "no register bank" + (f" for VTL {args.vtl}" if args.vtl is not None else "")

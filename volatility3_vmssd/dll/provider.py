@@ -262,6 +262,14 @@ class DllSavedStateProvider:
         self._call("GetEnabledVirtualTrustLevels", vp, byref(out), context=f"VP {vp}")
         return out.value
 
+    def get_virtual_trust_levels(self, vp: int) -> list[int]:
+        """The DLL reports enabled VTLs as a bitmap; every enabled VTL has a register bank."""
+        bitmap = self.get_enabled_virtual_trust_levels(vp)
+        return [vtl for vtl in range(16) if bitmap >> vtl & 1]
+
+    def has_saved_memory(self) -> bool:
+        return bool(self.get_guest_physical_memory_chunks()[1])
+
     def get_active_virtual_trust_level(self, vp: int) -> int:
         out = b.UINT8()
         self._call("GetActiveVirtualTrustLevel", vp, byref(out), context=f"VP {vp}")

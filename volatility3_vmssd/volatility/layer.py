@@ -69,7 +69,7 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
         self._small: Callable[[int, int, bool], bytes] | None = None
         provider = self.provider  # open now: a file without saved RAM must fail stacking here
         ram_map = provider.memory.ram_map
-        if ram_map.maximum_gpa < 0 or not provider.memory.source.block_numbers():
+        if not provider.has_saved_memory():
             has_map = bool(ram_map.records)
             provider.close()
             self._provider = None

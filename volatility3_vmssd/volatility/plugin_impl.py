@@ -197,14 +197,14 @@ class RegistersPlugin(_SavedStatePlugin):
             vollog.error("This saved state has no CPU state (a legacy .bin without its .vsv): no registers")
             return
         only = self.config.get("vp", None)  # type: ignore[attr-defined]
-        for vp, vp_state in enumerate(provider.state.vps):
+        for vp in range(provider.vp_count()):
             if only is not None and vp != only:
                 continue
             try:
                 active = provider.get_active_virtual_trust_level(vp)
             except VmssdError:
                 active = None
-            for vtl in sorted(vp_state.registers):
+            for vtl in provider.get_virtual_trust_levels(vp):
                 try:
                     bank = provider.get_registers(vp, vtl)
                 except VmssdError as exc:

@@ -1,0 +1,28 @@
+"""Where the shared real data lives, importable under a unique name.
+
+Test files import these from here rather than from ``conftest``: with pytest's default import mode a
+second ``conftest.py`` (tests/volatility/) can shadow the first under that module name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
+REAL = SHARED / "data" / "real"
+LINUX_GUEST = SHARED / "data" / "linux-guest"
+
+
+def need(path: Path) -> Path:
+    """Return ``path`` or skip the test, saying what is missing (a fresh clone has no ../shared)."""
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared real-data folder beside the repository); not present here")
+    return path
+
+
+BIOS_ROM = (0xFFFC0000, 0x1_0000_0000)  # not RAM: left out of a Hyper-V image (data README)
+LOW_HOLE = (0xA0000, 0x100000)
