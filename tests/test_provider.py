@@ -245,3 +245,15 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
         open_saved_state(junk)
     with pytest.raises(ValueError):
         SavedStateProvider.load_vmrs(junk, backend="bogus")
+
+
+def test_vtl_list_and_saved_memory_queries(tmp_path: Path, real_dir: Path) -> None:
+    doc = {"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"rax": 1}, "1": {"rax": 2}}}]}
+    out = tmp_path / "q.vmrs"
+    with MemoryImage.open(_raw_image(tmp_path, 1 << 20)) as image:
+        write_vmrs(out, image, state_from_json(doc))
+    with SavedStateProvider.load_vmrs(out) as p:
+        assert p.get_virtual_trust_levels(0) == [0, 1]
+        assert p.has_saved_memory()
+    with SavedStateProvider.load_vmrs(real_dir / "test.VMRS") as p:
+        assert not p.has_saved_memory()
