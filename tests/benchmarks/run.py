@@ -180,20 +180,42 @@ def open_stack_info(path: Path) -> tuple[float, int]:
     return elapsed, layer.provider.memory.blocks_decoded
 
 
+def _vm_hwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def run_vol(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes of that process, stdout)."""
+    """(wall seconds, peak RSS in bytes of that process, stdout).
+
+    Peak RSS is the child's own VmHWM, sampled until it exits: wait4's ru_maxrss would fold in the
+    RSS this (large) harness process had when it forked the child.
+    """
     plugins = str(REPO / "volatility3_vmssd" / "volatility_plugins")
     vol = shutil.which("vol", path=str(Path(sys.executable).parent)) or shutil.which("vol") or "vol"
     cmd = [vol, "-q", "-p", plugins]
+    out_file = tempfile.TemporaryFile(mode="w+")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen(cmd + args, stdout=out_file, stderr=subprocess.DEVNULL, env=env, text=True)
+    peak = 0
+    while proc.poll() is None:
+        hwm = _vm_hwm(proc.pid)
+        if hwm:
+            peak = max(peak, hwm)
+        time.sleep(0.02)
     elapsed = time.perf_counter() - t0
+    out_file.seek(0)
+    out = out_file.read()
+    out_file.close()
     if proc.returncode:
         raise RuntimeError(f"vol {' '.join(args)} exited {proc.returncode}")
-    return elapsed, usage.ru_maxrss * 1024, out
+    return elapsed, peak, out
 
 
 def large_fill_vmrs(path: Path, gib: int, rotate: list[bytes] | None = None) -> None:
