@@ -200,19 +200,18 @@ def run_vol(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     plugins = str(REPO / "volatility3_vmssd" / "volatility_plugins")
     vol = shutil.which("vol", path=str(Path(sys.executable).parent)) or shutil.which("vol") or "vol"
     cmd = [vol, "-q", "-p", plugins]
-    out_file = tempfile.TemporaryFile(mode="w+")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd + args, stdout=out_file, stderr=subprocess.DEVNULL, env=env, text=True)
-    peak = 0
-    while proc.poll() is None:
-        hwm = _vm_hwm(proc.pid)
-        if hwm:
-            peak = max(peak, hwm)
-        time.sleep(0.02)
-    elapsed = time.perf_counter() - t0
-    out_file.seek(0)
-    out = out_file.read()
-    out_file.close()
+    with tempfile.TemporaryFile(mode="w+") as out_file:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd + args, stdout=out_file, stderr=subprocess.DEVNULL, env=env, text=True)
+        peak = 0
+        while proc.poll() is None:
+            hwm = _vm_hwm(proc.pid)
+            if hwm:
+                peak = max(peak, hwm)
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+        out_file.seek(0)
+        out = out_file.read()
     if proc.returncode:
         raise RuntimeError(f"vol {' '.join(args)} exited {proc.returncode}")
     return elapsed, peak, out
