@@ -351,7 +351,15 @@ class SavedStateProvider:
                 blob = key.read(allow_partial=True)
                 loc = key.data_location
                 base = loc[0] if loc else key.file_offset
-                return parse_partition_state(blob, path=storage.path, base_offset=base, findings=findings)
+                try:
+                    return parse_partition_state(blob, path=storage.path, base_offset=base, findings=findings)
+                except VmssdError as exc:
+                    # A copy cut right after its key tables has no partition_state bytes left: its
+                    # memory is still readable, so say why CPU state is missing instead of failing.
+                    if findings.strict:
+                        raise
+                    findings.add(storage.path, base, "no-cpu-state", f"partition_state is unreadable: {exc}")
+                    return None
         if storage.find("/savedstate") is not None or storage.find("/savedVM") is not None:
             findings.add(storage.path, None, "no-cpu-state", "no partition_state key: CPU state is unavailable")
         return None

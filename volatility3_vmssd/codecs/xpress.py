@@ -81,6 +81,16 @@ def decompress(
     return out
 
 
+def fast_decoder() -> Callable[[bytes, int], bytes] | None:
+    """The active native decoder itself, for hot loops (decoding a whole RamBlock).
+
+    No fallback and no checks: the caller must verify the length and, on any exception or wrong
+    length, call :func:`decompress` for the verdict.  None when the pure-Python decoder is active.
+    """
+    name = active_decoder()
+    return None if name == "python" else _native(name)
+
+
 def decompress_python(data: bytes | bytearray | memoryview, out_size: int) -> bytes:
     """The pure-Python decoder alone (the reference the native decoders are checked against)."""
     return _xpress_python.decompress(data, out_size)

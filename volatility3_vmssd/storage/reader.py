@@ -19,6 +19,7 @@ import os
 import struct
 import threading
 import zlib
+from bisect import bisect_right
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -38,6 +39,7 @@ from .defs import (
     KEY_TABLE_HEADER_CRC_OFFSET,
     KEY_TABLE_SIGNATURE,
     LENGTH_PREFIX,
+    MAX_ALIGNMENT,
     NODE_VALUE,
     OBJECT_ENTRY,
     OBJECT_ENTRY_CRC_OFFSET,
@@ -324,7 +326,9 @@ class HyperVStorage:
         self._truncation_offsets: set[int] = set()
         fh.seek(0, os.SEEK_END)
         self.file_size = fh.tell()
-        self._overlay: list[tuple[int, bytes]] = []
+        self._overlay: list[tuple[int, bytes]] = []  # pending journal entries in log order
+        self._segments: list[tuple[int, bytearray]] = []  # the same, flattened (see _flatten)
+        self._segment_starts: list[int] = []
         self.virtual_size = self.file_size
         self.header = self._select_header()
         self.replay_log = self._load_replay_log(apply_replay_log)
@@ -398,10 +402,16 @@ class HyperVStorage:
         buf = bytearray(data)
         if len(buf) < end - offset:  # the journal may write past the current end of file
             buf.extend(bytes(end - offset - len(buf)))
-        for dst, patch in self._overlay:
+        # Hostile-input fix: bisect into the flattened journal instead of scanning every entry, so
+        # a log of thousands of tiny entries does not make each of thousands of reads O(entries).
+        starts, segments = self._segment_starts, self._segments
+        i = max(bisect_right(starts, offset) - 1, 0)
+        while i < len(segments) and starts[i] < end:
+            dst, patch = segments[i]
             lo, hi = max(dst, offset), min(dst + len(patch), end)
             if lo < hi:
                 buf[lo - offset : hi - offset] = patch[lo - dst : hi - dst]
+            i += 1
         return bytes(buf)
 
     def note_truncation(self, offset: int, message: str) -> None:
@@ -527,6 +537,11 @@ class HyperVStorage:
         table = self.read_at(off + REPLAY_LOG_HEADER.size, slots * REPLAY_LOG_ENTRY.size)
         entries: list[ReplayLogEntry] = []
         overlay: list[tuple[int, bytes]] = []
+        # Hostile-input fix: entries of one transaction hold disjoint pieces of the data area, so
+        # their sizes add up to at most its size.  Without this budget, thousands of entries that
+        # all name the same megabytes made opening a 1 MiB file read (and keep) gigabytes.
+        area = max(0, min(size, self.file_size - off) - hdr_size)
+        budget = {True: area, False: area}  # pending entries, stale entries
         for i in range(len(table) // REPLAY_LOG_ENTRY.size):
             ent = table[i * REPLAY_LOG_ENTRY.size : (i + 1) * REPLAY_LOG_ENTRY.size]
             dst, dsize, inlog, ecrc, dcrc = REPLAY_LOG_ENTRY.unpack(ent)
@@ -541,7 +556,14 @@ class HyperVStorage:
                 problem = "fails its entry CRC-32"
             elif inlog < hdr_size or inlog + dsize > size:
                 problem = f"points at {dsize} bytes at log offset {inlog:#x}, outside the log's data area"
+            elif pending and dst > self.file_size:
+                # Hostile-input fix: a destination past the end of the file would stretch
+                # virtual_size (to 2**64 at worst) and let any later read pad up to a 4 GiB size field.
+                problem = f"writes to {dst:#x}, beyond the end of the file ({self.file_size:#x})"
+            elif dsize > budget[pending]:
+                problem = "has more data than is left in the log's data area (entries overlap)"
             else:
+                budget[pending] -= dsize
                 data = self.read_at(off + inlog, dsize)
                 if len(data) < dsize:
                     problem = "data lies past the end of the file"
@@ -562,6 +584,8 @@ class HyperVStorage:
             entries.append(ReplayLogEntry(i, dst, dsize, inlog, pending, applied, problem is None))
         if overlay:
             self._overlay = overlay
+            self._segments = _flatten(overlay)
+            self._segment_starts = [d for d, _ in self._segments]
             self.virtual_size = max(self.file_size, *(d + len(b) for d, b in overlay))
             self.findings.add(
                 self.path,
@@ -581,6 +605,7 @@ class HyperVStorage:
         objects: list[StorageObject] = []
         queue: list[tuple[int, int | None]] = [(ROOT_OBJECT_TABLE_OFFSET, None)]
         visited: set[int] = set()
+        spans: list[tuple[int, int]] = []  # [start, end) of the tables read, sorted, disjoint
         while queue:
             table_off, table_size = queue.pop(0)
             if table_off in visited:
@@ -607,6 +632,10 @@ class HyperVStorage:
             room = self.virtual_size - table_off - OBJECT_TABLE_HEADER.size
             if table_size is not None:
                 room = min(room, table_size - OBJECT_TABLE_HEADER.size)
+            elif table_off == ROOT_OBJECT_TABLE_OFFSET:
+                # Hostile-input fix: the root table fills one page (227 slots) in every known file; one
+                # flipped count byte must not make a multi-GiB file parse as 10**8 garbage entries.
+                room = min(room, MAX_ALIGNMENT - OBJECT_TABLE_HEADER.size)
             fit = max(0, room // OBJECT_ENTRY.size)
             if count > fit:
                 self.findings.add(
@@ -617,6 +646,19 @@ class HyperVStorage:
                     error=FormatError,
                 )
                 count = fit
+            extent = (table_off, table_off + OBJECT_TABLE_HEADER.size + count * OBJECT_ENTRY.size)
+            if _overlaps(spans, extent):
+                # Hostile-input fix: chained tables that overlap re-read the same entries, so n of them
+                # cost O(n * file size) entries (and findings); real tables never share bytes.
+                self.findings.add(
+                    self.path,
+                    table_off,
+                    "object-table",
+                    "chained object table overlaps an earlier object table; table skipped",
+                    error=FormatError,
+                )
+                continue
+            _insert_span(spans, extent)
             data = self.read_at(table_off + OBJECT_TABLE_HEADER.size, count * OBJECT_ENTRY.size)
             for slot in range(count):
                 ent = data[slot * OBJECT_ENTRY.size : (slot + 1) * OBJECT_ENTRY.size]
@@ -648,14 +690,15 @@ class HyperVStorage:
     # ------------------------------------------------------------------ key tables
     def _load_keys(self) -> None:
         chosen: dict[int, tuple[int, StorageObject, bytes]] = {}
+        spans: list[tuple[int, int]] = []  # key tables read so far, sorted, disjoint
         for obj in self.objects:
             if obj.type != ObjectType.KEY_TABLE:
                 continue
-            data = self.read_at(obj.offset, obj.size)
-            if len(data) < KEY_TABLE_HEADER.size:
+            head = self.read_at(obj.offset, min(obj.size, KEY_TABLE_HEADER.size))
+            if len(head) < KEY_TABLE_HEADER.size:
                 self.findings.add(self.path, obj.offset, "truncated", "key table lies past the end of the file")
                 continue
-            sig, index, seq, crc = KEY_TABLE_HEADER.unpack_from(data)
+            sig, index, seq, crc = KEY_TABLE_HEADER.unpack_from(head)
             if sig != KEY_TABLE_SIGNATURE:
                 self.findings.add(
                     self.path,
@@ -665,7 +708,20 @@ class HyperVStorage:
                     error=FormatError,
                 )
                 continue
-            if crc32_skipping(data[: KEY_TABLE_HEADER.size], KEY_TABLE_HEADER_CRC_OFFSET) != crc:
+            extent = (obj.offset, obj.offset + obj.size)
+            if _overlaps(spans, extent):
+                # Hostile-input fix: n object entries naming overlapping key tables made the reader
+                # parse O(n * file size) key entries; real key tables never share bytes.
+                self.findings.add(
+                    self.path,
+                    obj.offset,
+                    "key-table",
+                    f"key table {index} overlaps an earlier key table; table skipped",
+                    error=FormatError,
+                )
+                continue
+            _insert_span(spans, extent)
+            if crc32_skipping(head, KEY_TABLE_HEADER_CRC_OFFSET) != crc:
                 self.findings.add(
                     self.path, obj.offset, "crc", f"key table {index} header fails its CRC-32", error=ChecksumError
                 )
@@ -681,7 +737,7 @@ class HyperVStorage:
                     continue
                 if not sequence_newer(seq, previous[0]):
                     continue
-            chosen[index] = (seq, obj, data)
+            chosen[index] = (seq, obj, self.read_at(obj.offset, obj.size))
         keys: dict[tuple[int, int], Key] = {}
         ordered: list[Key] = []
         for index in sorted(chosen):
@@ -844,7 +900,8 @@ class HyperVStorage:
             )
         hidden = {id(k) for k in shadowed}
         unreached = [k for k in ordered if k.parent is not None and id(k) not in seen and id(k) not in hidden]
-        unreached = [k for k in unreached if not _under(k, hidden)]
+        under: dict[int, bool] = {}
+        unreached = [k for k in unreached if not _under(k, hidden, under)]
         if unreached:
             self.findings.add(
                 self.path,
@@ -852,9 +909,10 @@ class HyperVStorage:
                 "orphan",
                 f"{len(unreached)} key(s) are not reachable from the root (parent cycle); left out",
             )
-            for k in unreached:
-                if k.parent is not None and k in k.parent.children:
-                    k.parent.children.remove(k)
+            # Hostile-input fix: one filtering pass per parent, not list.remove() per key (O(n**2)).
+            gone = {id(k) for k in unreached}
+            for parent in {id(k.parent): k.parent for k in unreached if k.parent is not None}.values():
+                parent.children = [c for c in parent.children if id(c) not in gone]
 
     # ------------------------------------------------------------------ lookups
     def get(self, path: str) -> Key:
@@ -888,16 +946,81 @@ class HyperVStorage:
         return counts
 
 
-def _under(key: Key, hidden: set[int]) -> bool:
-    """True when an ancestor of ``key`` is a shadowed duplicate (bounded against parent cycles)."""
-    seen: set[int] = set()
+def _under(key: Key, hidden: set[int], memo: dict[int, bool]) -> bool:
+    """True when an ancestor of ``key`` is a shadowed duplicate (bounded against parent cycles).
+
+    ``memo`` holds the answer for every key already walked through.  Hostile-input fix: without it,
+    n keys hanging off one long parent chain (ending in a cycle) cost O(n**2): 33 s for 8,000 keys.
+    """
+    path: list[int] = []
+    on_path: set[int] = set()
     node = key.parent
-    while node is not None and id(node) not in seen:
-        if id(node) in hidden:
-            return True
-        seen.add(id(node))
+    answer = False
+    while node is not None:
+        nid = id(node)
+        if nid in memo:
+            answer = memo[nid]
+            break
+        if nid in hidden:
+            answer = True
+            break
+        if nid in on_path:  # a parent cycle without a shadowed key on it
+            break
+        path.append(nid)
+        on_path.add(nid)
         node = node.parent
-    return False
+    for nid in path:
+        memo[nid] = answer
+    return answer
+
+
+def _overlaps(spans: list[tuple[int, int]], span: tuple[int, int]) -> bool:
+    """Whether ``span`` meets any of the sorted, disjoint ``spans``."""
+    i = bisect_right(spans, (span[0], span[0]))
+    if i and spans[i - 1][1] > span[0]:
+        return True
+    return i < len(spans) and spans[i][0] < span[1]
+
+
+def _insert_span(spans: list[tuple[int, int]], span: tuple[int, int]) -> None:
+    spans.insert(bisect_right(spans, span), span)
+
+
+def _flatten(overlay: list[tuple[int, bytes]]) -> list[tuple[int, bytearray]]:
+    """Sorted, disjoint ``(offset, bytes)`` pieces equal to applying ``overlay`` in order (later wins).
+
+    Paints the elementary intervals between entry boundaries from the last entry backwards, skipping
+    painted ones with a next-unpainted pointer, so it costs O(n log n) for n entries.
+    """
+    points = sorted({d for d, b in overlay} | {d + len(b) for d, b in overlay})
+    where = {p: i for i, p in enumerate(points)}
+    owner = [-1] * len(points)
+    after = list(range(len(points) + 1))  # after[i]: first unpainted interval >= i (path-halved)
+
+    def find(i: int) -> int:
+        while after[i] != i:
+            after[i] = after[after[i]]
+            i = after[i]
+        return i
+
+    for k in range(len(overlay) - 1, -1, -1):
+        dst, data = overlay[k]
+        i, stop = find(where[dst]), where[dst + len(data)]
+        while i < stop:
+            owner[i] = k
+            after[i] = i + 1
+            i = find(i + 1)
+    pieces: list[tuple[int, bytearray]] = []
+    for i in range(len(points) - 1):
+        k = owner[i]
+        if k >= 0:
+            dst, data = overlay[k]
+            piece = data[points[i] - dst : points[i + 1] - dst]
+            if pieces and pieces[-1][0] + len(pieces[-1][1]) == points[i]:
+                pieces[-1][1].extend(piece)  # adjacent pieces become one, so a read meets few
+            else:
+                pieces.append((points[i], bytearray(piece)))
+    return pieces
 
 
 def _object_name(otype: int) -> str:
