@@ -203,3 +203,17 @@ def test_the_windows_load_path_end_to_end(states: dict[str, list[Path]], monkeyp
     with pytest.raises(BackendUnavailableError, match="17763"):
         DllSavedStateProvider.load_vmrs(states["base"][0], dll_path=old)
     assert loaded == [str(fixture)]  # the refused DLL was never loaded
+
+
+def test_memory_map_for_the_volatility_layer_matches_native(states: dict[str, list[Path]]) -> None:
+    """The layer walks provider.memory.ram_map; the DLL backend builds it from its chunk list."""
+    path = states["base"][0]
+    with (
+        SavedStateProvider.load_vmrs(path) as n,
+        DllSavedStateProvider.load_vmrs(path, library=FakeDll().library()) as p,
+    ):
+        assert p.memory.ram_map.chunks() == n.memory.ram_map.chunks()
+        assert p.memory.ram_map.maximum_gpa == n.memory.ram_map.maximum_gpa
+        span = n.memory.ram_map.maximum_gpa + 1
+        assert list(p.memory.ram_map.runs(0, span)) == list(n.memory.ram_map.runs(0, span))
+        assert p.has_saved_memory() and p.memory.blocks_decoded == 0

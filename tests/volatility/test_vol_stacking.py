@@ -306,3 +306,26 @@ def test_damaged_or_unusable_saved_states_warn(tmp_path: Path, guest: bytearray,
     with caplog.at_level(logging.WARNING):
         assert our_layer(good, hyperv_vtl=20) is None
     assert "cannot force VTL 20" in caplog.text
+
+
+def test_backend_option_reaches_the_layer_and_dll_fails_clearly_off_windows(tmp_path: Path) -> None:
+    """--hyperv-backend dll: on Linux the stacker says why it cannot use the file instead of crashing."""
+    import sys
+
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import physical
+
+    from volatility3_vmssd.volatility.options import OPTIONS_PATH
+    from volatility3_vmssd.volatility.stackers import HyperVSavedStateStacker
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample.vmrs"
+    for backend, works in (("native", True), ("dll", sys.platform == "win32")):
+        ctx = contexts.Context()
+        ctx.config["base.location"] = sample.as_uri()
+        ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
+        ctx.config[f"{OPTIONS_PATH}.hyperv_backend"] = backend
+        layer = HyperVSavedStateStacker.stack(ctx, "base")
+        if works:
+            assert layer is not None and layer.provider.backend == backend
+        else:
+            assert layer is None

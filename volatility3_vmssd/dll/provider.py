@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
 from ..provider import GpaMemoryChunk
 from ..savedstate.partition_state import GuestOsInfo, decode_guest_os_id
+from ..savedstate.rammap import BLOCK_SIZE, RamMap, RamMemoryBlockRecord
 from ..savedstate.registers import (
     REGISTER_IDS,
     WIDE_REGISTER_NAMES,
@@ -68,6 +69,37 @@ def _library(
     return DumpProviderLibrary.load(find_dll(dll_path), abi=abi)
 
 
+class _DllBlocks:
+    """Stands in for a BlockSource: the DLL does not say which RamBlocks exist, only the raw size."""
+
+    def __init__(self, path: str, raw_size: int) -> None:
+        self.path = path
+        self._count = -(-raw_size // BLOCK_SIZE)
+
+    def block_numbers(self) -> range:
+        return range(self._count)
+
+
+class _DllMemory:
+    """The part of GuestMemory the Volatility layer walks (``ram_map``), built from the DLL's chunks."""
+
+    blocks_decoded = 0
+
+    def __init__(self, provider: DllSavedStateProvider) -> None:
+        records = []
+        for chunk in provider.get_guest_physical_memory_chunks()[1]:
+            start, count = chunk
+            raw = provider.guest_physical_address_to_raw_saved_memory_offset(start * PAGE_SIZE)
+            records.append(RamMemoryBlockRecord(count, raw // PAGE_SIZE, start, key="DLL chunk"))
+        self.ram_map = RamMap(records, path=provider.paths[0])
+        self.source = _DllBlocks(provider.paths[0], provider.get_guest_raw_saved_memory_size())
+        self._provider = provider
+
+    @property
+    def cache_limit(self) -> int:
+        return self._provider.get_memory_block_cache_limit()
+
+
 class DllSavedStateProvider:
     """A saved state opened by vmsavedstatedumpprovider.dll. Close it or use ``with``."""
 
@@ -80,6 +112,14 @@ class DllSavedStateProvider:
         self._handle: int | None = handle
         self._arch_cache: dict[int, Architecture] = {}
         self._chunk_cache: list[GpaMemoryChunk] | None = None
+        self._memory: _DllMemory | None = None
+
+    @property
+    def memory(self) -> _DllMemory:
+        """The GPA map for code written against the native provider (the Volatility layer)."""
+        if self._memory is None:
+            self._memory = _DllMemory(self)
+        return self._memory
 
     # ------------------------------------------------------------------ loading
     @classmethod

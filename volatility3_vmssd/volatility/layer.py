@@ -99,6 +99,9 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
             requirements.IntRequirement(
                 name="vtl", optional=True, description="Force this virtual trust level on every VP"
             ),
+            requirements.StringRequirement(
+                name="backend", optional=True, description="Provider backend: native (default), dll or auto"
+            ),
             requirements.IntRequirement(
                 name="page_map_offset", optional=True, description="Kernel DTB validated from a saved CR3"
             ),
@@ -152,11 +155,12 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
         try:
             head = self.context.layers[self._base_layer].read(0, 8, pad=True)
             kind = signature_kind(head)
+            backend = self.config.get("backend", None) or "native"
             if kind == "storage":
-                provider = SavedStateProvider.load_vmrs(memory_path)
+                provider = SavedStateProvider.load_vmrs(memory_path, backend=backend)
             elif kind == "bin":
                 if vsv_path:
-                    provider = SavedStateProvider.load_bin_vsv(memory_path, vsv_path)
+                    provider = SavedStateProvider.load_bin_vsv(memory_path, vsv_path, backend=backend)
                 else:
                     provider = SavedStateProvider.load_bin(memory_path)
             else:

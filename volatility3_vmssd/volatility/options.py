@@ -18,7 +18,7 @@ OPTIONS_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PAT
 
 
 class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
-    """Holds --hyperv-vsv-location and --hyperv-vtl for the Hyper-V stackers; does nothing itself."""
+    """Holds --hyperv-vsv-location, --hyperv-backend and --hyperv-vtl for the Hyper-V stackers; does nothing."""
 
     priority = 0
     exclusion_list: list[str] = []
@@ -39,6 +39,14 @@ class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
                 name="hyperv_vsv_location",
                 description="Hyper-V: the .vsv of a legacy .bin saved state, when it is not beside the .bin"
                 " with the same base name",
+                optional=True,
+            ),
+            requirements.ChoiceRequirement(
+                name="hyperv_backend",
+                choices=["native", "dll", "auto"],
+                default="native",
+                description="Hyper-V: read the saved state natively (default), with Microsoft's"
+                " vmsavedstatedumpprovider.dll (Windows with the SDK), or with the DLL when one is found",
                 optional=True,
             ),
             requirements.IntRequirement(

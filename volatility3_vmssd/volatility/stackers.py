@@ -188,7 +188,13 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
     ) -> HyperVSavedStateLayer:
         name = context.layers.free_layer_name("HyperVSavedStateLayer")
         config_path = interfaces.configuration.path_join("automagic", "layer_stacker", "stack", name)
-        values = {"base_layer": memory_layer, "vsv_layer": vsv_layer, "vtl": None if vtl is None else int(vtl)}
+        backend = option(context, "hyperv_backend")
+        values = {
+            "base_layer": memory_layer,
+            "vsv_layer": vsv_layer,
+            "vtl": None if vtl is None else int(vtl),
+            "backend": None if backend in (None, "native") else str(backend),
+        }
         for key, value in values.items():
             full = interfaces.configuration.path_join(config_path, key)
             if value is not None:
