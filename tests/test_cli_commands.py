@@ -22,11 +22,8 @@ from shared_data import LINUX_GUEST, REPO, need
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.savedstate.cpujson import state_from_json, state_to_json
 from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.partition_state import build_partition_state
-from volatility3_vmssd.savedstate.ramblock import encode_block
-from volatility3_vmssd.savedstate.rammap import BLOCK_SIZE, build_layout
-from volatility3_vmssd.savedstate.writer import write_vmrs
-from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter
+from volatility3_vmssd.savedstate.writer import write_fill_vmrs, write_vmrs
+from volatility3_vmssd.storage import HyperVStorage
 from volatility3_vmssd.storage.writer import add_journal_entries
 
 SAMPLE = REPO / "tests" / "data" / "sample.vmrs"
@@ -72,20 +69,8 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def large_vmrs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A .vmrs describing 16 GiB (3 GiB below the 32-bit MMIO gap, the rest from 4 GiB), all fill pages."""
     path = tmp_path_factory.mktemp("large") / "large.vmrs"
-    ranges = [(0, 0xC0000000), (0x1_0000_0000, (16 * GIB) - 0xC0000000)]
-    records = build_layout(ranges)
-    zero = encode_block(bytes(BLOCK_SIZE))
     state = state_from_json({"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "0xd01"}}}]})
-    with HyperVStorageWriter(path) as w:
-        w.set("/configuration/properties/version", 0x900)
-        w.set("/savedstate/VmVersion", 0x900)
-        w.set("/savedstate/savedVM/partition_state", build_partition_state(state))
-        for i, rec in enumerate(records):
-            w.set(f"/savedstate/RamMemoryBlock{i}", rec.build())
-        for rec in records:
-            first = rec.mbp_index_start // 256
-            for n in range(first, first + -(-rec.page_count_total // 256)):
-                w.set(f"/savedstate/RamBlock{n}", zero)
+    write_fill_vmrs(path, 16 * GIB, state)
     return path
 
 

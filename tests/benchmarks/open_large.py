@@ -15,33 +15,14 @@ from pathlib import Path
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.partition_state import build_partition_state
-from volatility3_vmssd.savedstate.ramblock import encode_block
-from volatility3_vmssd.savedstate.rammap import BLOCK_SIZE, build_layout
-from volatility3_vmssd.storage import HyperVStorageWriter
+from volatility3_vmssd.savedstate.writer import write_fill_vmrs
 
 
 def build(path: Path, gib: int) -> None:
     """A mostly-fill image: every RamBlock is one multi-fill record, stored inline (< 2 KiB)."""
-    ram = gib << 30
-    hole = (0xC0000000, 0x1_0000_0000)  # the usual 32-bit MMIO gap: RAM continues above 4 GiB
-    ranges = [(0, hole[0]), (hole[1], ram - hole[0])]
-    records = build_layout(ranges)
-    zero = encode_block(bytes(BLOCK_SIZE))
     state = state_from_json({"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "0xd01"}}}]})
-    with HyperVStorageWriter(path) as w:
-        w.set("/configuration/properties/version", 0x900)
-        w.set("/savedstate/VmVersion", 0x900)
-        w.set("/savedstate/savedVM/partition_state", build_partition_state(state))
-        for i, rec in enumerate(records):
-            w.set(f"/savedstate/RamMemoryBlock{i}", rec.build())
-        blocks = sum(-(-r.page_count_total // 256) for r in records)
-        first = 0
-        for rec in records:
-            first = rec.mbp_index_start // 256
-            for n in range(first, first + -(-rec.page_count_total // 256)):
-                w.set(f"/savedstate/RamBlock{n}", zero)
-    print(f"built {path.name}: {gib} GiB described, {blocks} RamBlocks, {path.stat().st_size:,} bytes")
+    report = write_fill_vmrs(path, gib << 30, state)
+    print(f"built {path.name}: {gib} GiB described, {report.blocks} RamBlocks, {path.stat().st_size:,} bytes")
 
 
 def main() -> None:

@@ -219,28 +219,10 @@ def run_vol(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
 
 def large_fill_vmrs(path: Path, gib: int, rotate: list[bytes] | None = None) -> None:
     """A .vmrs describing ``gib`` GiB; blocks are a zero fill, or cycle through ``rotate`` values."""
-    from volatility3_vmssd.savedstate.partition_state import build_partition_state
-    from volatility3_vmssd.savedstate.ramblock import encode_block
-    from volatility3_vmssd.savedstate.rammap import BLOCK_SIZE, build_layout
-    from volatility3_vmssd.storage import HyperVStorageWriter
+    from volatility3_vmssd.savedstate.writer import write_fill_vmrs
 
-    ram = gib << 30
-    hole = (0xC0000000, 0x1_0000_0000)
-    ranges = [(0, min(ram, hole[0]))] + ([(hole[1], ram - hole[0])] if ram > hole[0] else [])
-    records = build_layout(ranges)
-    zero = encode_block(bytes(BLOCK_SIZE))
-    with HyperVStorageWriter(path) as w:
-        w.set("/configuration/properties/version", 0x900)
-        w.set("/savedstate/VmVersion", 0x900)
-        w.set("/savedstate/savedVM/partition_state", build_partition_state(state_from_json(MINIMAL_REGS)))
-        for i, rec in enumerate(records):
-            w.set(f"/savedstate/RamMemoryBlock{i}", rec.build())
-        k = 0
-        for rec in records:
-            first = rec.mbp_index_start // 256
-            for n in range(first, first + -(-rec.page_count_total // 256)):
-                w.set(f"/savedstate/RamBlock{n}", rotate[k % len(rotate)] if rotate else zero)
-                k += 1
+    holes = [(0xC0000000, 0x40000000)] if gib > 3 else []
+    write_fill_vmrs(path, gib << 30, state_from_json(MINIMAL_REGS), holes=holes, blocks=rotate)
 
 
 def write_lime(src: Path, out: Path) -> None:

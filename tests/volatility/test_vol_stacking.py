@@ -251,28 +251,11 @@ def test_stacks_on_file_layers_only(tmp_path: Path, guest: bytearray, state: dic
 
 
 def write_large_vmrs(path: Path, ram: int, state: dict) -> None:
-    """A .vmrs describing ``ram`` bytes of zero RAM (below and above a 1 GiB gap), written directly.
-
-    Every RamBlock is the same 20-byte encoded all-fill block, so 16 GiB cost about a megabyte.
-    """
+    """A .vmrs describing ``ram`` bytes of zero RAM (below and above a 1 GiB gap): about a megabyte."""
     from volatility3_vmssd.savedstate.cpujson import state_from_json
-    from volatility3_vmssd.savedstate.partition_state import build_partition_state
-    from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, encode_block
-    from volatility3_vmssd.savedstate.rammap import build_layout, layout_ram
-    from volatility3_vmssd.storage import HyperVStorageWriter
+    from volatility3_vmssd.savedstate.writer import write_fill_vmrs
 
-    records = build_layout(layout_ram(ram, [(0xC0000000, 0x40000000)]))
-    zero = encode_block(bytes(BLOCK_SIZE))
-    blocks = sum(-(-r.page_count_total // 256) for r in records)
-    with HyperVStorageWriter(path) as w:
-        w.set("/configuration/properties/version", 0x0900)
-        w.set("/savedstate/VmVersion", 0x0900)
-        w.set("/savedstate/type", "Normal")
-        w.set("/savedstate/savedVM/partition_state", build_partition_state(state_from_json(state)))
-        for i, record in enumerate(records):
-            w.set(f"/savedstate/RamMemoryBlock{i}", record.build())
-        for n in range(blocks):
-            w.set(f"/savedstate/RamBlock{n}", zero)
+    write_fill_vmrs(path, ram, state_from_json(state))
 
 
 def test_large_vmrs_stacks_and_summarises_without_decoding(tmp_path: Path, state: dict) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import FormatError
 from ..storage.writer import HyperVStorageWriter
@@ -22,7 +22,7 @@ from .images import MemoryImage, MemoryRange, subtract_holes
 from .legacy_bin import write_bin
 from .partition_state import PartitionState, build_partition_state
 from .ramblock import encode_block
-from .rammap import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, RamMemoryBlockRecord, build_layout
+from .rammap import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, RamMemoryBlockRecord, build_layout, layout_ram
 
 VMRS_VM_VERSION = 0x0900  # 9.0: the version of the real test.VMRS; > 5.0 selects the /savedstate schema
 LEGACY_VM_VERSION = 0x0500  # the real legacy .bin says 5.0
@@ -171,3 +171,37 @@ def write_bin_vsv(
         for i, rec in enumerate(records):
             w.set(f"/RamMemoryBlock/{i}", rec.build())
     return WriteReport(records, len(sizes), sum(r.length for r in ranges), sum(sizes))
+
+
+def write_fill_vmrs(
+    path: str | os.PathLike[str],
+    ram_bytes: int,
+    state: PartitionState,
+    *,
+    holes: Sequence[tuple[int, int]] = ((0xC0000000, 0x40000000),),
+    blocks: Sequence[bytes] | None = None,
+    vm_version: int = VMRS_VM_VERSION,
+) -> WriteReport:
+    """A ``.vmrs`` describing ``ram_bytes`` of RAM laid out around ``(start, size)`` holes (default: the
+    32-bit MMIO gap), whose RamBlocks cycle through already-encoded ``blocks`` (default: one all-zero
+    block, a 20-byte inline multi-fill record).  16 GiB cost about a megabyte and a fraction of a
+    second: how tests and benchmarks get large saved states without large inputs.
+    """
+    records = build_layout(layout_ram(ram_bytes, holes))
+    values = list(blocks) if blocks else [encode_block(bytes(BLOCK_SIZE))]
+    count = stored = 0
+    with HyperVStorageWriter(path) as w:
+        w.set("/configuration/properties/version", vm_version)
+        w.set("/savedstate/VmVersion", vm_version)
+        w.set("/savedstate/type", "Normal")
+        w.set("/savedstate/savedVM/partition_state", build_partition_state(state))
+        for i, rec in enumerate(records):
+            w.set(f"/savedstate/RamMemoryBlock{i}", rec.build())
+        for rec in records:
+            first = rec.mbp_index_start // PAGES_PER_BLOCK
+            for n in range(first, first + -(-rec.page_count_total // PAGES_PER_BLOCK)):
+                value = values[count % len(values)]
+                w.set(f"/savedstate/RamBlock{n}", value)
+                count += 1
+                stored += len(value)
+    return WriteReport(records, count, ram_bytes, stored)
