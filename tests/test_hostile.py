@@ -339,6 +339,26 @@ def test_truncated_linux_guest_serves_what_is_left(cut: str, linux_guest: tuple[
         pytest.fail(f"cut {cut} at {at:#x} left every RamBlock whole; choose another cut")
     info = vmssd_info(copy)
     assert any(f.startswith("[truncated]") and str(copy) in f for f in info["findings"]), info["findings"]
+    rows = hyperv_info_rows(copy)
+    assert any(k == "Finding" and v.startswith("[truncated]") for k, v in rows), rows
+
+
+def hyperv_info_rows(path: Path) -> list[tuple[str, str]]:
+    """What ``vol -f PATH hyperv.info`` shows, in-process: stack our layer on the file, take its rows."""
+    pytest.importorskip("volatility3", reason="volatility3 is not installed")
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import physical
+
+    from volatility3_vmssd.volatility.plugin_impl import info_rows
+    from volatility3_vmssd.volatility.stackers import HyperVSavedStateStacker
+
+    ctx = contexts.Context()
+    ctx.config["base.location"] = path.as_uri()
+    ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
+    layer = HyperVSavedStateStacker.stack(ctx, "base")
+    assert layer is not None, f"{path} did not stack"
+    ctx.add_layer(layer)
+    return list(info_rows(layer))
 
 
 def vmssd_info(path: Path) -> dict:
