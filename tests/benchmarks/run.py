@@ -227,16 +227,11 @@ def large_fill_vmrs(path: Path, gib: int, rotate: list[bytes] | None = None) -> 
 
 def write_lime(src: Path, out: Path) -> None:
     """The same RAM as a LiME file (one range per chunk): the baseline for whole vol runs."""
-    import struct
+    from volatility3_vmssd.savedstate import exporters
 
     with SavedStateProvider.load_vmrs(src) as p, open(out, "wb") as fh:
-        for start, count in p.get_guest_physical_memory_chunks()[1]:
-            gpa, end = start * 4096, (start + count) * 4096
-            fh.write(struct.pack("<IIQQ8x", 0x4C694D45, 1, gpa, end - 1))
-            while gpa < end:
-                n = min(CHUNK, end - gpa)
-                fh.write(p.read_guest_physical_address_padded(gpa, n))
-                gpa += n
+        ranges = [(start * 4096, count * 4096) for start, count in p.get_guest_physical_memory_chunks()[1]]
+        exporters.write_lime(fh, ranges, p.read_guest_physical_address_padded)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from vol_helpers import (
     write_pair,
     write_vmrs,
 )
+
+from volatility3_vmssd.savedstate.images import LIME_HEADER, LIME_MAGIC
 
 require_volatility()
 
@@ -195,7 +196,7 @@ def foreign_files(root: Path) -> dict[str, Path]:
     files["random"] = root / "random.img"
     files["random"].write_bytes(os.urandom(64 * 1024))
     files["lime"] = root / "guest.lime"
-    files["lime"].write_bytes(struct.pack("<IIQQ8x", 0x4C694D45, 1, 0, 0xFFF) + bytes(0x1000))
+    files["lime"].write_bytes(LIME_HEADER.pack(LIME_MAGIC, 1, 0, 0xFFF) + bytes(0x1000))
     files["elf"] = root / "core.elf"
     files["elf"].write_bytes(b"\x7fELF\x02\x01\x01" + bytes(0x2000))
     files["vmem"] = root / "vm.vmem"

@@ -25,6 +25,8 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import VmssdError
+from .images import ELF64_HEADER as ELF64_EHDR  # layouts declared once, beside their reader
+from .images import ELF64_PHDR, LIME_HEADER, LIME_MAGIC, LIME_VERSION, PT_LOAD, PT_NOTE
 from .registers import RegisterValue, SegmentRegister
 
 if TYPE_CHECKING:
@@ -34,18 +36,10 @@ READ_SIZE = 16 << 20
 SPARSE_MIN = 1 << 20
 FORMATS = ("raw", "lime", "elf")
 
-LIME_MAGIC = 0x4C694D45
-LIME_VERSION = 1
-LIME_HEADER = struct.Struct("<IIQQ8x")
-
-ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-ELF64_PHDR = struct.Struct("<IIQQQQQQ")
 ELF_NOTE_HEADER = struct.Struct("<III")
 ET_CORE = 4
 EM_X86_64 = 62
 EM_AARCH64 = 183
-PT_LOAD = 1
-PT_NOTE = 4
 PF_R, PF_W, PF_X = 4, 2, 1
 NT_PRSTATUS = 1
 ELF_DATA_ALIGN = 0x1000

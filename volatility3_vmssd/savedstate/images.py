@@ -16,6 +16,7 @@ from typing import BinaryIO
 from ..errors import FormatError, UnmappedAddressError
 
 LIME_MAGIC = 0x4C694D45  # "EMiL" little-endian
+LIME_VERSION = 1
 LIME_HEADER = struct.Struct("<IIQQ8x")  # magic, version, start (inclusive), end (inclusive), reserved
 ELF_MAGIC = b"\x7fELF"
 ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
