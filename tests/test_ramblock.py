@@ -24,6 +24,7 @@ from volatility3_vmssd.savedstate.ramblock import (
     encode_block,
     fill_page,
     index_block,
+    plan_block,
 )
 
 FILE_OFFSET = 0x5000
@@ -126,6 +127,22 @@ class Stream:
         return b"".join(self.parts)
 
 
+def planned(value: bytes) -> bytes | None:
+    """What the fast path (plan_block, then one batch of XPRESS pages) makes of a value; None if it declines."""
+    plan = plan_block(value)
+    if plan is None:
+        return None
+    if plan.uniform is not None:
+        assert not plan.streams
+        return rb.uniform_block(plan.uniform)
+    decoded = xpress.decompress_many(plan.streams, PAGE_SIZE)
+    if decoded is None:  # some page does not expand to 4096 bytes: the careful path must say which
+        return None
+    pages = plan.finish(decoded)
+    assert len(pages) == 256 and all(len(page) == PAGE_SIZE for page in pages)
+    return b"".join(pages)
+
+
 def assert_decodes(value: bytes, expected: bytes) -> rb.BlockIndex:
     """Every decode path agrees with ``expected``: whole block (fresh and reused buffer), bytes, each page."""
     findings = Findings(strict=True)
@@ -141,6 +158,8 @@ def assert_decodes(value: bytes, expected: bytes) -> rb.BlockIndex:
     assert decode_block_bytes(memoryview(value), opened(memoryview(value))) == expected
     for page in range(256):
         assert decode_page(value, index, page) == expected[page * PAGE_SIZE : (page + 1) * PAGE_SIZE], page
+    fast = planned(value)
+    assert fast is None or fast == expected
     return index
 
 
@@ -432,6 +451,72 @@ def test_page_number_out_of_range() -> None:
         decode_page(value, opened(value), 256)
 
 
+# -- the fast path of whole-block reads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_plan_block_takes_what_hyper_v_writes(seed: int) -> None:
+    data = mixed_block(seed)
+    value = encode_block(data)
+    assert planned(value) == data
+    hand = Stream().fill(bytes(8)).fill(bytes(8)).fill(b"\x01" * 8).raw_page(random_page(random.Random(seed)))
+    hand.xpress_page(text_page(random.Random(seed))).multi(b"abcdefgh", 2)
+    hand.multi(bytes(8), 256 - len(hand.expected) // PAGE_SIZE).end()
+    assert planned(hand.value()) == hand.expected
+
+
+def test_plan_block_takes_one_single_fill_per_page() -> None:
+    """The layout of the real .bin: 256 single-fill records, taken as one run."""
+    stream = Stream()
+    for _ in range(200):
+        stream.fill(bytes(8))
+    for page in range(56):
+        stream.fill(struct.pack("<Q", page % 3))
+    value = stream.end().value()
+    plan = plan_block(value)
+    assert plan is not None and plan.uniform is None and not plan.streams
+    assert planned(value) == stream.expected
+    assert plan.pages[0] is fill_page(0)  # shared, not 200 copies
+
+
+@pytest.mark.parametrize("pattern", [bytes(8), b"\xff" * 8, b"ABCDEFGH"])
+def test_plan_block_sees_uniform_blocks(pattern: bytes) -> None:
+    value = encode_block(pattern_page(pattern) * 256)
+    plan = plan_block(value)
+    assert plan is not None and plan.uniform == struct.unpack("<Q", pattern)[0]
+    assert planned(value) == pattern_page(pattern) * 256
+    if pattern == bytes(8):
+        assert rb.uniform_block(0) is rb.ZERO_BLOCK
+
+
+def _declined() -> dict[str, bytes]:
+    rng = random.Random(5)
+    complete = Stream().xpress_page(text_page(rng)).multi(bytes(8), 255).end().value()
+    return {
+        "raw 1 MiB value": random_page(rng) * 256,
+        "variable runs": encode_block(mixed_block(4), use_variable_runs=True),
+        "early end marker": Stream().multi(bytes(8), 10).end().value(),
+        "no end marker": Stream().multi(bytes(8), 256).value(),
+        "trailing bytes": complete + b"\0",
+        "cut in a record": complete[:20],
+        "cut before the end marker": complete[:-4],
+        "unknown tag": Stream().multi(bytes(8), 5).value() + struct.pack("<I", 0x12345678) + bytes(64),
+        "zero tag": struct.pack("<I", 0) + bytes(64),
+        "multi-fill overrun": Stream().multi(bytes(8), 200).multi(bytes(8), 57).end().value(),
+        "multi-fill of zero pages": Stream().multi(bytes(8), 0).multi(bytes(8), 256).end().value(),
+        "xpress data past the end": struct.pack("<I", 4000) + bytes(100),
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_declined()))
+def test_plan_block_declines_everything_else(name: str) -> None:
+    """Anything but the well-formed shape goes to index_block, which reports it."""
+    value = _declined()[name]
+    assert plan_block(value) is None
+    assert plan_block(memoryview(encode_block(mixed_block(1)))) is None  # not bytes: careful path
+
+
 # -- fuzz: mutated and truncated valid streams --------------------------------------------------------------
 
 
@@ -483,6 +568,16 @@ def test_fuzzed_streams_raise_only_vmssd_errors(
     if cut is not None:
         del value[cut % (len(value) + 1) :]
     data = bytes(value)
+    if plan_block(data) is not None:
+        # The fast path only takes streams the careful one finds nothing wrong with, and agrees with it
+        # (or, when a page does not decode, gives up so that the careful path can report it).
+        findings = Findings()
+        careful = index_block(data, path="fuzz", file_offset=0, findings=findings)
+        assert not findings and careful.complete
+        fast = planned(data)
+        bad: list[tuple[int, FormatError]] = []
+        block = decode_block(data, careful, errors=bad)
+        assert fast is None or (not bad and fast == block)  # None also when only the fallback decoder copes
     try:
         index = index_block(data, path="fuzz", file_offset=0, findings=Findings(strict=strict))
     except VmssdError:
