@@ -308,3 +308,89 @@ def test_record_stats_index_without_decoding() -> None:
     assert stats.blocks == 5
     assert stats.variable_runs > 0
     assert stats.end_markers == 5
+
+
+# -- whole-block batches (the scan path) ---------------------------------------------------------------------
+
+
+def _batch_spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from volatility3_vmssd.savedstate import guestmemory
+
+    sizes: list[int] = []
+    real = guestmemory.decompress_many
+
+    def spy(streams: list[bytes], out_size: int, *, threads: int = 1) -> list[bytes] | None:
+        sizes.append(len(streams))
+        return real(streams, out_size, threads=threads)
+
+    monkeypatch.setattr(guestmemory, "decompress_many", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_multi_block_read_decodes_its_pages_in_one_batch(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    if xpress.active_decoder() == "python":
+        pytest.skip("batches need a native XPRESS decoder")
+    monkeypatch.setattr(xpress, "MIN_STREAMS_PER_THREAD", 2)
+    monkeypatch.setattr(xpress, "MIN_MEAN_STREAM", 0)
+    batches = _batch_spy(monkeypatch)
+    memory = make(decode_threads=threads)
+    assert memory.read_gpa_padded(0, 6 * MiB) == expected_gpa(0, 6 * MiB)
+    # Blocks 0, 1, 3 and 4 are well formed and share one batch; block 2 (variable runs) is decoded carefully.
+    expected = sum(len(rb.plan_block(BLOCKS[n]).streams) for n in (0, 1, 3, 4))  # type: ignore[union-attr]
+    assert batches == [expected] and expected > 0
+    assert memory.blocks_decoded == 5 and memory.findings == []
+    assert memory.read_gpa_padded(0, 6 * MiB) == expected_gpa(0, 6 * MiB)
+    assert batches == [expected]  # all cached now
+
+
+def test_a_bad_page_in_a_batch_is_reported_and_the_rest_is_served() -> None:
+    blocks = dict(BLOCKS)
+    plan = rb.plan_block(blocks[3])
+    assert plan is not None and plan.streams
+    bad_stream = plan.streams[0]
+    bad_page = plan.slots[0]
+    blocks[3] = blocks[3].replace(bad_stream, b"\xff" * len(bad_stream), 1)
+    memory = make(blocks)
+    data = memory.read_gpa_padded(0, 6 * MiB)
+    bad_gpa = 4 * MiB + bad_page * PAGE_SIZE  # raw block 3 is the start of the third range
+    assert data[bad_gpa : bad_gpa + PAGE_SIZE] == bytes(PAGE_SIZE)
+    assert data[:bad_gpa] == expected_gpa(0, bad_gpa)
+    assert data[bad_gpa + PAGE_SIZE :] == expected_gpa(bad_gpa + PAGE_SIZE, 6 * MiB - bad_gpa - PAGE_SIZE)
+    assert [f.kind for f in memory.findings] == ["bad-page"]
+    assert "RamBlock 3" in memory.findings[0].message
+    with pytest.raises(MissingPageError):
+        memory.read_gpa(bad_gpa, 8)
+
+
+def test_cache_off_still_batches_whole_blocks_and_decodes_partial_ends_alone() -> None:
+    memory = make(cache_limit=0)
+    gpa, size = 0x1234, 6 * MiB - 0x3000
+    assert memory.read_gpa_padded(gpa, size) == expected_gpa(gpa, size)
+    assert memory.cached_blocks == []
+    assert memory.pages_decoded > 0  # the partly read blocks went through the page-at-a-time path
+
+
+def _zero_memory() -> GuestMemory:
+    zero = encode_block(bytes(BLOCK_SIZE))
+    blocks = {n: zero for n in range(8)}
+    blocks[6] = encode_block(b"\x01" + bytes(BLOCK_SIZE - 1))
+    return GuestMemory(RamMap.identity(8 * 256), InMemoryBlockSource(blocks))
+
+
+def test_all_zero_reads_share_one_result() -> None:
+    memory = _zero_memory()
+    first = memory.read_gpa(0, 4 * MiB)
+    assert first == bytes(4 * MiB)
+    assert memory.read_gpa(MiB, 4 * MiB) is first  # the same immutable object: nothing copied
+    assert memory.read_gpa_padded(0, 4 * MiB) is first
+    assert memory.read_raw(0, 4 * MiB) is first
+    odd = memory.read_gpa(100, 3 * MiB)
+    assert odd == bytes(3 * MiB)
+    mixed = memory.read_gpa(4 * MiB, 4 * MiB)
+    assert mixed[2 * MiB] == 1 and mixed.count(0) == 4 * MiB - 1
+    # A hole padded with zeros next to zero blocks is all zero too.
+    assert memory.read_gpa_padded(7 * MiB, 4 * MiB) == bytes(4 * MiB)
+    from volatility3_vmssd.savedstate import guestmemory
+
+    assert len(guestmemory._ZERO_RESULTS) <= guestmemory._ZERO_RESULT_SIZES

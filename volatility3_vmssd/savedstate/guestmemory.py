@@ -18,14 +18,18 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
+from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
+from ..codecs.xpress import decode_threads, decompress_many
 from ..errors import Findings, FormatError, NotFoundError, UnmappedAddressError
 from .ramblock import (
     BLOCK_SIZE,
     PAGE_SIZE,
     PAGES_PER_BLOCK,
+    ZERO_BLOCK,
     BlockIndex,
+    BlockPlan,
     BlockStats,
     MissingPageError,
     decode_block_bytes,
@@ -34,6 +38,7 @@ from .ramblock import (
     decode_pages,
     detach_error,
     index_block,
+    plan_block,
     uniform_block,
     uniform_pattern,
 )
@@ -43,11 +48,12 @@ __all__ = ["DEFAULT_CACHE_LIMIT", "BlockSource", "GuestMemory", "InMemoryBlockSo
 
 DEFAULT_CACHE_LIMIT = 256  # blocks, i.e. at most 256 MiB of decoded RAM
 _BLOCK_MASK = BLOCK_SIZE - 1
-_ZERO_BLOCK = bytes(BLOCK_SIZE)
+_ZERO_BLOCK = ZERO_BLOCK
 
 
 _ZERO_VIEW = memoryview(_ZERO_BLOCK)
 _ALL_PAGES = frozenset(range(PAGES_PER_BLOCK))
+_NO_BLOCKS: Mapping[int, _Block] = MappingProxyType({})
 
 
 @runtime_checkable
@@ -124,6 +130,10 @@ class _Block:
         self.absent = absent
 
 
+def _default_threads() -> int:
+    return decode_threads()
+
+
 def _zeros(n: int) -> memoryview:
     return _ZERO_VIEW[:n]
 
@@ -132,6 +142,36 @@ def _zero_parts(n: int) -> list[memoryview]:
     """Zeros for a padded hole as views of one shared block: the final join is the only copy."""
     whole, rest = divmod(n, BLOCK_SIZE)
     return [_ZERO_VIEW] * whole + ([_ZERO_VIEW[:rest]] if rest else [])
+
+
+#: All-zero results of large reads, shared by size (bytes are immutable): a scan of a mostly free
+#: 16 GiB guest then costs no copying at all for its empty 16 MiB chunks.  At most this many sizes,
+#: each at most _ZERO_RESULT_MAX bytes, are kept.
+_ZERO_RESULTS: dict[int, bytes] = {}
+_ZERO_RESULT_SIZES = 2
+_ZERO_RESULT_MAX = 64 << 20
+#: Reads assembled from more parts than this are not checked for being all zero (page-form blocks
+#: are never all zero: whole zero blocks are one part).
+_ZERO_CHECK_PARTS = 256
+
+
+def _is_zero_part(part: bytes | memoryview) -> bool:
+    return part is _ZERO_BLOCK or (type(part) is memoryview and part.obj is _ZERO_BLOCK)
+
+
+def _assemble(parts: list[bytes | memoryview]) -> bytes:
+    """``b"".join(parts)``, except that a large result made only of the shared zero block is shared too."""
+    if 1 < len(parts) <= _ZERO_CHECK_PARTS and all(map(_is_zero_part, parts)):
+        size = sum(map(len, parts))
+        zeros = _ZERO_RESULTS.get(size)
+        if zeros is None:
+            zeros = bytes(size)
+            if size <= _ZERO_RESULT_MAX:
+                if len(_ZERO_RESULTS) >= _ZERO_RESULT_SIZES:
+                    _ZERO_RESULTS.clear()
+                _ZERO_RESULTS[size] = zeros
+        return zeros
+    return b"".join(parts)
 
 
 def _ranges_text(numbers: list[int], limit: int = 8) -> str:
@@ -165,8 +205,11 @@ class GuestMemory:
         findings: Findings | None = None,
         cache_limit: int = DEFAULT_CACHE_LIMIT,
         on_fallback: Callable[..., object] | None = None,
+        decode_threads: int | None = None,
     ) -> None:
         self.ram_map = ram_map
+        #: Threads a batch of XPRESS pages may be decoded on (default: the usable CPUs, at most 4).
+        self.decode_threads = decode_threads if decode_threads is not None else _default_threads()
         self.source = source
         self.path = source.path
         self.findings = findings if findings is not None else Findings()
@@ -291,13 +334,55 @@ class GuestMemory:
         )
 
     def _load(self, n: int) -> _Block:
-        value = self._value(n)
-        if value is None:
-            return _Block(_ZERO_BLOCK, None, _ALL_PAGES, absent=True)
-        if len(value) == BLOCK_SIZE:  # raw block: nothing to index or decode
-            with self._lock:
-                self.blocks_decoded += 1
-            return _Block(value if isinstance(value, bytes) else bytes(value), None, None)
+        return self._load_many([n])[n]
+
+    def _load_many(self, ns: Iterable[int]) -> dict[int, _Block]:
+        """Load blocks; the XPRESS pages of all the well-formed ones are decoded in one batch.
+
+        One batch per read lets :func:`~..codecs.xpress.decompress_many` spread the pages of a
+        16 MiB scanner read over both cores (the native decoders release the GIL).  Blocks that
+        :func:`~.ramblock.plan_block` does not take, and batches that do not decode cleanly, go
+        through the careful path, which reports what is wrong with them.
+        """
+        entries: dict[int, _Block] = {}
+        planned: list[tuple[int, bytes, BlockPlan]] = []
+        walked = loaded = 0
+        for n in ns:
+            value = self._value(n)
+            if value is None:
+                entries[n] = _Block(_ZERO_BLOCK, None, _ALL_PAGES, absent=True)
+                continue
+            loaded += 1
+            if len(value) == BLOCK_SIZE:  # raw block: nothing to index or decode
+                entries[n] = _Block(value if isinstance(value, bytes) else bytes(value), None, None)
+                continue
+            plan = plan_block(value) if isinstance(value, bytes) else None
+            if plan is None:
+                entries[n] = self._load_careful(n, value)
+                continue
+            walked += 1
+            if plan.uniform is not None:
+                entries[n] = _Block(uniform_block(plan.uniform), None, None)
+            else:
+                planned.append((n, value, plan))
+        with self._lock:
+            self.blocks_indexed += walked
+            self.blocks_decoded += loaded
+        if not planned:
+            return entries
+        streams = [stream for _, _, plan in planned for stream in plan.streams]
+        decoded = decompress_many(streams, PAGE_SIZE, threads=self.decode_threads) if streams else []
+        at = 0
+        for n, value, plan in planned:
+            count = len(plan.streams)
+            mine = decoded[at : at + count] if decoded is not None else decompress_many(plan.streams, PAGE_SIZE)
+            at += count
+            # A stream the native decoder does not expand cleanly: the careful path says why.
+            entries[n] = self._load_careful(n, value) if mine is None else _Block(None, plan.finish(mine), None)
+        return entries
+
+    def _load_careful(self, n: int, value: bytes | memoryview) -> _Block:
+        """Index, then decode page by page: findings for damaged streams, missing and bad pages."""
         index = self._index(n, value)
         errors: list[tuple[int, FormatError]] = []
         notes: list[str] = []
@@ -310,8 +395,6 @@ class GuestMemory:
             data = decode_block_bytes(value, index, on_fallback=notes.append, errors=errors)
         else:
             pages = decode_block_pages(value, index, on_fallback=notes.append, errors=errors)
-        with self._lock:
-            self.blocks_decoded += 1
         self._after_decode(n, errors, notes)
         bad = set(index.missing_pages)
         bad.update(page for page, _ in errors)
@@ -347,13 +430,40 @@ class GuestMemory:
                 self._cache.move_to_end(n)
                 return entry
         entry = self._load(n)
+        self._keep({n: entry})
+        return entry
+
+    def _keep(self, entries: Mapping[int, _Block]) -> None:
         with self._lock:
             if self._limit:
-                self._cache[n] = entry
-                self._cache.move_to_end(n)
+                for n, entry in entries.items():
+                    self._cache[n] = entry
+                    self._cache.move_to_end(n)
                 while len(self._cache) > self._limit:
                     self._cache.popitem(last=False)
-        return entry
+
+    def _prefetch(self, spans: Iterable[tuple[int, int]]) -> Mapping[int, _Block]:
+        """Load, in one batch, the uncached blocks that a read of raw ``(offset, length)`` spans decodes whole.
+
+        With the cache off, blocks the read only touches in part are left to :meth:`_partial`.
+        """
+        wanted: dict[int, None] = {}  # ordered, without repeats
+        with self._lock:
+            cached, whole_only = self._cache, not self._limit
+            for raw, length in spans:
+                if length <= 0:
+                    continue
+                end = raw + length
+                lo = (raw >> 20) + (1 if whole_only and raw & _BLOCK_MASK else 0)
+                hi = ((end - 1) >> 20) + (0 if whole_only and end & _BLOCK_MASK else 1)
+                for n in range(lo, hi):
+                    if n not in cached:
+                        wanted[n] = None
+        if len(wanted) < 2:
+            return _NO_BLOCKS
+        entries = self._load_many(wanted)
+        self._keep(entries)
+        return entries
 
     def _partial(self, n: int, offset: int, size: int) -> tuple[bytes | memoryview, int]:
         """Pages of one block for a read when nothing is cached: decode only what is asked."""
@@ -398,13 +508,22 @@ class GuestMemory:
         skip = offset - (first << 12)
         return memoryview(b"".join(parts))[skip : skip + size], size if valid is None else valid
 
-    def _append(self, n: int, offset: int, size: int, parts: list[bytes | memoryview], pad: bool) -> int:
+    def _append(
+        self,
+        n: int,
+        offset: int,
+        size: int,
+        parts: list[bytes | memoryview],
+        pad: bool,
+        loaded: Mapping[int, _Block] = _NO_BLOCKS,
+    ) -> int:
         """Append bytes [offset, offset + size) of block ``n`` to ``parts``; returns how many.
 
         Padded reads take everything (missing pages read as zeros); others stop before the first
         missing page.
         """
-        if not self._limit and size < BLOCK_SIZE:
+        entry = loaded.get(n)
+        if entry is None and not self._limit and size < BLOCK_SIZE:
             data, valid = self._partial(n, offset, size)
             if pad or valid == size:
                 parts.append(data)
@@ -412,7 +531,8 @@ class GuestMemory:
             if valid:
                 parts.append(data[:valid])
             return valid
-        entry = self._block(n)
+        if entry is None:
+            entry = self._block(n)
         valid = size
         if entry.bad is not None and not pad:
             bad = entry.bad
@@ -451,13 +571,22 @@ class GuestMemory:
             why = f"page {(raw >> 12) & 0xFF} of RamBlock {n}{at} is missing or does not decode"
         return MissingPageError(f"{self.path}: {where}: {why}", (raw >> 12) & 0xFF, gpa)
 
-    def _collect(self, raw: int, length: int, parts: list[bytes | memoryview], pad: bool) -> tuple[int, int | None]:
+    def _collect(
+        self,
+        raw: int,
+        length: int,
+        parts: list[bytes | memoryview],
+        pad: bool,
+        loaded: Mapping[int, _Block] | None = None,
+    ) -> tuple[int, int | None]:
         """Append raw bytes [raw, raw + length); returns (bytes appended, raw offset of missing data)."""
         got = 0
+        if loaded is None:
+            loaded = self._prefetch([(raw, length)])
         while got < length:
             offset = raw & _BLOCK_MASK
             take = min(length - got, BLOCK_SIZE - offset)
-            valid = self._append(raw >> 20, offset, take, parts, pad)
+            valid = self._append(raw >> 20, offset, take, parts, pad, loaded)
             if valid < take:
                 return got + valid, raw + valid
             got += take
@@ -490,7 +619,7 @@ class GuestMemory:
         _, missing = self._collect(offset, end - offset, parts, False)
         if missing is not None:
             raise self._missing(missing, None)
-        return b"".join(parts)
+        return _assemble(parts)
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
         """Guest-physical read; stops short at a hole or missing data, raises if ``gpa`` itself is one.
@@ -539,13 +668,15 @@ class GuestMemory:
         parts: list[bytes | memoryview] = []
         pos, end = gpa, gpa + size
         missing: int | None = None
-        for run_gpa, raw, length in self.ram_map.runs(gpa, size):
+        runs = list(self.ram_map.runs(gpa, size))
+        loaded = self._prefetch((raw, length) for _, raw, length in runs)  # one batch for the whole read
+        for run_gpa, raw, length in runs:
             if run_gpa > pos:
                 if not pad:
                     break
                 parts.extend(_zero_parts(run_gpa - pos))
                 pos = run_gpa
-            got, missing = self._collect(raw, length, parts, pad)
+            got, missing = self._collect(raw, length, parts, pad, loaded)
             pos += got
             if missing is not None:
                 break
@@ -556,7 +687,7 @@ class GuestMemory:
             if missing is not None:
                 raise self._missing(missing, gpa)
             raise UnmappedAddressError(f"{self.path}: GPA {gpa:#x} is not backed by saved RAM", gpa)
-        return b"".join(parts)
+        return _assemble(parts)
 
     # -- statistics --------------------------------------------------------------------------------
 
