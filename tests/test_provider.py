@@ -257,3 +257,13 @@ def test_vtl_list_and_saved_memory_queries(tmp_path: Path, real_dir: Path) -> No
         assert p.has_saved_memory()
     with SavedStateProvider.load_vmrs(real_dir / "test.VMRS") as p:
         assert not p.has_saved_memory()
+
+
+def test_close_drops_the_decoded_block_cache() -> None:
+    """Up to 256 MiB of decoded blocks must go at close, not whenever the cyclic GC runs."""
+    sample = Path(__file__).parent / "data" / "sample.vmrs"
+    with SavedStateProvider.load_vmrs(sample) as p:
+        start, count = p.get_guest_physical_memory_chunks()[1][0]
+        p.read_guest_physical_address_padded(start * 4096, count * 4096)
+        assert p.memory.cached_blocks
+    assert p.memory.cached_blocks == []

@@ -372,6 +372,9 @@ class SavedStateProvider:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
+        """Close the files and drop the decoded-block cache now (up to the cache limit in MiB), not at
+        the next cyclic garbage collection."""
+        self.memory.clear_cache()
         for res in (self.storage, self.bin_file, self.vsv_storage):
             if res is not None:
                 res.close()
