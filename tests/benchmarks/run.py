@@ -18,6 +18,7 @@ Not part of the test suite: nothing here asserts timings; it prints a table and 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -53,6 +54,9 @@ MINIMAL_REGS = {"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "
 def best_of(n: int, fn: Callable[[], object]) -> tuple[float, list[float]]:
     times = []
     for _ in range(n):
+        # Garbage of the previous measurement (a Volatility context is a reference cycle holding
+        # a whole block cache) must not be collected, and its memory returned, inside this one.
+        gc.collect()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -296,10 +300,12 @@ def main() -> int:
             # Interleaved repetitions (T_dec, provider, layer, T_dec, ...): the CPU clock and the
             # allocator's state drift during a run, and each of the three sees the same drift.
             runs: dict[str, list[float]] = {"tdec": [], "provider": [], "layer": []}
-            for _ in range(read_reps):
+            for rep in range(read_reps):
                 runs["tdec"].append(t_dec(pages, 1))
-                runs["provider"].append(best_of(1, lambda path=path: provider_read_all(path))[0])
-                runs["layer"].append(best_of(1, lambda path=path: layer_read_all(path))[0])
+                order = ("provider", "layer") if rep % 2 == 0 else ("layer", "provider")  # no fixed neighbour
+                for key in order:
+                    read_all = provider_read_all if key == "provider" else layer_read_all
+                    runs[key].append(best_of(1, lambda path=path, read_all=read_all: read_all(path))[0])
             tdec = min(runs["tdec"])
             mb = sum(len(d) for d, _ in pages) / 1e6
             row(
