@@ -394,3 +394,43 @@ def test_all_zero_reads_share_one_result() -> None:
     from volatility3_vmssd.savedstate import guestmemory
 
     assert len(guestmemory._ZERO_RESULTS) <= guestmemory._ZERO_RESULT_SIZES
+
+
+def _identity_memory(blocks: int, **kwargs: object) -> GuestMemory:
+    values = {n: encode_block(struct.pack("<Q", n + 1) * (BLOCK_SIZE // 8)) for n in range(blocks)}
+    return GuestMemory(RamMap.identity(blocks * 256), InMemoryBlockSource(values), **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_scan_keeps_a_bounded_ring_and_spares_the_working_set() -> None:
+    from volatility3_vmssd.savedstate.guestmemory import SCAN_RING
+
+    blocks = SCAN_RING + 40
+    memory = _identity_memory(blocks, cache_limit=SCAN_RING + 8)
+    for n in range(4):  # the working set: small reads, as a page-table walk makes them
+        memory.read_gpa(n * MiB + 8, 8)
+    for start in range(4, blocks, 16):  # a scanner's 16 MiB chunks over everything else
+        size = min(16, blocks - start) * MiB
+        data = memory.read_gpa(start * MiB, size)
+        assert data[:8] == struct.pack("<Q", start + 1) and len(data) == size
+    cached = memory.cached_blocks
+    assert len(cached) <= memory.cache_limit
+    assert cached[-4:] == [0, 1, 2, 3]  # the working set survived the scan
+    ring = cached[:-4]
+    assert len(ring) <= SCAN_RING and ring == sorted(ring) and ring[-1] == blocks - 1
+    # A small read of a ring block moves it to the LRU; another scan does not evict it first.
+    decoded = memory.blocks_decoded
+    memory.read_gpa(ring[0] * MiB, 8)
+    assert memory.blocks_decoded == decoded and memory.cached_blocks[-1] == ring[0]
+    memory.read_gpa(4 * MiB, 16 * MiB)
+    assert ring[0] in memory.cached_blocks and {0, 1, 2, 3} <= set(memory.cached_blocks)
+
+
+def test_the_cache_limit_covers_the_ring_too() -> None:
+    memory = _identity_memory(20, cache_limit=6)
+    memory.read_gpa(0, 8)
+    memory.read_gpa(MiB, 16 * MiB)
+    assert len(memory.cached_blocks) == 6 and memory.cached_blocks[-1] == 0
+    memory.set_cache_limit(2)
+    assert memory.cached_blocks == [16, 0]  # the ring goes first
+    memory.clear_cache()
+    assert memory.cached_blocks == []

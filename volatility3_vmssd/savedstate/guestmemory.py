@@ -47,6 +47,9 @@ from .rammap import RamMap
 __all__ = ["DEFAULT_CACHE_LIMIT", "BlockSource", "GuestMemory", "InMemoryBlockSource"]
 
 DEFAULT_CACHE_LIMIT = 256  # blocks, i.e. at most 256 MiB of decoded RAM
+#: Blocks that reads larger than a block (scanner chunks) keep, at most: enough for two 16 MiB
+#: chunks that overlap, not so many that a scan of the whole guest flushes the working set.
+SCAN_RING = 32
 _BLOCK_MASK = BLOCK_SIZE - 1
 _ZERO_BLOCK = ZERO_BLOCK
 
@@ -215,7 +218,8 @@ class GuestMemory:
         self.findings = findings if findings is not None else Findings()
         self.on_fallback = on_fallback
         self._present = frozenset(source.block_numbers())
-        self._cache: OrderedDict[int, _Block] = OrderedDict()
+        self._cache: OrderedDict[int, _Block] = OrderedDict()  # blocks small reads use: plain LRU
+        self._scan: OrderedDict[int, _Block] = OrderedDict()  # blocks only large reads used: a ring
         self._lock = threading.Lock()
         self._limit = 0
         self.set_cache_limit(cache_limit)
@@ -227,7 +231,8 @@ class GuestMemory:
         self._check_blocks()
 
     def __repr__(self) -> str:
-        return f"GuestMemory({self.path!r}, {self.ram_map!r}, cache {len(self._cache)}/{self._limit})"
+        cached = len(self._cache) + len(self._scan)
+        return f"GuestMemory({self.path!r}, {self.ram_map!r}, cache {cached}/{self._limit})"
 
     # -- open-time checks (index only) -------------------------------------------------------------
 
@@ -284,23 +289,37 @@ class GuestMemory:
         return self._limit
 
     def set_cache_limit(self, blocks: int) -> None:
-        """Keep at most ``blocks`` decoded blocks (1 MiB each); 0 keeps none between reads."""
+        """Keep at most ``blocks`` decoded blocks (1 MiB each); 0 keeps none between reads.
+
+        The limit covers everything kept.  Within it, blocks that only reads larger than a block
+        touched (scans) are kept in a ring of at most :data:`SCAN_RING` and evicted first, so that a
+        yarascan over 16 GiB neither flushes the page tables a plugin walks nor fills the whole
+        limit with memory it will not read again.  A small read of a ring block moves it to the LRU.
+        """
         if blocks < 0:
             raise ValueError("cache limit must be >= 0")
         with self._lock:
             self._limit = blocks
-            while len(self._cache) > blocks:
-                self._cache.popitem(last=False)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Enforce the limits (lock held): the ring first, and the oldest first."""
+        ring = min(SCAN_RING, self._limit)
+        while len(self._scan) > ring:
+            self._scan.popitem(last=False)
+        while len(self._cache) + len(self._scan) > self._limit:
+            (self._scan if self._scan else self._cache).popitem(last=False)
 
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._scan.clear()
 
     @property
     def cached_blocks(self) -> list[int]:
-        """Block numbers in the cache, least recently used first."""
+        """Block numbers in the cache, in eviction order: the scan ring, then the LRU, oldest first."""
         with self._lock:
-            return list(self._cache)
+            return list(self._scan) + list(self._cache)
 
     # -- block loading -----------------------------------------------------------------------------
 
@@ -423,24 +442,33 @@ class GuestMemory:
         if errors:
             self._report_bad_pages(n, errors)
 
-    def _block(self, n: int) -> _Block:
+    def _block(self, n: int, scan: bool = False) -> _Block:
+        """Block ``n`` from the cache or loaded; ``scan`` when a read larger than a block wants it."""
         with self._lock:
             entry = self._cache.get(n)
             if entry is not None:
                 self._cache.move_to_end(n)
                 return entry
+            entry = self._scan.get(n)
+            if entry is not None:
+                if scan:
+                    self._scan.move_to_end(n)
+                else:  # a small read wants it after all: into the LRU
+                    del self._scan[n]
+                    self._cache[n] = entry
+                return entry
         entry = self._load(n)
-        self._keep({n: entry})
+        self._keep({n: entry}, scan)
         return entry
 
-    def _keep(self, entries: Mapping[int, _Block]) -> None:
+    def _keep(self, entries: Mapping[int, _Block], scan: bool) -> None:
         with self._lock:
             if self._limit:
+                kept = self._scan if scan else self._cache
                 for n, entry in entries.items():
-                    self._cache[n] = entry
-                    self._cache.move_to_end(n)
-                while len(self._cache) > self._limit:
-                    self._cache.popitem(last=False)
+                    kept[n] = entry
+                    kept.move_to_end(n)
+                self._trim()
 
     def _prefetch(self, spans: Iterable[tuple[int, int]]) -> Mapping[int, _Block]:
         """Load, in one batch, the uncached blocks that a read of raw ``(offset, length)`` spans decodes whole.
@@ -449,7 +477,7 @@ class GuestMemory:
         """
         wanted: dict[int, None] = {}  # ordered, without repeats
         with self._lock:
-            cached, whole_only = self._cache, not self._limit
+            cached, ring, whole_only = self._cache, self._scan, not self._limit
             for raw, length in spans:
                 if length <= 0:
                     continue
@@ -457,12 +485,12 @@ class GuestMemory:
                 lo = (raw >> 20) + (1 if whole_only and raw & _BLOCK_MASK else 0)
                 hi = ((end - 1) >> 20) + (0 if whole_only and end & _BLOCK_MASK else 1)
                 for n in range(lo, hi):
-                    if n not in cached:
+                    if n not in cached and n not in ring:
                         wanted[n] = None
         if len(wanted) < 2:
             return _NO_BLOCKS
         entries = self._load_many(wanted)
-        self._keep(entries)
+        self._keep(entries, True)
         return entries
 
     def _partial(self, n: int, offset: int, size: int) -> tuple[bytes | memoryview, int]:
@@ -515,7 +543,8 @@ class GuestMemory:
         size: int,
         parts: list[bytes | memoryview],
         pad: bool,
-        loaded: Mapping[int, _Block] = _NO_BLOCKS,
+        loaded: Mapping[int, _Block],
+        scan: bool,
     ) -> int:
         """Append bytes [offset, offset + size) of block ``n`` to ``parts``; returns how many.
 
@@ -532,7 +561,7 @@ class GuestMemory:
                 parts.append(data[:valid])
             return valid
         if entry is None:
-            entry = self._block(n)
+            entry = self._block(n, scan)
         valid = size
         if entry.bad is not None and not pad:
             bad = entry.bad
@@ -577,16 +606,19 @@ class GuestMemory:
         length: int,
         parts: list[bytes | memoryview],
         pad: bool,
-        loaded: Mapping[int, _Block] | None = None,
+        loaded: Mapping[int, _Block],
+        scan: bool,
     ) -> tuple[int, int | None]:
-        """Append raw bytes [raw, raw + length); returns (bytes appended, raw offset of missing data)."""
+        """Append raw bytes [raw, raw + length); returns (bytes appended, raw offset of missing data).
+
+        ``loaded`` holds the blocks :meth:`_prefetch` loaded for this read; ``scan`` says that the
+        read is larger than a block (its blocks go to the scan ring).
+        """
         got = 0
-        if loaded is None:
-            loaded = self._prefetch([(raw, length)])
         while got < length:
             offset = raw & _BLOCK_MASK
             take = min(length - got, BLOCK_SIZE - offset)
-            valid = self._append(raw >> 20, offset, take, parts, pad, loaded)
+            valid = self._append(raw >> 20, offset, take, parts, pad, loaded, scan)
             if valid < take:
                 return got + valid, raw + valid
             got += take
@@ -616,7 +648,9 @@ class GuestMemory:
         if end <= offset:
             return b""
         parts: list[bytes | memoryview] = []
-        _, missing = self._collect(offset, end - offset, parts, False)
+        scan = end - offset > BLOCK_SIZE
+        loaded = self._prefetch([(offset, end - offset)]) if scan else _NO_BLOCKS
+        _, missing = self._collect(offset, end - offset, parts, False, loaded, scan)
         if missing is not None:
             raise self._missing(missing, None)
         return _assemble(parts)
@@ -669,14 +703,16 @@ class GuestMemory:
         pos, end = gpa, gpa + size
         missing: int | None = None
         runs = list(self.ram_map.runs(gpa, size))
-        loaded = self._prefetch((raw, length) for _, raw, length in runs)  # one batch for the whole read
+        scan = size > BLOCK_SIZE
+        # One batch for all the blocks of a large read, whatever RAM ranges it crosses.
+        loaded = self._prefetch((raw, length) for _, raw, length in runs) if scan else _NO_BLOCKS
         for run_gpa, raw, length in runs:
             if run_gpa > pos:
                 if not pad:
                     break
                 parts.extend(_zero_parts(run_gpa - pos))
                 pos = run_gpa
-            got, missing = self._collect(raw, length, parts, pad, loaded)
+            got, missing = self._collect(raw, length, parts, pad, loaded, scan)
             pos += got
             if missing is not None:
                 break
