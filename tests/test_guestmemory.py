@@ -332,7 +332,6 @@ def test_a_multi_block_read_decodes_its_pages_in_one_batch(monkeypatch: pytest.M
     if xpress.active_decoder() == "python":
         pytest.skip("batches need a native XPRESS decoder")
     monkeypatch.setattr(xpress, "MIN_STREAMS_PER_THREAD", 2)
-    monkeypatch.setattr(xpress, "MIN_MEAN_STREAM", 0)
     batches = _batch_spy(monkeypatch)
     memory = make(decode_threads=threads)
     assert memory.read_gpa_padded(0, 6 * MiB) == expected_gpa(0, 6 * MiB)

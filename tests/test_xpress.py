@@ -675,11 +675,6 @@ def test_decompress_many_matches_decompress(monkeypatch: pytest.MonkeyPatch, thr
     monkeypatch.setattr(xpress, "MIN_STREAMS_PER_THREAD", 4)
     pages = _batch_pages(150)  # several chunks of 32, the last one short
     streams = [xpress.compress(page) for page in pages]
-    mean = sum(map(len, streams)) / len(streams)
-    monkeypatch.setattr(xpress, "MIN_MEAN_STREAM", int(mean) + 1)
-    assert xpress.decompress_many(streams, PAGE, threads=threads) == pages
-    assert shared == []  # small streams: the GIL hand-over would cost more than a second thread gains
-    monkeypatch.setattr(xpress, "MIN_MEAN_STREAM", int(mean))
     assert xpress.decompress_many(streams, PAGE, threads=threads) == pages
     assert shared == ([] if threads == 1 else [threads])
     assert xpress.decompress_many([], PAGE, threads=threads) == []
@@ -691,7 +686,6 @@ def test_decompress_many_matches_decompress(monkeypatch: pytest.MonkeyPatch, thr
 def test_decompress_many_gives_up_on_any_bad_stream(monkeypatch: pytest.MonkeyPatch, threads: int, bad: str) -> None:
     """No verdict here: one stream that is not exactly out_size makes the caller take decompress()."""
     monkeypatch.setattr(xpress, "MIN_STREAMS_PER_THREAD", 4)
-    monkeypatch.setattr(xpress, "MIN_MEAN_STREAM", 0)
     streams = [xpress.compress(page) for page in _batch_pages(80)]
     page = memory_like_page(99)
     streams[57] = {
@@ -711,7 +705,6 @@ def test_decompress_many_reports_worker_failures_as_none(monkeypatch: pytest.Mon
     monkeypatch.setattr(xpress, "active_decoder", lambda: "pyfwnt")
     monkeypatch.setattr(xpress, "_native_batch", lambda name: batch)
     monkeypatch.setattr(xpress, "MIN_STREAMS_PER_THREAD", 1)
-    monkeypatch.setattr(xpress, "MIN_MEAN_STREAM", 0)
     streams = [b"x"] * 200
     assert xpress.decompress_many(streams, 8, threads=1) == [bytes(8)] * 200
     assert xpress.decompress_many(streams, 8, threads=2) is None

@@ -96,11 +96,6 @@ def fast_decoder() -> Callable[[bytes, int], bytes] | None:
 
 #: Below this many streams per thread, starting a thread (about 0.1 ms) costs more than it saves.
 MIN_STREAMS_PER_THREAD = 48
-#: Below this mean stream size, one thread.  Each native call releases and retakes the GIL, and
-#: handing it between two threads costs a few microseconds on a VM, as much as decoding a small
-#: (very compressible) page: on the 2-core benchmark machine two threads decoded 3 KB-average streams
-#: 1.27x faster than one, but 1.7 KB-average streams (the real Linux guest) 0.9x as fast.
-MIN_MEAN_STREAM = 2048
 _MAX_THREADS = 4
 
 
@@ -120,8 +115,11 @@ def decompress_many(streams: Sequence[bytes], out_size: int, *, threads: int = 1
     """Decode many streams that must each expand to exactly ``out_size`` bytes, as fast as this host can.
 
     The hot path of whole-block reads: one C-level ``map`` over the native decoder per thread, and
-    up to ``threads`` threads, because libfwnt and ctypes release the GIL while they decode (two
-    threads measured 1.6-1.9x one on the 2-core benchmark machine).  There is no verdict here: None
+    up to ``threads`` threads, because libfwnt and ctypes release the GIL while they decode.  Each
+    call still retakes the GIL, and on the 2-core benchmark VM handing it over costs about as much as
+    decoding a small page: two threads made whole reads of the synthetic image (3 KB pages on
+    average) about 1.25x faster, and of the real Linux guest (1.7 KB) anywhere from 1.1x faster to
+    1.1x slower.  There is no verdict here: None
     means "not all of them decoded to exactly ``out_size`` with the native decoder" (or the pure-Python
     decoder is active), and the caller re-decodes with :func:`decompress`, which explains.
     """
@@ -131,8 +129,6 @@ def decompress_many(streams: Sequence[bytes], out_size: int, *, threads: int = 1
     batch = _native_batch(name)
     assert batch is not None
     shares = max(1, min(threads, len(streams) // MIN_STREAMS_PER_THREAD))
-    if shares > 1 and sum(map(len, streams)) < MIN_MEAN_STREAM * len(streams):
-        shares = 1
     try:
         out = batch(streams, out_size) if shares == 1 else _decode_shared(batch, streams, out_size, shares)
     except Exception:  # native wrappers raise OSError, ValueError, MemoryError, ...
