@@ -41,6 +41,7 @@ from volatility3_vmssd.savedstate.ramblock import (
     decode_page,
     decode_pages,
     index_block,
+    plan_block,
 )
 from volatility3_vmssd.storage import HyperVStorage
 
@@ -51,6 +52,8 @@ from .seeds import XPRESS_SIZE
 MAX_KEYS = 4096
 #: Bytes read per padded guest read and reads per input in the layer/provider targets.
 READ_SIZE = 0x3000
+#: One read larger than a block per input, for the batch path (plan_block, decompress_many, scan ring).
+SCAN_SIZE = 2 * BLOCK_SIZE + 0x1800
 
 
 class InvariantError(AssertionError):
@@ -185,6 +188,13 @@ def run_ramblock(data: bytes) -> None:
         _check(alone == block[lo : lo + PAGE_SIZE], f"page {page} decodes differently alone and in its block")
     with contextlib.suppress(VmssdError):
         index_block(data, path="<fuzz>", file_offset=None, findings=Findings(strict=True))
+    plan = plan_block(data)
+    if plan is not None:  # the fast path takes only what the careful one finds nothing wrong with
+        _check(not findings and not index.missing_pages, "plan_block took a stream index_block complains about")
+        decoded = xpress.decompress_many(plan.streams, PAGE_SIZE, threads=2)
+        _check(decoded is None or not errors, "a batch decoded pages that the careful path rejects")
+        if decoded is not None:
+            _check(b"".join(plan.finish(decoded)) == block, "plan_block + decompress_many differ from decode_block")
 
 
 # ------------------------------------------------------------------------------------ XPRESS
@@ -249,6 +259,12 @@ def exercise_provider(provider: SavedStateProvider) -> None:
             _check(got == data[: len(got)], f"plain and padded reads differ at {gpa:#x}")
         except VmssdError:
             pass
+    start = ram_map.minimum_gpa + 0x800
+    big = provider.read_guest_physical_address_padded(start, SCAN_SIZE)
+    _check(len(big) == SCAN_SIZE, f"padded read of {SCAN_SIZE:#x} at {start:#x} returned {len(big)} bytes")
+    for offset in (0, 0x1000, BLOCK_SIZE - 0x20, SCAN_SIZE - 0x40):
+        small = provider.read_guest_physical_address_padded(start + offset, 0x40)
+        _check(small == big[offset : offset + 0x40], f"large and small padded reads differ at {start + offset:#x}")
     for vp in range(min(provider.vp_count(), 4)):
         with contextlib.suppress(VmssdError):
             provider.guest_virtual_to_physical(vp, 0xFFFFF80000001000)
