@@ -119,9 +119,11 @@ def decompress_many(streams: Sequence[bytes], out_size: int, *, threads: int = 1
     call still retakes the GIL, and on the 2-core benchmark VM handing it over costs about as much as
     decoding a small page: two threads made whole reads of the synthetic image (3 KB pages on
     average) about 1.25x faster, and of the real Linux guest (1.7 KB) anywhere from 1.1x faster to
-    1.1x slower.  There is no verdict here: None
-    means "not all of them decoded to exactly ``out_size`` with the native decoder" (or the pure-Python
-    decoder is active), and the caller re-decodes with :func:`decompress`, which explains.
+    1.1x slower.
+
+    There is no verdict here: None means "not all of them decoded to exactly ``out_size`` with the
+    native decoder" (or the pure-Python decoder is active), and the caller re-decodes with
+    :func:`decompress`, which explains.
     """
     name = active_decoder()
     if name == "python":

@@ -21,7 +21,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
-from ..codecs.xpress import decode_threads, decompress_many
+from ..codecs.xpress import decode_threads as usable_decode_threads
+from ..codecs.xpress import decompress_many
 from ..errors import Findings, FormatError, NotFoundError, UnmappedAddressError
 from .ramblock import (
     BLOCK_SIZE,
@@ -133,10 +134,6 @@ class _Block:
         self.absent = absent
 
 
-def _default_threads() -> int:
-    return decode_threads()
-
-
 def _zeros(n: int) -> memoryview:
     return _ZERO_VIEW[:n]
 
@@ -212,7 +209,7 @@ class GuestMemory:
     ) -> None:
         self.ram_map = ram_map
         #: Threads a batch of XPRESS pages may be decoded on (default: the usable CPUs, at most 4).
-        self.decode_threads = decode_threads if decode_threads is not None else _default_threads()
+        self.decode_threads = decode_threads if decode_threads is not None else usable_decode_threads()
         self.source = source
         self.path = source.path
         self.findings = findings if findings is not None else Findings()
