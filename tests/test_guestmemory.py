@@ -287,10 +287,12 @@ def test_negative_address_is_unmapped() -> None:
         make().read_gpa(-8, 16)
 
 
-def test_parallel_readers_see_consistent_data() -> None:
-    memory = make(cache_limit=2)  # small cache: constant eviction while threads read
+@pytest.mark.parametrize("sizes", [[8, 64, 4096, 70000], [8, 4096, 2 * MiB + 100, 5 * MiB]], ids=["small", "mixed"])
+def test_parallel_readers_see_consistent_data(sizes: list[int]) -> None:
+    """Small reads (the LRU) and, in "mixed", scans (batches on decode threads, the ring) at once."""
+    memory = make(cache_limit=2, decode_threads=2)  # small cache: constant eviction while threads read
     rng = random.Random(5)
-    spans = [(rng.randrange(0, 6 * MiB - 64), rng.choice([8, 64, 4096, 70000])) for _ in range(400)]
+    spans = [(rng.randrange(0, 6 * MiB - 64), rng.choice(sizes)) for _ in range(400)]
 
     def check(span: tuple[int, int]) -> bool:
         gpa, size = span
