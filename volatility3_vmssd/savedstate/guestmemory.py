@@ -658,38 +658,35 @@ class GuestMemory:
         A read starting in a hole raises :class:`UnmappedAddressError`; one starting on missing data
         raises :class:`MissingPageError`.
         """
-        if self._limit and size > 0:
-            located = self.ram_map.locate(gpa)
-            if located is not None and size <= located[1]:
-                raw = located[0]
-                offset = raw & _BLOCK_MASK
-                if offset + size <= BLOCK_SIZE:
-                    entry = self._block(raw >> 20)
-                    if entry.bad is None:
-                        pages = entry.pages
-                        if pages is None:
-                            return entry.data[offset : offset + size]  # type: ignore[index]
-                        head = offset & 0xFFF
-                        if head + size <= PAGE_SIZE:
-                            return pages[offset >> 12][head : head + size]
-        return self._read(gpa, size, False)
+        small = self._small_read(gpa, size, False)
+        return small if small is not None else self._read(gpa, size, False)
 
     def read_gpa_padded(self, gpa: int, size: int) -> bytes:
         """Exactly ``size`` bytes; holes and missing data read as zeros (Volatility's ``pad=True``)."""
-        if self._limit and size > 0:
-            located = self.ram_map.locate(gpa)
-            if located is not None and size <= located[1]:
-                raw = located[0]
-                offset = raw & _BLOCK_MASK
-                if offset + size <= BLOCK_SIZE:
-                    entry = self._block(raw >> 20)
-                    pages = entry.pages
-                    if pages is None:
-                        return entry.data[offset : offset + size]  # type: ignore[index]
-                    head = offset & 0xFFF
-                    if head + size <= PAGE_SIZE:
-                        return pages[offset >> 12][head : head + size]
-        return self._read(gpa, size, True)
+        small = self._small_read(gpa, size, True)
+        return small if small is not None else self._read(gpa, size, True)
+
+    def _small_read(self, gpa: int, size: int, pad: bool) -> bytes | None:
+        """The page-walk fast path: a read inside one cached page (or one contiguous block) is a
+        single slice; None sends everything else, and reads of damaged blocks unless padded, to
+        :meth:`_read`."""
+        if not self._limit or size <= 0:
+            return None
+        located = self.ram_map.locate(gpa)
+        if located is None or size > located[1]:
+            return None
+        raw = located[0]
+        offset = raw & _BLOCK_MASK
+        if offset + size > BLOCK_SIZE:
+            return None
+        entry = self._block(raw >> 20)
+        if entry.bad is not None and not pad:
+            return None
+        pages = entry.pages
+        if pages is None:
+            return entry.data[offset : offset + size]  # type: ignore[index]
+        head = offset & 0xFFF
+        return pages[offset >> 12][head : head + size] if head + size <= PAGE_SIZE else None
 
     def _read(self, gpa: int, size: int, pad: bool) -> bytes:
         if size < 0:

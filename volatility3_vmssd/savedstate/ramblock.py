@@ -102,15 +102,21 @@ _FILL_CACHE_MAX = 256
 _FILL_PAGES: dict[int, bytes] = {0: _ZERO_PAGE}
 
 
+def _cache_put(cache: dict[int, bytes], limit: int, pattern: int, value: bytes, zero: bytes) -> bytes:
+    """Add to a pattern cache bounded by clearing (values are cheap to rebuild); the ``zero`` entry,
+    which readers compare by identity, is always put back.  No lock: each step is atomic under the GIL."""
+    if len(cache) >= limit:
+        cache.clear()
+        cache[0] = zero
+    cache[pattern] = value
+    return value
+
+
 def fill_page(pattern: int) -> bytes:
     """Return the 4 KiB page made of the little-endian 8-byte ``pattern``, from a small cache."""
     page = _FILL_PAGES.get(pattern)
     if page is None:
-        if len(_FILL_PAGES) >= _FILL_CACHE_MAX:
-            _FILL_PAGES.clear()
-            _FILL_PAGES[0] = _ZERO_PAGE
-        page = _PATTERN.pack(pattern) * (PAGE_SIZE // 8)
-        _FILL_PAGES[pattern] = page
+        page = _cache_put(_FILL_PAGES, _FILL_CACHE_MAX, pattern, _PATTERN.pack(pattern) * (PAGE_SIZE // 8), _ZERO_PAGE)
     return page
 
 
@@ -931,10 +937,9 @@ def uniform_block(pattern: int) -> bytes:
     """The 1 MiB block made of one fill pattern, shared from a small cache (free RAM is all zero)."""
     block = _UNIFORM_BLOCKS.get(pattern)
     if block is None:
-        if len(_UNIFORM_BLOCKS) >= _UNIFORM_CACHE_MAX:
-            _UNIFORM_BLOCKS.clear()
-            _UNIFORM_BLOCKS[0] = ZERO_BLOCK
-        block = _UNIFORM_BLOCKS[pattern] = fill_page(pattern) * PAGES_PER_BLOCK
+        block = _cache_put(
+            _UNIFORM_BLOCKS, _UNIFORM_CACHE_MAX, pattern, fill_page(pattern) * PAGES_PER_BLOCK, ZERO_BLOCK
+        )
     return block
 
 
