@@ -202,6 +202,9 @@ def run_vol(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     RSS this (large) harness process had when it forked the child.
     """
     plugins = str(REPO / "volatility3_vmssd" / "volatility_plugins")
+    # This checkout's code, not whatever version of the package is installed: an older install made
+    # the vol rows measure old code (the 4 GiB scan row read +160 MiB before the scan ring, +28 after).
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))}
     vol = shutil.which("vol", path=str(Path(sys.executable).parent)) or shutil.which("vol") or "vol"
     cmd = [vol, "-q", "-p", plugins]
     with tempfile.TemporaryFile(mode="w+") as out_file:
