@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import FormatError
-from .partition_state import PartitionState, VpState
+from .cpustate import PartitionState, VpState
 from .registers import (
     REGISTERS_JSON_FORMAT,
     PrologVendor,

@@ -34,7 +34,7 @@ class PagingMode(enum.IntEnum):
     """``PAGING_MODE`` as GetPagingMode reports it.
 
     The SDK has no value for 5-level (LA57) paging; it is reported as ``LONG`` and the level count
-    comes from ``partition_state.paging_levels``.
+    comes from ``cpumode.paging_levels``.
     """
 
     INVALID = 0
@@ -237,7 +237,7 @@ X64_SEGMENT_REGISTER_NAMES: tuple[str, ...] = ("es", "cs", "ss", "ds", "fs", "gs
 X64_TABLE_REGISTER_NAMES: tuple[str, ...] = ("idtr", "gdtr")
 # Virtual-MSR chunk 0x3000B000: every slot is [1?] (Pascal Beyer only); "tsc" is marked "?" even there.
 # Names are the lower-cased HvX64Register* names.  Slot positions live next to the struct in
-# partition_state.py.
+# register_chunks.py.
 X64_VIRTUAL_MSR_NAMES: tuple[str, ...] = (
     "tsc",  # [1?] and "?" in the source itself
     "kernelgsbase",  # [1?]

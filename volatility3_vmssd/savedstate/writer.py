@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import FormatError
 from ..storage.writer import HyperVStorageWriter
+from .chunkwriter import build_partition_state
+from .cpustate import PartitionState
 from .images import MemoryImage, MemoryRange, subtract_holes
 from .legacy_bin import write_bin
-from .partition_state import PartitionState, build_partition_state
 from .ramblock import encode_block
 from .rammap import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, RamMemoryBlockRecord, build_layout, layout_ram
 

@@ -1,0 +1,310 @@
+"""Parser of the ``partition_state`` chunk stream into a :class:`PartitionState` (docs/format.md).
+
+Real Hyper-V files have not been seen here, so the parser treats every length as hostile, skips what it
+does not know by length, and records what it had to work around as findings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import struct
+from collections.abc import Callable
+
+from ..errors import Findings, FormatError, TruncatedError
+from .chunks import (
+    CHUNK_STREAM_GAP,
+    DESCRIPTOR_SIZE,
+    HYPERCALL_PAGE_MSR,
+    KNOWN_CHUNK_IDS,
+    MAX_VP_BITMAP_BYTES,
+    MAX_VTL,
+    OB_SAVE_CHUNK_PROLOG,
+    OB_SAVE_CHUNK_VP,
+    OB_SAVE_CHUNK_VTL,
+    PROLOG_TAG,
+    PROLOG_VENDORS,
+    PT_SAVE_CHUNK_OS_ID,
+    REFERENCE_TSC_PAGE_MSR,
+    VID_SAVED_STATE_DESCRIPTOR,
+    VM_SAVE_CHUNK_HEADER,
+    VP_INDICES_BSP,
+    VP_VTL_CONTROL_PAGE,
+    ChunkId,
+    chunk_name,
+)
+from .cpustate import PartitionState, VpState
+from .register_chunks import ARM64_CHUNKS_BY_ID, X64_CHUNKS_BY_ID, RegisterChunk
+
+
+@dataclasses.dataclass
+class _Note:
+    offset: int
+    message: str
+    count: int = 1
+
+
+class _Parser:
+    """One pass over the chunk stream.  Every read is bounded by the chunk's DataLength."""
+
+    def __init__(self, data: memoryview, path: str, base_offset: int, findings: Findings) -> None:
+        self.data = data
+        self.path = path
+        self.base = base_offset
+        self.findings = findings
+        self.state = PartitionState(processor_vendor=None)
+        self.vp: VpState | None = None
+        self.vtl = 0
+        self.vps_by_index: dict[int, VpState] = {}
+        self.implicit_vp0 = False
+        # (kind, key) -> [first offset, count, message]; reported once each at the end
+        self.notes: dict[tuple[str, int], _Note] = {}
+        self.handlers: dict[int, tuple[struct.Struct, Callable[[memoryview, int], None]]] = {
+            ChunkId.PROLOG: (OB_SAVE_CHUNK_PROLOG, self._prolog),
+            ChunkId.OS_ID: (PT_SAVE_CHUNK_OS_ID, self._os_id),
+            ChunkId.HYPERCALL_PAGE: (HYPERCALL_PAGE_MSR, self._hypercall_page),
+            ChunkId.REFERENCE_TSC: (REFERENCE_TSC_PAGE_MSR, self._reference_tsc),
+            ChunkId.PARTITION_VTL: (OB_SAVE_CHUNK_VTL, self._partition_vtl),
+            ChunkId.VP_INDICES: (VP_INDICES_BSP, self._vp_indices),
+            ChunkId.VP: (OB_SAVE_CHUNK_VP, self._vp_marker),
+            ChunkId.VP_VTL_CONTROL_PAGE: (VP_VTL_CONTROL_PAGE, self._vtl_control_page),
+            ChunkId.VP_VTL: (OB_SAVE_CHUNK_VTL, self._vp_vtl_marker),
+        }
+
+    # -- findings ---------------------------------------------------------------------------
+
+    def note(self, kind: str, key: int, offset: int, message: str, error: type[FormatError] | None = None) -> None:
+        """Record a repeatable finding once per (kind, key) with its first offset and a count."""
+        entry = self.notes.get((kind, key))
+        if entry is None:
+            if error is not None and self.findings.strict:
+                self.findings.add(self.path, self.base + offset, kind, message, error=error)
+            self.notes[(kind, key)] = _Note(offset, message)
+        else:
+            entry.count += 1
+
+    def flush_notes(self) -> None:
+        for (kind, _), note in self.notes.items():
+            suffix = f" ({note.count} occurrences; first offset shown)" if note.count != 1 else ""
+            self.findings.add(self.path, self.base + note.offset, kind, f"{note.message}{suffix}")
+
+    # -- driver -----------------------------------------------------------------------------
+
+    def run(self) -> PartitionState:
+        data = self.data
+        size = len(data)
+        if size < DESCRIPTOR_SIZE:
+            raise TruncatedError(
+                self.path, self.base, f"partition_state of {size} bytes cannot hold its 24-byte descriptor"
+            )
+        _descriptor_size, header_size, total_size = VID_SAVED_STATE_DESCRIPTOR.unpack_from(data, 0)
+        start = header_size + CHUNK_STREAM_GAP
+        if start > size:
+            raise FormatError(
+                self.path,
+                self.base + 8,
+                f"HeaderSize {header_size:#x} puts the chunk stream at {start:#x}, past the {size:#x}-byte blob",
+            )
+        if header_size < DESCRIPTOR_SIZE:
+            self.findings.add(
+                self.path,
+                self.base + 8,
+                "header-size",
+                f"HeaderSize {header_size:#x} is smaller than the {DESCRIPTOR_SIZE}-byte descriptor",
+                error=FormatError,
+            )
+        end = total_size
+        if total_size > size:
+            self.findings.add(
+                self.path,
+                self.base + 16,
+                "truncated",
+                f"TotalSize {total_size:#x} exceeds the {size:#x}-byte blob; reading only what is present",
+                error=TruncatedError,
+            )
+            end = size
+        if end < start:
+            raise FormatError(
+                self.path,
+                self.base + 16,
+                f"TotalSize {total_size:#x} ends before the chunk stream starts at {start:#x}",
+            )
+
+        pos = start
+        saw_epilog = False
+        while pos + VM_SAVE_CHUNK_HEADER.size <= end:
+            chunk_id, length = VM_SAVE_CHUNK_HEADER.unpack_from(data, pos)
+            counts = self.state.chunk_counts
+            counts[chunk_id] = counts.get(chunk_id, 0) + 1
+            if chunk_id == ChunkId.EPILOG:
+                saw_epilog = True
+                break
+            data_start = pos + VM_SAVE_CHUNK_HEADER.size
+            data_end = data_start + length
+            if data_end > end:
+                error = TruncatedError if data_end > size else FormatError
+                limit = "blob" if data_end > size else "TotalSize"
+                raise error(
+                    self.path,
+                    self.base + pos,
+                    f"chunk {chunk_name(chunk_id)} DataLength {length:#x} runs to {data_end:#x},"
+                    f" past the end of the {limit} at {end:#x}",
+                )
+            self.dispatch(chunk_id, data[data_start:data_end], pos)
+            pos = data_end
+        if not saw_epilog and 0 < end - pos < VM_SAVE_CHUNK_HEADER.size:
+            self.findings.add(
+                self.path, self.base + pos, "trailing-bytes", f"{end - pos} bytes too short for a chunk header"
+            )
+
+        self.flush_notes()
+        if not saw_epilog:
+            self.findings.add(
+                self.path,
+                self.base + pos,
+                "no-epilog",
+                "chunk stream ends without an Epilog chunk",
+                error=TruncatedError,
+            )
+        if self.state.processor_vendor is None:
+            self.findings.add(self.path, self.base + start, "no-prolog", "no Prolog chunk: vendor unknown")
+        if not self.state.vps:
+            self.findings.add(
+                self.path, self.base + start, "no-vps", "no VP marker chunks: zero VPs", error=FormatError
+            )
+        present = self.state.present_vp_indices
+        if present is not None and self.state.vps and sorted(present) != sorted(self.vps_by_index):
+            self.findings.add(
+                self.path,
+                self.base + start,
+                "vp-indices",
+                f"VpIndices bitmap lists VPs {present[:16]} but VP markers give {sorted(self.vps_by_index)[:16]}",
+            )
+        return self.state
+
+    def dispatch(self, chunk_id: int, payload: memoryview, offset: int) -> None:
+        register_chunk = (ARM64_CHUNKS_BY_ID if self.state.is_arm else X64_CHUNKS_BY_ID).get(chunk_id)
+        entry = self.handlers.get(chunk_id)
+        if entry is not None:
+            layout, handler = entry
+        elif register_chunk is not None:
+            layout, handler = register_chunk.layout, functools.partial(self._registers, register_chunk)
+        else:
+            if chunk_id not in KNOWN_CHUNK_IDS:
+                self.note("unknown-chunk", chunk_id, offset, f"unknown chunk id {chunk_id:#010x} skipped by length")
+            return  # known but not decoded (CPUID, SynIC, ...): skipped silently
+        if len(payload) < layout.size:
+            self.note(
+                "short-chunk",
+                chunk_id,
+                offset,
+                f"{chunk_name(chunk_id)} chunk has DataLength {len(payload)}, its layout needs {layout.size}; skipped",
+                error=FormatError,
+            )
+            return
+        handler(payload, offset)
+
+    # -- VP bookkeeping ---------------------------------------------------------------------
+
+    def current_vp(self, offset: int) -> VpState:
+        if self.vp is None:
+            self.findings.add(
+                self.path,
+                self.base + offset,
+                "orphan-chunk",
+                "per-VP chunk before any VP marker; attributed to VP 0",
+                error=FormatError,
+            )
+            self.vp = VpState(0)
+            self.vps_by_index[0] = self.vp
+            self.state.vps.append(self.vp)
+            self.implicit_vp0 = True
+            self.vtl = 0
+        return self.vp
+
+    # -- chunk handlers ---------------------------------------------------------------------
+
+    def _prolog(self, payload: memoryview, offset: int) -> None:
+        tag, summary, vendor = OB_SAVE_CHUNK_PROLOG.unpack_from(payload)
+        if tag != PROLOG_TAG:
+            self.note("prolog-tag", 0, offset, f"Prolog tag {tag:#010x}, expected {PROLOG_TAG:#010x}")
+        if vendor not in PROLOG_VENDORS:
+            self.note("unknown-vendor", vendor, offset, f"processor vendor {vendor:#x} unknown; read as x86")
+        self.state.processor_vendor = vendor
+        self.state.is_summary_save_state = bool(summary)
+
+    def _os_id(self, payload: memoryview, offset: int) -> None:
+        (self.state.guest_os_id,) = PT_SAVE_CHUNK_OS_ID.unpack_from(payload)
+
+    def _hypercall_page(self, payload: memoryview, offset: int) -> None:
+        (self.state.partition_msrs["hypercall"],) = HYPERCALL_PAGE_MSR.unpack_from(payload)
+
+    def _reference_tsc(self, payload: memoryview, offset: int) -> None:
+        (self.state.partition_msrs["referencetsc"],) = REFERENCE_TSC_PAGE_MSR.unpack_from(payload)
+
+    def _partition_vtl(self, payload: memoryview, offset: int) -> None:
+        (vtl,) = OB_SAVE_CHUNK_VTL.unpack_from(payload)
+        if vtl > MAX_VTL:
+            self.note("bad-vtl", ChunkId.PARTITION_VTL, offset, f"PartitionVtl {vtl} is above {MAX_VTL}")
+        if vtl not in self.state.partition_vtls:
+            self.state.partition_vtls.append(vtl)
+
+    def _vp_indices(self, payload: memoryview, offset: int) -> None:
+        (self.state.bsp_index,) = VP_INDICES_BSP.unpack_from(payload)
+        bitmap = payload[VP_INDICES_BSP.size :]
+        if len(bitmap) > MAX_VP_BITMAP_BYTES:
+            tail = bitmap[MAX_VP_BITMAP_BYTES:].tobytes()
+            if tail.count(0) != len(tail):
+                self.note("vp-indices", 1, offset, f"VpIndices bitmap has VPs beyond index {MAX_VP_BITMAP_BYTES * 8}")
+            bitmap = bitmap[:MAX_VP_BITMAP_BYTES]
+        bits = int.from_bytes(bitmap, "little")
+        present: list[int] = []
+        while bits:
+            low = bits & -bits
+            present.append(low.bit_length() - 1)
+            bits ^= low
+        self.state.present_vp_indices = present
+
+    def _vp_marker(self, payload: memoryview, offset: int) -> None:
+        (index,) = OB_SAVE_CHUNK_VP.unpack_from(payload)
+        vp = self.vps_by_index.get(index)
+        if vp is None:
+            vp = VpState(index)
+            self.vps_by_index[index] = vp
+            self.state.vps.append(vp)
+        elif index == 0 and self.implicit_vp0:
+            self.implicit_vp0 = False  # the orphan chunks' VP 0 now has its marker
+        else:
+            self.note("duplicate-vp", index, offset, f"second marker for VP {index}; its chunks are merged")
+        self.vp = vp
+        self.vtl = 0  # register chunks before a VTL marker belong to VTL 0
+
+    def _vtl_control_page(self, payload: memoryview, offset: int) -> None:
+        _control, runnable = VP_VTL_CONTROL_PAGE.unpack_from(payload)
+        self.current_vp(offset).vtl_runnable = bool(runnable)
+
+    def _vp_vtl_marker(self, payload: memoryview, offset: int) -> None:
+        (vtl,) = OB_SAVE_CHUNK_VTL.unpack_from(payload)
+        if vtl > MAX_VTL:
+            self.note("bad-vtl", ChunkId.VP_VTL, offset, f"VP VTL marker {vtl} is above {MAX_VTL}")
+        self.current_vp(offset).registers.setdefault(vtl, {})
+        self.vtl = vtl
+
+    def _registers(self, chunk: RegisterChunk, payload: memoryview, offset: int) -> None:
+        values = chunk.layout.unpack_from(payload)
+        self.current_vp(offset).registers.setdefault(self.vtl, {}).update(chunk.decode(values))
+
+
+def parse_partition_state(
+    blob: bytes | bytearray | memoryview, *, path: str, base_offset: int = 0, findings: Findings
+) -> PartitionState:
+    """Decode a partition_state blob.
+
+    Raises :class:`FormatError` (or its :class:`TruncatedError` subclass) when the envelope or the chunk
+    framing cannot be followed; everything else (unknown or short chunks, a clamped TotalSize, a missing
+    Epilog or VP marker) becomes a finding.  ``base_offset`` is added to every reported offset.
+    """
+    data = memoryview(blob)
+    if data.ndim != 1 or data.itemsize != 1:
+        data = data.cast("B")
+    return _Parser(data, path, base_offset, findings).run()

@@ -1,0 +1,113 @@
+"""Writer of a :class:`PartitionState` as a ``partition_state`` blob in openvmm's chunk order (docs/format.md).
+
+Tests and the synthetic ``.vmrs`` writer use it to produce blobs the parser must read back exactly.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from .chunks import (
+    CHUNK_STREAM_GAP,
+    DESCRIPTOR_SIZE,
+    HYPERCALL_PAGE_MSR,
+    MAX_VP_BITMAP_BYTES,
+    OB_SAVE_CHUNK_PROLOG,
+    OB_SAVE_CHUNK_VP,
+    OB_SAVE_CHUNK_VTL,
+    PROLOG_DATA_LENGTH,
+    PROLOG_TAG,
+    PT_SAVE_CHUNK_OS_ID,
+    REFERENCE_TSC_PAGE_MSR,
+    VID_SAVED_STATE_DESCRIPTOR,
+    VM_SAVE_CHUNK_HEADER,
+    VP_INDICES_BSP,
+    VP_INDICES_MIN_BITMAP,
+    VP_VTL_CONTROL_PAGE,
+    ChunkId,
+)
+from .cpustate import PartitionState, VpState
+from .register_chunks import ARM64_REGISTER_CHUNKS, X64_REGISTER_CHUNKS
+from .registers import PrologVendor
+
+
+def _chunk(chunk_id: int, data: bytes, data_length: int | None = None) -> bytes:
+    """A chunk with its data zero-padded to ``data_length`` (default: the next multiple of 16)."""
+    if data_length is None:
+        data_length = -(-len(data) // 16) * 16
+    return VM_SAVE_CHUNK_HEADER.pack(chunk_id, data_length) + data.ljust(data_length, b"\0")
+
+
+def _vtls_of(vps: Iterable[VpState]) -> list[int]:
+    vtls: set[int] = set()
+    for vp in vps:
+        vtls.update(vp.registers)
+    return sorted(vtls) or [0]
+
+
+def build_partition_state(state: PartitionState) -> bytes:
+    """Serialise ``state`` in openvmm's order (spec §4.3 "Stream order").
+
+    Per VTL bank the writer emits GP, FP, control, debug, segment, table, virtual-MSR (only when one of
+    its names is present) and XSAVE-control chunks (x64) or GP, FP, control, table (ARM64).  Names missing
+    from a bank are written as 0; names the layout cannot hold raise ValueError rather than vanish.
+    """
+    try:
+        return _build(state)
+    except struct.error as exc:  # an out-of-range VTL, VP index, vendor or MSR value from the caller
+        raise ValueError(f"cannot write partition_state: {exc}") from exc
+
+
+def _build(state: PartitionState) -> bytes:
+    vendor = state.processor_vendor
+    if vendor is None:
+        raise ValueError("processor_vendor is required to write a Prolog")
+    chunks = ARM64_REGISTER_CHUNKS if vendor == PrologVendor.ARM else X64_REGISTER_CHUNKS
+    allowed = {name for chunk in chunks for name in chunk.names}
+
+    out = bytearray(DESCRIPTOR_SIZE + CHUNK_STREAM_GAP)
+    out += _chunk(
+        ChunkId.PROLOG,
+        OB_SAVE_CHUNK_PROLOG.pack(PROLOG_TAG, int(state.is_summary_save_state), vendor),
+        PROLOG_DATA_LENGTH,
+    )
+    out += _chunk(ChunkId.OS_ID, PT_SAVE_CHUNK_OS_ID.pack(state.guest_os_id or 0))
+    if "hypercall" in state.partition_msrs:
+        out += _chunk(ChunkId.HYPERCALL_PAGE, HYPERCALL_PAGE_MSR.pack(state.partition_msrs["hypercall"]))
+    if "referencetsc" in state.partition_msrs:
+        out += _chunk(ChunkId.REFERENCE_TSC, REFERENCE_TSC_PAGE_MSR.pack(state.partition_msrs["referencetsc"]))
+    for vtl in state.partition_vtls or _vtls_of(state.vps):
+        out += _chunk(ChunkId.PARTITION_VTL, OB_SAVE_CHUNK_VTL.pack(vtl))
+
+    indices = [vp.index for vp in state.vps]
+    if any(not 0 <= i < MAX_VP_BITMAP_BYTES * 8 for i in indices):
+        raise ValueError(f"VP indices must be below {MAX_VP_BITMAP_BYTES * 8}")
+    bitmap_len = max(VP_INDICES_MIN_BITMAP, (max(indices, default=0) // 8) + 1)
+    # Pad so that 4 + bitmap is a multiple of 16 (the bitmap stays a multiple of 4, as the spec asks).
+    bitmap_len = -(-(VP_INDICES_BSP.size + bitmap_len) // 16) * 16 - VP_INDICES_BSP.size
+    bitmap = bytearray(bitmap_len)
+    for i in indices:
+        bitmap[i // 8] |= 1 << (i % 8)
+    bsp = state.bsp_index if state.bsp_index is not None else (indices[0] if indices else 0)
+    out += _chunk(ChunkId.VP_INDICES, VP_INDICES_BSP.pack(bsp) + bytes(bitmap))
+
+    for vp in state.vps:
+        out += _chunk(ChunkId.VP, OB_SAVE_CHUNK_VP.pack(vp.index))
+        vtls = sorted(vp.registers)
+        if len(vtls) > 1:
+            control = VP_VTL_CONTROL_PAGE.pack(bytes(24), int(bool(vp.vtl_runnable)))
+            out += _chunk(ChunkId.VP_VTL_CONTROL_PAGE, control)
+        for vtl in vtls:
+            regs = vp.registers[vtl]
+            unknown = sorted(set(regs) - allowed)
+            if unknown:
+                raise ValueError(f"VP {vp.index} VTL {vtl}: the chunk layouts have no slot for {unknown}")
+            out += _chunk(ChunkId.VP_VTL, OB_SAVE_CHUNK_VTL.pack(vtl))
+            for chunk in chunks:
+                if chunk.optional and not any(name in regs for name in chunk.names):
+                    continue
+                out += _chunk(chunk.chunk_id, chunk.layout.pack(*chunk.encode(regs)))
+    out += _chunk(ChunkId.EPILOG, b"")
+    VID_SAVED_STATE_DESCRIPTOR.pack_into(out, 0, DESCRIPTOR_SIZE, DESCRIPTOR_SIZE, len(out))
+    return bytes(out)
