@@ -20,7 +20,7 @@ import pytest
 from shared_data import LINUX_GUEST, REPO, need
 
 from volatility3_vmssd import SavedStateProvider
-from volatility3_vmssd.savedstate.cpujson import state_from_json, state_to_json
+from volatility3_vmssd.savedstate.cpujson import register_to_json, state_from_json
 from volatility3_vmssd.savedstate.images import MemoryImage
 from volatility3_vmssd.savedstate.writer import write_fill_vmrs, write_vmrs
 from volatility3_vmssd.storage import HyperVStorage
@@ -117,7 +117,7 @@ def test_registers_text_lists_every_register_with_fields() -> None:
     r = vmssd("registers", SAMPLE)
     assert r.returncode == 0, r.stderr
     blocks = r.stdout.split("\n\n")
-    assert [b.splitlines()[0] for b in blocks] == ["VP 0  VTL 0 (active)", "VP 1  VTL 0 (active)"]
+    assert [b.splitlines()[0] for b in blocks] == ["VP 0  VTL 0 (used)", "VP 1  VTL 0 (used)"]
     with SavedStateProvider.load_vmrs(SAMPLE) as p:
         names = list(p.get_registers(1))
     lines = blocks[1].splitlines()[1:]
@@ -136,8 +136,10 @@ def test_registers_json_is_the_create_format_and_round_trips(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     with SavedStateProvider.load_vmrs(SAMPLE) as p:
-        assert p.state is not None
-        assert doc == json.loads(json.dumps(state_to_json(p.state)))
+        assert [vp["vp_index"] for vp in doc["vps"]] == list(range(p.vp_count()))
+        for vp in range(p.vp_count()):
+            banks = {str(v): {n: register_to_json(x) for n, x in p.get_registers(vp, v).items()} for v in (0,)}
+            assert doc["vps"][vp]["vtls"] == json.loads(json.dumps(banks))
     regs = tmp_path / "regs.json"
     regs.write_text(r.stdout)
     raw = tmp_path / "ram.raw"
@@ -173,8 +175,10 @@ def test_memmap_text_and_json() -> None:
     ]
     ranges = json.loads(vmssd("memmap", "--json", SAMPLE).stdout)
     assert ranges == [
-        {"gpa_start": 0, "size": 0xA0000, "raw_offset": 0, "first_ramblock": 0, "last_ramblock": 0},
-        {"gpa_start": 0x100000, "size": 0x700000, "raw_offset": 0x100000, "first_ramblock": 1, "last_ramblock": 7},
+        {"gpa_start": 0, "size": 0xA0000, "raw_offset": 0, "first_ramblock": 0, "last_ramblock": 0}
+        | {"ramblocks_present": 1},
+        {"gpa_start": 0x100000, "size": 0x700000, "raw_offset": 0x100000, "first_ramblock": 1, "last_ramblock": 7}
+        | {"ramblocks_present": 7},
     ]
 
 

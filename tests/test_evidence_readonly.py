@@ -126,7 +126,7 @@ def _assert_read_only(log: OpenLog, inputs: list[Path]) -> None:
 
 
 def _read_some(provider: SavedStateProvider) -> None:
-    provider.describe()
+    provider.summary()
     for gpa in (0, 0x1000, 0x100000, 0x1FF000):
         provider.read_guest_physical_address_padded(gpa, 0x2000)
 

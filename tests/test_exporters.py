@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from volatility3_vmssd import exporters as ex
 from volatility3_vmssd.cli.progress import ProgressBar, human_duration, human_size
-from volatility3_vmssd.savedstate import exporters as ex
 from volatility3_vmssd.savedstate.images import MemoryImage
 from volatility3_vmssd.savedstate.registers import SegmentRegister
 

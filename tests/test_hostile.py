@@ -37,6 +37,7 @@ from volatility3_vmssd.savedstate.images import MemoryImage
 from volatility3_vmssd.savedstate.partition_state import ChunkId, build_partition_state
 from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, encode_block
 from volatility3_vmssd.savedstate.rammap import RamMap, RamMemoryBlockRecord
+from volatility3_vmssd.savedstate.vmrs import ram_block_keys
 from volatility3_vmssd.savedstate.writer import write_vmrs
 from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter, add_journal_entries, write_storage
 from volatility3_vmssd.storage.defs import (
@@ -310,7 +311,9 @@ def test_truncated_linux_guest_serves_what_is_left(cut: str, linux_guest: tuple[
     provider = SavedStateProvider.load_vmrs(copy)
     with provider, MemoryImage.open(elf) as image:
         whole, partial, gone = [], [], []
-        for n, key in sorted(provider._block_keys.items()):
+        with HyperVStorage.open(copy) as storage:
+            block_keys = ram_block_keys(storage)
+        for n, key in sorted(block_keys.items()):
             loc = key.data_location
             if loc is None or loc[0] + loc[1] <= at:
                 whole.append(n)

@@ -13,8 +13,8 @@ from shared_data import BIOS_ROM, LOW_HOLE
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.errors import FormatError, NotFoundError, UnmappedAddressError
-from volatility3_vmssd.locate import open_saved_state
-from volatility3_vmssd.savedstate.cpujson import state_from_json, state_to_json
+from volatility3_vmssd.provider import open_saved_state
+from volatility3_vmssd.savedstate.cpujson import state_from_json
 from volatility3_vmssd.savedstate.images import MemoryImage
 from volatility3_vmssd.savedstate.partition_state import PartitionState, VpState, build_partition_state
 from volatility3_vmssd.savedstate.rammap import RamMemoryBlockRecord
@@ -88,7 +88,7 @@ def test_runtime_state_vmrs_without_memory(real_dir: Path) -> None:
     with SavedStateProvider.load_vmrs(real_dir / "test.VMRS") as p:
         assert p.vp_count() == 0 and p.get_guest_physical_memory_chunks() == (4096, [])
         assert any(f.kind == "no-memory" for f in p.findings())
-        assert p.vm_version == 0x0900
+        assert p.summary().vm_version == "9.0"
 
 
 # --------------------------------------------------------------------------- the real Linux guest
@@ -183,12 +183,11 @@ def test_two_vps_two_vtls_active_and_forced(tmp_path: Path) -> None:
         assert p.get_active_virtual_trust_level(1) == 0 and p.get_register_value(1, "rax") == 3
         p.force_active_virtual_trust_level(1, 1)
         assert p.get_register_value(1, "rax") == 4
-        p.force_active_virtual_trust_level(0, 2)
-        assert not p.is_active_virtual_trust_level_enabled(0)
-        with pytest.raises(NotFoundError):
-            p.get_registers(0)
+        with pytest.raises(NotFoundError, match="VTL 2 cannot be used: its registers were not saved"):
+            p.force_active_virtual_trust_level(0, 2)  # a VTL without registers is never used
+        assert p.is_active_virtual_trust_level_enabled(0)
         assert "Linux" in p.get_guest_os_info().description
-        assert state_to_json(p.state)["vps"][1]["vtls"]["1"]["rax"] == "0x4"
+        assert p.get_registers(1, 1)["rax"] == 4
 
 
 def test_holes_short_reads_and_raw_offsets(tmp_path: Path) -> None:
@@ -244,7 +243,7 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match=r"junk\.vmrs"):
         open_saved_state(junk)
     with pytest.raises(ValueError):
-        SavedStateProvider.load_vmrs(junk, backend="bogus")
+        open_saved_state(junk, backend="bogus")  # backend choice lives in the factory only
 
 
 def test_vtl_list_and_saved_memory_queries(tmp_path: Path, real_dir: Path) -> None:
@@ -267,3 +266,40 @@ def test_close_drops_the_decoded_block_cache() -> None:
         p.read_guest_physical_address_padded(start * 4096, count * 4096)
         assert p.memory.cached_blocks
     assert p.memory.cached_blocks == []
+
+
+def _memoryless(path: Path, *, vm_version: int, ram_map: bool, legacy_paths: bool = False) -> Path:
+    """A container with (or without) a RAM map and no RamBlock at all."""
+    from volatility3_vmssd.storage import HyperVStorageWriter
+
+    with HyperVStorageWriter(path) as w:
+        w.set("/savedstate/VmVersion", vm_version)
+        state = "/savedVM/partition_state" if legacy_paths else "/savedstate/savedVM/partition_state"
+        w.set(state, build_partition_state(PartitionState(vps=[VpState(index=0, registers={0: {"rax": 1}})])))
+        if ram_map:
+            w.set("/savedstate/RamMemoryBlock0", RamMemoryBlockRecord(256, 0, 0).build())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "vm_version", "ram_map", "legacy_paths", "says"),
+    [
+        ("cut.vmrs", 0x0900, True, False, "the file is damaged or cut short"),
+        ("old.vmrs", 0x0500, True, False, "the .vsv of a legacy saved state (VM version 5.0)"),
+        ("moved.vmrs", 0x0900, True, True, "partition_state under /savedVM"),
+        ("named.VSV", 0x0900, True, False, "the .vsv of a legacy saved state"),
+        ("runtime.vmrs", 0x0900, False, False, "save the VM (Save-VM) or take a standard checkpoint"),
+    ],
+)
+def test_no_ramblocks_message_says_what_the_file_is(
+    tmp_path: Path, name: str, vm_version: int, ram_map: bool, legacy_paths: bool, says: str
+) -> None:
+    """A .vmrs that lost its RamBlocks is not called a legacy .vsv: what the file says about itself decides."""
+    path = _memoryless(tmp_path / name, vm_version=vm_version, ram_map=ram_map, legacy_paths=legacy_paths)
+    with SavedStateProvider.load_vmrs(path) as p:
+        assert not p.has_saved_memory()
+        assert says in (p.memory_absence() or "")
+        assert p.summary().memory == p.memory_absence()
+    if name == "cut.vmrs":
+        with SavedStateProvider.load_vmrs(path) as p:
+            assert "legacy" not in (p.memory_absence() or "")

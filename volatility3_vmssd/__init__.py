@@ -1,8 +1,11 @@
 """Hyper-V saved states (.vmrs, legacy .bin + .vsv) read natively, for Volatility 3 and the command line.
 
 Layers, from the bottom up: :mod:`.storage` (the HyperVStorage key-value container),
-:mod:`.codecs` (XPRESS), :mod:`.savedstate` (RAM map, page records, CPU state, legacy .bin),
-:mod:`.provider` (the public API).  Nothing below the Volatility glue imports Volatility.
+:mod:`.codecs` (XPRESS), :mod:`.savedstate` (RAM map, page records, CPU state, legacy .bin), then
+the provider layer: :mod:`.interface` (what every backend offers), :mod:`.native` and :mod:`.dll`
+(the two backends), :mod:`.files` (recognising files, finding partners) and :mod:`.provider`
+(:func:`open_saved_state`).  Above it: the Volatility glue, the CLI, the exporters and triage.
+Nothing below the Volatility glue imports Volatility; nothing imports upward.
 """
 
 from __future__ import annotations
@@ -13,16 +16,35 @@ from .errors import Finding, FormatError, VmssdError
 
 __version__ = "0.1.0"
 
-__all__ = ["Finding", "FormatError", "SavedStateProvider", "VmssdError", "__version__"]
+__all__ = [
+    "Finding",
+    "FormatError",
+    "SavedState",
+    "SavedStateProvider",
+    "Summary",
+    "VmssdError",
+    "__version__",
+    "open_saved_state",
+]
 
 if TYPE_CHECKING:
-    from .provider import SavedStateProvider
+    from .interface import SavedState, Summary
+    from .native import SavedStateProvider
+    from .provider import open_saved_state
+
+_LAZY = {
+    "SavedState": "interface",
+    "Summary": "interface",
+    "SavedStateProvider": "native",
+    "open_saved_state": "provider",
+}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import volatility3_vmssd.storage` stays cheap for the CLI and the fuzzers.
-    if name == "SavedStateProvider":
-        from .provider import SavedStateProvider
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
 
-        return SavedStateProvider
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f".{module}", __name__), name)

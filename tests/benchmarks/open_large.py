@@ -39,7 +39,7 @@ def main() -> None:
         for _ in range(5):
             t0 = time.perf_counter()
             with SavedStateProvider.load_vmrs(path) as p:
-                info = p.describe()
+                info = p.summary()
                 decoded.append(p.memory.blocks_decoded)
             times.append(time.perf_counter() - t0)
         result = {

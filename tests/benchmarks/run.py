@@ -234,7 +234,7 @@ def large_fill_vmrs(path: Path, gib: int, rotate: list[bytes] | None = None) -> 
 
 def write_lime(src: Path, out: Path) -> None:
     """The same RAM as a LiME file (one range per chunk): the baseline for whole vol runs."""
-    from volatility3_vmssd.savedstate import exporters
+    from volatility3_vmssd import exporters
 
     with SavedStateProvider.load_vmrs(src) as p, open(out, "wb") as fh:
         ranges = [(start * 4096, count * 4096) for start, count in p.get_guest_physical_memory_chunks()[1]]

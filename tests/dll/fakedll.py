@@ -132,9 +132,12 @@ class FakeDll:
     def _InKernelSpace(self, h: int, vp: int, out: Any) -> None:
         out[0] = int(self._p(h).in_kernel_space(vp))
 
-    def _GetGuestOsInfo(self, h: int, vtl: int, out: Any) -> None:
-        info = self._p(h).get_guest_os_info()
-        out.contents.AsUINT64 = 0 if info is None else info.value
+    def _GetGuestOsInfo(self, h: int, vtl: int, out: Any) -> int | None:
+        info = self._p(h).get_guest_os_info(vtl)
+        if info is None:  # nothing saved for that VTL (the provider maps "not found" to None)
+            return _signed(b.VM_SAVED_STATE_DUMP_E_VP_VTL_NOT_ENABLED)
+        out.contents.AsUINT64 = info.value
+        return None
 
     def _register(self, h: int, vp: int, name: str) -> Any:
         p = self._p(h)

@@ -17,7 +17,7 @@ from volatility3_vmssd.dll import binding as b
 from volatility3_vmssd.dll import discovery
 from volatility3_vmssd.dll import provider as dll_provider
 from volatility3_vmssd.dll.provider import DllSavedStateProvider
-from volatility3_vmssd.errors import BackendUnavailableError, UnsupportedError, VmssdError
+from volatility3_vmssd.errors import BackendUnavailableError, NotFoundError, UnsupportedError, VmssdError
 from volatility3_vmssd.savedstate.registers import REGISTER_IDS, SegmentRegister
 from volatility3_vmssd.storage import HyperVStorage, add_journal_entries
 
@@ -83,7 +83,7 @@ def test_every_method_answers_like_the_native_provider(states: dict[str, list[Pa
         )
         assert p.get_paging_levels(0) == n.get_paging_levels(0) == 4 and not p.is_five_level_paging(0)
         assert p.guest_virtual_to_physical_with_size(0, VA + 0x10) == (0x1010, 0xFF0)
-        info = p.describe()
+        info = p.summary().as_dict()
         assert info["vp_count"] == 2 and info["architecture"] == "X64" and info["chunk_count"] == 2
         assert info["dll"]["abi"] == "new"
         with pytest.raises(UnsupportedError, match="processor-vendor"):
@@ -141,7 +141,7 @@ def test_errors_from_the_dll_are_mapped(states: dict[str, list[Path]], tmp_path:
     with DllSavedStateProvider.load_vmrs(states["base"][0], library=lib) as p:
         with pytest.raises(UnsupportedError, match="GetGuestEnabledVirtualTrustLevels"):
             p.get_guest_enabled_virtual_trust_levels()
-        with pytest.raises(ValueError):  # E_INVALIDARG from a VP that does not exist
+        with pytest.raises(NotFoundError, match="VP 9 does not exist"):  # as natively, not the DLL's E_INVALIDARG
             p.get_architecture(9)
         with pytest.raises(b.DllNotFoundError, match="VP_VTL_NOT_ENABLED"):
             p.force_active_virtual_trust_level(0, 1)
@@ -206,14 +206,14 @@ def test_the_windows_load_path_end_to_end(states: dict[str, list[Path]], monkeyp
 
 
 def test_memory_map_for_the_volatility_layer_matches_native(states: dict[str, list[Path]]) -> None:
-    """The layer walks provider.memory.ram_map; the DLL backend builds it from its chunk list."""
+    """The layer walks the provider's backed runs; the DLL backend builds them from its chunk list."""
     path = states["base"][0]
     with (
         SavedStateProvider.load_vmrs(path) as n,
         DllSavedStateProvider.load_vmrs(path, library=FakeDll().library()) as p,
     ):
-        assert p.memory.ram_map.chunks() == n.memory.ram_map.chunks()
-        assert p.memory.ram_map.maximum_gpa == n.memory.ram_map.maximum_gpa
-        span = n.memory.ram_map.maximum_gpa + 1
-        assert list(p.memory.ram_map.runs(0, span)) == list(n.memory.ram_map.runs(0, span))
-        assert p.has_saved_memory() and p.memory.blocks_decoded == 0
+        assert p.get_guest_physical_memory_chunks() == n.get_guest_physical_memory_chunks()
+        assert p.gpa_bounds() == n.gpa_bounds()
+        span = n.gpa_bounds()[1] + 1
+        assert list(p.backed_runs(0, span)) == list(n.backed_runs(0, span))
+        assert p.has_saved_memory() and n.memory.blocks_decoded == 0

@@ -15,9 +15,9 @@ from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.cli import main as cli_main
 from volatility3_vmssd.cli import verify as cli_verify
 from volatility3_vmssd.dll import provider as dll_provider
-from volatility3_vmssd.dll.verify import DEFAULT_SAMPLES, compare_providers, sample_pages, verify_files
 from volatility3_vmssd.errors import UnsupportedError
 from volatility3_vmssd.storage import HyperVStorage, add_journal_entries
+from volatility3_vmssd.verify import DEFAULT_SAMPLES, compare_providers, sample_pages, verify_files
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ from volatility3_vmssd.cli import main as cli_main
 from volatility3_vmssd.cli import verify as cli_verify
 from volatility3_vmssd.dll.discovery import DllInfo, find_dll
 from volatility3_vmssd.dll.provider import DllSavedStateProvider
-from volatility3_vmssd.dll.verify import compare_providers, verify_files
 from volatility3_vmssd.errors import BackendUnavailableError, UnmappedAddressError
 from volatility3_vmssd.storage import HyperVStorage, add_journal_entries
+from volatility3_vmssd.verify import compare_providers, verify_files
 
 pytestmark = [
     pytest.mark.windows,

@@ -245,7 +245,7 @@ def run_partition_state(data: bytes) -> None:
 # ------------------------------------------------------------------------------------ provider / layer
 def exercise_provider(provider: SavedStateProvider) -> None:
     """describe(), findings, and padded reads at the edges of every mapped range and across holes."""
-    info = provider.describe()
+    info = provider.summary()
     _ = [str(f) for f in provider.findings()], info
     ram_map = provider.memory.ram_map
     points = {0, ram_map.minimum_gpa, max(ram_map.maximum_gpa - 0x10, 0)}
@@ -275,8 +275,8 @@ def run_layer(data: bytes) -> None:
     from volatility3.framework import contexts, exceptions
     from volatility3.framework.layers import physical
 
+    from volatility3_vmssd.files import path_to_url
     from volatility3_vmssd.volatility.layer import HyperVSavedStateLayer
-    from volatility3_vmssd.volatility.paths import path_to_url
 
     path = Scratch.write("layer.vmrs", data)
     context = contexts.Context()

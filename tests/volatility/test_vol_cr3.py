@@ -131,20 +131,21 @@ def test_five_level_paging_is_refused_with_a_warning(tmp_path: Path, caplog: pyt
 
 
 def test_forced_vtl_chooses_the_cr3(tmp_path: Path) -> None:
-    """VTL 1 (secure kernel) is active but its CR3 is not the NT kernel's; --hyperv-vtl 0 picks VTL 0."""
+    """Two saved VTLs, VtlIsRunnable set: every VTL's CR3 is a candidate (VTL0 first); a forced VTL is the only one."""
     vtls = {"0": vp_registers("long", ROOT)["0"], "1": vp_registers("long", 0x30000)["0"]}
     path = write_vmrs(
         tmp_path / "vtl.vmrs",
         windows_like_image(root=ROOT),
         {"format": "vmssd-registers/1", "vps": [{"vp_index": 0, "vtl_runnable": True, "vtls": vtls}]},
     )
-    ctx, names = stack(path, [HyperVSavedStateStacker])
-    provider = ctx.layers[names[0]].provider
-    if provider.get_active_virtual_trust_level(0) == 1:
-        assert HyperVIntelStacker.stack(ctx, names[0]) is None
+    ctx, names = stack(path)
+    assert isinstance(ctx.layers[names[0]], intel.WindowsIntel32e)
+    assert ctx.layers[names[1]].metadata["hyperv_kernel_vtl"] == 0  # VtlIsRunnable does not mean "VTL1 ran"
     ctx, names = stack(path, options={"hyperv_vtl": 0})
     assert isinstance(ctx.layers[names[0]], intel.WindowsIntel32e)
     assert ctx.layers[names[1]].config["vtl"] == 0
+    ctx, names = stack(path, options={"hyperv_vtl": 1})  # the secure kernel's tables map no KUSER_SHARED_DATA
+    assert isinstance(ctx.layers[names[0]], HyperVSavedStateLayer) and HyperVIntelStacker.stack(ctx, names[0]) is None
 
 
 def test_stack_is_rebuilt_from_config_alone(tmp_path: Path) -> None:

@@ -33,8 +33,8 @@ require_volatility()
 
 from volatility3.framework.layers import physical  # noqa: E402
 
+from volatility3_vmssd.files import find_partner, find_vmcx, path_to_url, url_to_path  # noqa: E402
 from volatility3_vmssd.volatility import HyperVSavedStateLayer, HyperVSavedStateStacker  # noqa: E402
-from volatility3_vmssd.volatility.paths import find_partner, find_vmcx, path_to_url, url_to_path  # noqa: E402
 from volatility3_vmssd.volatility.plugin_impl import info_rows  # noqa: E402
 
 SIZE = 2 * MIB

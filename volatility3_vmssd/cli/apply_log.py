@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import VmssdError
-from ..locate import sniff
-from ..provider import SavedStateProvider
+from ..files import sniff
+from ..provider import apply_pending_replay_log
 from .convert import check_output
 
 
@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
     kind = sniff(args.file)
     if kind == "bin":
         raise VmssdError(f"{args.file} is a legacy .bin, which has no journal: apply-log its .vsv instead")
-    applied = SavedStateProvider.apply_pending_replay_log(args.file, args.output)
+    applied = apply_pending_replay_log(args.file, args.output)
     print(f"applied {applied} pending journal entr{'y' if applied == 1 else 'ies'}; wrote {args.output}")
     return 0

@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterable
 
 from ..errors import VmssdError
-from ..locate import open_saved_state
-from ..savedstate.exporters import FORMATS, export, partial_output, provider_ranges, same_file
+from ..exporters import FORMATS, export, partial_output, provider_ranges, same_file
+from ..provider import open_saved_state
 from .progress import ProgressBar, human_duration, human_size
 
 

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from ..locate import open_saved_state
+from ..provider import open_saved_state
+from ..vmconfig import find_vm_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,52 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-LABELS = [
-    ("file_kind", "File kind"),
-    ("files", "Files"),
-    ("container_version", "Container version"),
-    ("vm_version", "VM version"),
-    ("saved_state_type", "Saved-state type"),
-    ("vp_count", "Virtual processors"),
-    ("processor_vendor", "Processor vendor"),
-    ("architecture", "Architecture (VP 0)"),
-    ("paging_mode", "Paging mode (VP 0)"),
-    ("guest_os", "Guest OS"),
-    ("ram_bytes", "Guest RAM"),
-    ("chunk_count", "GPA chunks"),
-    ("ramblock_count", "RamBlocks"),
-    ("raw_saved_memory_bytes", "Raw saved memory"),
-    ("decoder", "XPRESS decoder"),
-    ("cache_limit_blocks", "Block cache limit"),
-    ("journal", "Replay log"),
-]
-
-
-def _text(key: str, value: object) -> str:
-    if value is None:
-        return "-"
-    if key in ("ram_bytes", "raw_saved_memory_bytes") and isinstance(value, int):
-        return f"{value:,} bytes ({value / (1 << 20):,.1f} MiB)"
-    if key == "cache_limit_blocks":
-        return f"{value} blocks of 1 MiB"
-    if isinstance(value, list):
-        return ", ".join(map(str, value))
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {v}" for k, v in value.items())
-    return str(value)
-
-
 def run(args: argparse.Namespace) -> int:
     with open_saved_state(args.file, vsv=args.vsv) as provider:
-        info = provider.describe()
-        if args.json:
-            json.dump(info, sys.stdout, indent=1)
-            print()
-            return 0
-        for key, label in LABELS:
-            print(f"{label:<22} {_text(key, info.get(key))}")
-        findings = info["findings"]
-        print(f"{'Findings':<22} {len(findings) or 'none'}")
-        for f in findings:
-            print(f"  {f}")
+        summary = provider.summary()
+        vmcx, settings = find_vm_config(provider.paths)
+    if args.json:
+        doc = summary.as_dict()
+        doc["vm_configuration"] = None if vmcx is None else {"file": str(vmcx), **dict(settings)}
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+        return 0
+    rows = list(summary.rows())
+    split = next(i for i, (label, _) in enumerate(rows) if label == "Findings")
+    if vmcx is not None:  # the VM's own settings go before the findings, as in hyperv.info
+        rows[split:split] = [("VM configuration", str(vmcx)), *settings]
+    for label, text in rows:
+        print(f"  {text}" if label == "Finding" else f"{label:<22} {text}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..locate import open_saved_state
+from ..provider import open_saved_state
 from .progress import human_size
 
 

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from ..errors import VmssdError
-from ..locate import open_saved_state
-from ..provider import SavedStateProvider
-from ..savedstate.exporters import partial_output
+from ..exporters import partial_output
+from ..interface import SavedState
+from ..provider import open_saved_state
 from .convert import check_output
 
 PIECE = 1 << 20
@@ -65,7 +65,7 @@ class Stopped(Exception):
     """A read ended early; the message says where and why."""
 
 
-def read_physical(provider: SavedStateProvider, gpa: int, length: int) -> Iterator[bytes]:
+def read_physical(provider: SavedState, gpa: int, length: int) -> Iterator[bytes]:
     """Bytes from ``gpa`` in pieces; raises :class:`Stopped` at the first hole or missing page."""
     done = 0
     while done < length:
@@ -85,7 +85,7 @@ def read_physical(provider: SavedStateProvider, gpa: int, length: int) -> Iterat
             raise Stopped(f"GPA {gpa + done:#x}: the read came back short")
 
 
-def read_virtual(provider: SavedStateProvider, vp: int, va: int, length: int) -> Iterator[bytes]:
+def read_virtual(provider: SavedState, vp: int, va: int, length: int) -> Iterator[bytes]:
     """Bytes from ``va``, translated one page (or large page) at a time with the VP's page tables."""
     done = 0
     while done < length:
@@ -103,7 +103,7 @@ def read_virtual(provider: SavedStateProvider, vp: int, va: int, length: int) ->
             raise Stopped(f"VA {cur:#x} -> {exc}") from None
 
 
-def read_raw(provider: SavedStateProvider, offset: int, length: int) -> Iterator[bytes]:
+def read_raw(provider: SavedState, offset: int, length: int) -> Iterator[bytes]:
     """Bytes of raw saved memory; on missing data, page by page up to the first missing page."""
     size = provider.get_guest_raw_saved_memory_size()
     done = 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Mapping
+from typing import Any
 
-from ..errors import NotFoundError
-from ..locate import open_saved_state
-from ..savedstate.cpujson import state_to_json
+from ..errors import NotFoundError, VmssdError
+from ..interface import SavedState
+from ..provider import open_saved_state
+from ..savedstate.cpujson import FORMAT, VENDORS, register_to_json
 from ..savedstate.registers import WIDE_REGISTER_NAMES, RegisterValue, SegmentRegister, TableRegister
 
 
@@ -18,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "registers",
         help="print the CPU registers of each VP and VTL",
         description=(
-            "Print every saved register of each virtual processor, per VTL (the active one is marked):"
-            " general, SSE/x87, control, debug, segment (selector, base, limit, attributes and their"
-            " decoded bits) and table registers, and the virtual MSRs. --json writes the"
-            " vmssd-registers/1 document that `vmssd create --registers` reads back."
+            "Print every saved register of each virtual processor, per VTL (the one used for analysis is"
+            " marked: VTL0 when saved, else the lowest): general, SSE/x87, control, debug, segment"
+            " (selector, base, limit, attributes and their decoded bits) and table registers, and the"
+            " virtual MSRs. --json writes the vmssd-registers/1 document that `vmssd create --registers`"
+            " reads back."
         ),
         epilog=(
             "examples:\n"
@@ -62,14 +66,39 @@ def format_bank(regs: Mapping[str, RegisterValue]) -> list[str]:
     return [f"  {name:<17} {format_value(name, value)}" for name, value in regs.items()]
 
 
+def registers_document(provider: SavedState, selected: list[tuple[int, int]]) -> dict[str, Any]:
+    """The vmssd-registers/1 document (what ``vmssd create --registers`` reads) of the selected banks."""
+    doc: dict[str, Any] = {"format": FORMAT}
+    with contextlib.suppress(VmssdError):  # the DLL cannot tell the vendor; create then assumes intel
+        vendor = provider.get_processor_vendor().name.lower()
+        if vendor in VENDORS:
+            doc["vendor"] = vendor
+    with contextlib.suppress(VmssdError):
+        os_info = provider.get_guest_os_info(0)
+        if os_info is not None:
+            doc["guest_os_id"] = hex(os_info.value)
+    doc["vps"] = [
+        {
+            "vp_index": vp,
+            "vtls": {
+                str(vtl): {name: register_to_json(v) for name, v in provider.get_registers(vp, vtl).items()}
+                for w, vtl in selected
+                if w == vp
+            },
+        }
+        for vp in sorted({w for w, _ in selected})
+    ]
+    return doc
+
+
 def run(args: argparse.Namespace) -> int:
     with open_saved_state(args.file, vsv=args.vsv) as provider:
-        state = provider.state
-        if state is None:
+        if not provider.has_cpu_state():
             raise NotFoundError(f"{provider.paths[0]}: no CPU state in this saved state ({provider.kind})")
-        if args.vp is not None and not 0 <= args.vp < len(state.vps):
-            raise NotFoundError(f"VP {args.vp} does not exist (this saved state has {len(state.vps)} VPs)")
-        positions = [args.vp] if args.vp is not None else list(range(len(state.vps)))
+        count = provider.vp_count()
+        if args.vp is not None and not 0 <= args.vp < count:
+            raise NotFoundError(f"VP {args.vp} does not exist (this saved state has {count} VPs)")
+        positions = [args.vp] if args.vp is not None else list(range(count))
         selected: list[tuple[int, int]] = []  # (VP position, VTL)
         for i in positions:
             vtls = provider.get_virtual_trust_levels(i)
@@ -79,22 +108,15 @@ def run(args: argparse.Namespace) -> int:
             where = f"VP {args.vp}" if args.vp is not None else "any VP"
             raise NotFoundError(f"{provider.paths[0]}: {bank} saved for {where}")
         if args.json:
-            doc = state_to_json(state)
-            doc["vps"] = [
-                {**doc["vps"][i], "vtls": {str(v): doc["vps"][i]["vtls"][str(v)] for w, v in selected if w == i}}
-                for i in positions
-                if any(w == i for w, _ in selected)
-            ]
-            json.dump(doc, sys.stdout, indent=1)
+            json.dump(registers_document(provider, selected), sys.stdout, indent=1)
             print()
             return 0
         out = sys.stdout
         for n, (i, vtl) in enumerate(selected):
-            vp = state.vps[i]
-            active = provider.get_active_virtual_trust_level(i)
-            mark = " (active)" if vtl == active else ""
+            used = provider.get_active_virtual_trust_level(i)
+            mark = " (used)" if vtl == used else ""
             if n:
                 out.write("\n")
             out.write(f"VP {i}  VTL {vtl}{mark}\n")
-            out.write("\n".join(format_bank(vp.registers[vtl])) + "\n")
+            out.write("\n".join(format_bank(provider.get_registers(i, vtl))) + "\n")
     return 0

@@ -7,8 +7,8 @@ import json
 import sys
 
 from ..dll.binding import is_windows, unavailable_message
-from ..dll.verify import DEFAULT_SAMPLES
 from ..errors import BackendUnavailableError
+from ..verify import DEFAULT_SAMPLES
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     if not is_windows():
         raise BackendUnavailableError(unavailable_message())
-    from ..dll.verify import verify_files
+    from ..verify import verify_files
 
     report = verify_files(args.file, vsv=args.vsv, dll_path=args.dll, samples=args.samples, seed=args.seed)
     if args.json:

@@ -2,8 +2,10 @@
 
 * :mod:`.binding`: ctypes structures and prototypes for both ABI generations, HRESULT mapping.
 * :mod:`.discovery`: finding the DLL and vetting its version and machine type with pefile.
-* :mod:`.provider`: :class:`DllSavedStateProvider`, the native provider's method names over the DLL.
-* :mod:`.verify`: comparing two providers (registers, chunk map, sampled pages).
+* :mod:`.provider`: :class:`DllSavedStateProvider`, the provider interface over the DLL.
+
+Comparing this backend with the native one (``vmssd verify``) lives above both, in
+:mod:`volatility3_vmssd.verify`.
 
 Importing this package never loads the DLL nor imports Windows-only modules; the DLL is loaded
 on the first ``DllSavedStateProvider.load_*`` call, on Windows only.
@@ -13,12 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["DllInfo", "DllSavedStateProvider", "compare_providers", "dll_available", "find_dll"]
+__all__ = ["DllInfo", "DllSavedStateProvider", "dll_available", "find_dll"]
 
 if TYPE_CHECKING:
     from .discovery import DllInfo, find_dll
     from .provider import DllSavedStateProvider
-    from .verify import compare_providers
 
 
 def dll_available() -> bool:
@@ -37,7 +38,7 @@ def dll_available() -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: the provider module imports the native provider, which the CLI may not need.
+    # Lazy: importing the package must not load ctypes prototypes or pefile.
     if name == "DllSavedStateProvider":
         from .provider import DllSavedStateProvider
 
@@ -46,8 +47,4 @@ def __getattr__(name: str) -> Any:
         from . import discovery
 
         return getattr(discovery, name)
-    if name == "compare_providers":
-        from .verify import compare_providers
-
-        return compare_providers
     raise AttributeError(name)

@@ -12,13 +12,14 @@ import contextlib
 import ctypes
 import os
 import shutil
+from collections.abc import Iterator
 from ctypes import byref
 from typing import Any
 
 from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
-from ..provider import GpaMemoryChunk
-from ..savedstate.partition_state import GuestOsInfo, decode_guest_os_id
-from ..savedstate.rammap import BLOCK_SIZE, RamMap, RamMemoryBlockRecord
+from ..interface import GpaMemoryChunk, SavedState
+from ..savedstate.guestos import GuestOsInfo, decode_guest_os_id
+from ..savedstate.rammap import BLOCK_SIZE, PAGE_SIZE
 from ..savedstate.registers import (
     REGISTER_IDS,
     WIDE_REGISTER_NAMES,
@@ -36,9 +37,6 @@ from . import binding as b
 from .binding import DumpProviderLibrary, is_windows, unavailable_message
 from .discovery import DllInfo, find_dll
 
-PAGE_SIZE = 0x1000
-_BLOCK_SIZE = 1 << 20  # a RamBlock: 256 pages
-_CR4_LA57 = 1 << 12
 _READ_CHUNK = 1 << 26  # the DLL's read size is a UINT32; stay far below it
 
 X64_ID_NAMES: tuple[str, ...] = tuple(n for n, i in REGISTER_IDS.items() if i < X64_REGISTER_MAX)
@@ -69,38 +67,7 @@ def _library(
     return DumpProviderLibrary.load(find_dll(dll_path), abi=abi)
 
 
-class _DllBlocks:
-    """Stands in for a BlockSource: the DLL does not say which RamBlocks exist, only the raw size."""
-
-    def __init__(self, path: str, raw_size: int) -> None:
-        self.path = path
-        self._count = -(-raw_size // BLOCK_SIZE)
-
-    def block_numbers(self) -> range:
-        return range(self._count)
-
-
-class _DllMemory:
-    """The part of GuestMemory the Volatility layer walks (``ram_map``), built from the DLL's chunks."""
-
-    blocks_decoded = 0
-
-    def __init__(self, provider: DllSavedStateProvider) -> None:
-        records = []
-        for chunk in provider.get_guest_physical_memory_chunks()[1]:
-            start, count = chunk
-            raw = provider.guest_physical_address_to_raw_saved_memory_offset(start * PAGE_SIZE)
-            records.append(RamMemoryBlockRecord(count, raw // PAGE_SIZE, start, key="DLL chunk"))
-        self.ram_map = RamMap(records, path=provider.paths[0])
-        self.source = _DllBlocks(provider.paths[0], provider.get_guest_raw_saved_memory_size())
-        self._provider = provider
-
-    @property
-    def cache_limit(self) -> int:
-        return self._provider.get_memory_block_cache_limit()
-
-
-class DllSavedStateProvider:
+class DllSavedStateProvider(SavedState):
     """A saved state opened by vmsavedstatedumpprovider.dll. Close it or use ``with``."""
 
     backend = "dll"
@@ -112,14 +79,8 @@ class DllSavedStateProvider:
         self._handle: int | None = handle
         self._arch_cache: dict[int, Architecture] = {}
         self._chunk_cache: list[GpaMemoryChunk] | None = None
-        self._memory: _DllMemory | None = None
-
-    @property
-    def memory(self) -> _DllMemory:
-        """The GPA map for code written against the native provider (the Volatility layer)."""
-        if self._memory is None:
-            self._memory = _DllMemory(self)
-        return self._memory
+        self._runs: list[tuple[int, int, int]] | None = None
+        self._vp_count: int | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -229,12 +190,6 @@ class DllSavedStateProvider:
         if handle is not None:
             self.library.call("ReleaseSavedStateFiles", handle, context=self.paths[0])
 
-    def __enter__(self) -> DllSavedStateProvider:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __del__(self) -> None:  # a forgotten close() must not keep the evidence file locked
         with contextlib.suppress(Exception):  # best effort, also at interpreter shutdown
             self.close()
@@ -248,15 +203,19 @@ class DllSavedStateProvider:
 
     # ------------------------------------------------------------------ CPU state
     def vp_count(self) -> int:
-        out = b.UINT32()
-        self._call("GetVpCount", byref(out))
-        return out.value
+        if self._vp_count is None or self._handle is None:  # fixed once loaded; a closed handle still fails
+            out = b.UINT32()
+            self._call("GetVpCount", byref(out))
+            self._vp_count = out.value
+        return self._vp_count
 
     def _check_vp(self, vp: int) -> None:
+        """NotFoundError for a VP that does not exist, as the native backend says (the DLL: E_INVALIDARG)."""
         if not 0 <= vp < self.vp_count():
             raise NotFoundError(f"VP {vp} does not exist (this saved state has {self.vp_count()} VPs)")
 
     def get_architecture(self, vp: int) -> Architecture:
+        self._check_vp(vp)
         out = b.ENUM()
         self._call("GetArchitecture", vp, byref(out), context=f"VP {vp}")
         try:
@@ -265,10 +224,12 @@ class DllSavedStateProvider:
             return Architecture.UNKNOWN
 
     def force_architecture(self, vp: int, arch: Architecture | int) -> None:
+        self._check_vp(vp)
         self._call("ForceArchitecture", vp, int(arch), context=f"VP {vp}")
         self._arch_cache.pop(vp, None)
 
     def get_paging_mode(self, vp: int) -> PagingMode:
+        self._check_vp(vp)
         out = b.ENUM()
         self._call("GetPagingMode", vp, byref(out), context=f"VP {vp}")
         try:
@@ -277,6 +238,7 @@ class DllSavedStateProvider:
             return PagingMode.INVALID
 
     def force_paging_mode(self, vp: int, mode: PagingMode | int) -> None:
+        self._check_vp(vp)
         self._call("ForcePagingMode", vp, int(mode), context=f"VP {vp}")
 
     def get_processor_vendor(self) -> ProcessorVendor:
@@ -298,12 +260,14 @@ class DllSavedStateProvider:
         return out.value
 
     def get_enabled_virtual_trust_levels(self, vp: int) -> int:
+        self._check_vp(vp)
         out = b.UINT32()
         self._call("GetEnabledVirtualTrustLevels", vp, byref(out), context=f"VP {vp}")
         return out.value
 
     def get_virtual_trust_levels(self, vp: int) -> list[int]:
         """The DLL reports enabled VTLs as a bitmap; every enabled VTL has a register bank."""
+        self._check_vp(vp)
         bitmap = self.get_enabled_virtual_trust_levels(vp)
         return [vtl for vtl in range(16) if bitmap >> vtl & 1]
 
@@ -311,16 +275,19 @@ class DllSavedStateProvider:
         return bool(self.get_guest_physical_memory_chunks()[1])
 
     def get_active_virtual_trust_level(self, vp: int) -> int:
+        self._check_vp(vp)
         out = b.UINT8()
         self._call("GetActiveVirtualTrustLevel", vp, byref(out), context=f"VP {vp}")
         return out.value
 
     def force_active_virtual_trust_level(self, vp: int, vtl: int) -> None:
+        self._check_vp(vp)
         if not 0 <= vtl <= 15:
             raise ValueError(f"VTL {vtl} is out of range 0..15")
         self._call("ForceActiveVirtualTrustLevel", vp, vtl, context=f"VP {vp} VTL {vtl}")
 
     def is_active_virtual_trust_level_enabled(self, vp: int) -> bool:
+        self._check_vp(vp)
         out = b.BOOL()
         self._call("IsActiveVirtualTrustLevelEnabled", vp, byref(out), context=f"VP {vp}")
         return bool(out.value)
@@ -331,6 +298,7 @@ class DllSavedStateProvider:
         return bool(out.value)
 
     def in_kernel_space(self, vp: int) -> bool:
+        self._check_vp(vp)
         out = b.BOOL()
         self._call("InKernelSpace", vp, byref(out), context=f"VP {vp}")
         return bool(out.value)
@@ -343,18 +311,21 @@ class DllSavedStateProvider:
 
     def expressible_registers(self, vp: int) -> frozenset[str]:
         """Names GetRegisterValue can answer for this VP's architecture under this ABI."""
+        self._check_vp(vp)
         arch = self._architecture(vp)
         if self.library.abi == "old":
             return frozenset(_OLD_NAMES)
         return frozenset(ARM64_ID_NAMES if arch == Architecture.ARMV8 else X64_ID_NAMES)
 
     def _architecture(self, vp: int) -> Architecture:
+        self._check_vp(vp)
         arch = self._arch_cache.get(vp)
         if arch is None:
             arch = self._arch_cache[vp] = self.get_architecture(vp)
         return arch
 
     def _new_register(self, vp: int, name: str) -> RegisterValue:
+        self._check_vp(vp)
         reg_id = REGISTER_IDS.get(name)
         if reg_id is None:
             raise NotFoundError(f"VP {vp}: {name!r} has no SDK REGISTER_ID")
@@ -370,6 +341,7 @@ class DllSavedStateProvider:
         return out.Reg64
 
     def _old_raw(self, vp: int, part: str) -> int:
+        self._check_vp(vp)
         arch = self._architecture(vp)
         table = b.OLD_REGISTER_IDS_X86 if arch == Architecture.X86 else b.OLD_REGISTER_IDS_X64
         reg_id = table.get(part)
@@ -382,6 +354,7 @@ class DllSavedStateProvider:
         return reg.RegisterValue
 
     def _old_register(self, vp: int, name: str) -> RegisterValue:
+        self._check_vp(vp)
         if name in X64_SEGMENT_REGISTER_NAMES:
             base = self._old_raw(vp, f"{name}.base") if name in ("fs", "gs") else 0
             return SegmentRegister(base, 0, self._old_raw(vp, name) & 0xFFFF, 0)
@@ -393,6 +366,7 @@ class DllSavedStateProvider:
 
     def get_register_value(self, vp: int, name: str) -> RegisterValue:
         """One register of the VP's active VTL, by the SDK name lower-cased (``rip``, ``cs``, ``xmm0``)."""
+        self._check_vp(vp)
         name = name.lower()
         if self.library.abi == "old":
             return self._old_register(vp, name)
@@ -441,6 +415,7 @@ class DllSavedStateProvider:
         return bytes(out)
 
     def guest_virtual_to_physical(self, vp: int, va: int) -> int:
+        self._check_vp(vp)
         gpa = b.GUEST_PHYSICAL_ADDRESS()
         unmapped = b.GUEST_VIRTUAL_ADDRESS()
         args: tuple[Any, ...] = (byref(gpa), byref(unmapped)) if self.library.abi == "new" else (byref(gpa),)
@@ -479,6 +454,12 @@ class DllSavedStateProvider:
         raise VmssdError("GetGuestPhysicalMemoryChunks kept asking for a larger buffer")
 
     def guest_physical_address_to_raw_saved_memory_offset(self, gpa: int) -> int:
+        page = gpa // PAGE_SIZE
+        if gpa < 0 or not any(  # as natively: NotFoundError, whatever the DLL would return
+            c.guest_physical_start_page_index <= page < c.guest_physical_start_page_index + c.page_count
+            for c in self._chunks()
+        ):
+            raise NotFoundError(f"GPA {gpa:#x} is not backed by saved memory")
         out = b.UINT64()
         self._call("GuestPhysicalAddressToRawSavedMemoryOffset", gpa, byref(out), context=f"GPA {gpa:#x}")
         return out.value
@@ -541,21 +522,8 @@ class DllSavedStateProvider:
     def guest_virtual_to_physical_with_size(self, vp: int, va: int) -> tuple[int, int]:
         """(GPA, bytes to the end of the 4 KiB page).  The DLL does not say how large the mapping page
         is, so this is the conservative size: correct for large pages too, only shorter."""
+        self._check_vp(vp)
         return self.guest_virtual_to_physical(vp, va), PAGE_SIZE - (va & (PAGE_SIZE - 1))
-
-    def is_five_level_paging(self, vp: int) -> bool:
-        """CR4.LA57, which PAGING_MODE cannot express."""
-        if self._architecture(vp) not in (Architecture.X64, Architecture.X86):
-            return False
-        cr4 = self.get_register_value(vp, "cr4")
-        return isinstance(cr4, int) and bool(cr4 & _CR4_LA57)
-
-    def get_paging_levels(self, vp: int) -> int:
-        """0 (no paging), 2, 3, 4 or 5, from GetPagingMode plus CR4.LA57."""
-        mode = self.get_paging_mode(vp)
-        if mode == PagingMode.LONG:
-            return 5 if self.is_five_level_paging(vp) else 4
-        return {PagingMode.BIT32: 2, PagingMode.PAE: 3, PagingMode.ARMV8: 4}.get(mode, 0)
 
     def _raw_runs(self, page: int, count: int) -> list[tuple[int, int, int]]:
         """Split a GPA chunk into runs stored contiguously in raw saved memory: (page, count, raw offset).
@@ -578,22 +546,56 @@ class DllSavedStateProvider:
             merged.append(run)
         return merged
 
-    def memory_map(self) -> list[dict[str, int]]:
-        """Per GPA run: start, size, raw saved-memory offset and the 1 MiB RamBlock numbers it uses."""
+    def _all_runs(self) -> list[tuple[int, int, int]]:
+        """(GPA, raw offset, size) of every run stored contiguously, in GPA order."""
+        if self._runs is None:
+            self._runs = [
+                (page * PAGE_SIZE, raw, count * PAGE_SIZE)
+                for chunk in self._chunks()
+                for page, count, raw in self._raw_runs(chunk.guest_physical_start_page_index, chunk.page_count)
+            ]
+        return self._runs
+
+    def memory_map(self) -> list[dict[str, Any]]:
+        """Per GPA run: start, size, raw saved-memory offset and the 1 MiB RamBlock numbers it uses.
+
+        The DLL does not say which RamBlocks a file holds; every block it maps counts as present.
+        """
         out = []
-        for chunk in self._chunks():
-            for page, count, raw in self._raw_runs(chunk.guest_physical_start_page_index, chunk.page_count):
-                size = count * PAGE_SIZE
-                out.append(
-                    {
-                        "gpa_start": page * PAGE_SIZE,
-                        "size": size,
-                        "raw_offset": raw,
-                        "first_ramblock": raw // _BLOCK_SIZE,
-                        "last_ramblock": (raw + size - 1) // _BLOCK_SIZE,
-                    }
-                )
+        for gpa, raw, size in self._all_runs():
+            first, last = raw // BLOCK_SIZE, (raw + size - 1) // BLOCK_SIZE
+            out.append(
+                {
+                    "gpa_start": gpa,
+                    "size": size,
+                    "raw_offset": raw,
+                    "first_ramblock": first,
+                    "last_ramblock": last,
+                    "ramblocks_present": last - first + 1,
+                }
+            )
         return out
+
+    def backed_runs(self, gpa: int, length: int) -> Iterator[tuple[int, int, int]]:
+        end = gpa + length
+        for start, raw, size in self._all_runs():
+            lo, hi = max(gpa, start), min(end, start + size)
+            if lo < hi:
+                yield lo, raw + lo - start, hi - lo
+
+    def is_backed(self, gpa: int, length: int = 1) -> bool:
+        if length <= 0 or gpa < 0:
+            return False
+        covered = gpa
+        for start, _raw, size in self.backed_runs(gpa, length):
+            if start != covered:
+                return False
+            covered = start + size
+        return covered == gpa + length
+
+    def has_cpu_state(self) -> bool:
+        """The DLL opens only files with CPU state (a .vmrs, or a .bin with its .vsv)."""
+        return True
 
     # ------------------------------------------------------------------ summary
     @property
@@ -605,41 +607,8 @@ class DllSavedStateProvider:
             "abi": lib.abi,
         }
 
-    def describe(self) -> dict[str, Any]:
-        """The subset of ``SavedStateProvider.describe`` the DLL can answer (other keys are None)."""
-        page_size, chunks = self.get_guest_physical_memory_chunks()
-        info: dict[str, Any] = {
-            "file_kind": self.kind,
-            "files": list(self.paths),
-            "backend": self.backend,
-            "dll": self.dll_info,
-            "container_version": None,
-            "vm_version": None,
-            "saved_state_type": None,
-            "vp_count": self.vp_count(),
-            "processor_vendor": None,
-            "architecture": None,
-            "paging_mode": None,
-            "guest_os": None,
-            "ram_bytes": sum(c.page_count for c in chunks) * page_size,
-            "chunk_count": len(chunks),
-            "raw_saved_memory_bytes": self.get_guest_raw_saved_memory_size(),
-            "ramblock_count": None,
-            "decoder": "vmsavedstatedumpprovider.dll",
-            "cache_limit_blocks": None,
-            "journal": None,
-            "findings": [],
-        }
-        for key, fn in (
-            ("architecture", lambda: self.get_architecture(0).name),
-            ("paging_mode", lambda: self.get_paging_mode(0).name),
-            ("cache_limit_blocks", self.get_memory_block_cache_limit),
-            ("guest_os", lambda: getattr(self.get_guest_os_info(), "description", None)),
-        ):
-            if info["vp_count"] or key in ("cache_limit_blocks", "guest_os"):
-                with contextlib.suppress(VmssdError):
-                    info[key] = fn()
-        return info
+    def _summary_facts(self) -> dict[str, Any]:
+        return {"decoder": "vmsavedstatedumpprovider.dll", "dll": self.dll_info}
 
 
 def _register_order(name: str) -> int:

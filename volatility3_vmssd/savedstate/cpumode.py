@@ -52,9 +52,13 @@ def paging_levels(regs: Mapping[str, RegisterValue], vendor: int | None = None) 
 
     The SDK's PAGING_MODE has no 5-level value, so this is how 5-level paging is reported.
     """
-    mode = paging_mode(regs, vendor)
+    return levels_of(paging_mode(regs, vendor), is_la57(regs))
+
+
+def levels_of(mode: PagingMode, la57: bool) -> int:
+    """Page-table depth of a paging mode (the one rule both backends answer with)."""
     if mode is PagingMode.ARMV8:
         raise UnsupportedError("ARMv8 page-table depth depends on TCR_EL1 and is not decoded")
     if mode is PagingMode.LONG:
-        return 5 if is_la57(regs) else 4
+        return 5 if la57 else 4
     return {PagingMode.BIT32: 2, PagingMode.PAE: 3}.get(mode, 0)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from volatility3.framework import constants, interfaces
 from volatility3.framework.automagic import windows as windows_automagic
 from volatility3.framework.layers import intel
 
 from ..errors import VmssdError
-from ..provider import SavedStateProvider
+from ..interface import SavedState
+from ..savedstate.cpumode import paging_levels
 
 vollog = logging.getLogger(__name__)
 
@@ -46,70 +48,59 @@ class KernelCandidate:
     reason: str | None = None
 
 
-def kernel_candidates(provider: SavedStateProvider) -> list[KernelCandidate]:
-    """One candidate per VP (active or forced VTL), in VP order."""
+#: page-table depth -> (CR3 mask, layer class, Volatility's check, architecture, PAE)
+_LAYOUTS: dict[int, tuple[int, type[intel.Intel], type[windows_automagic.Intel32LayerCheck], str, bool]] = {
+    4: (LONG_MODE_CR3_MASK, intel.WindowsIntel32e, windows_automagic.Intel64LayerCheck, "Intel64", False),
+    3: (PAE_CR3_MASK, intel.WindowsIntelPAE, windows_automagic.Intel32LayerCheck, "Intel32", True),
+    2: (BIT32_CR3_MASK, intel.WindowsIntel, windows_automagic.Intel32LayerCheck, "Intel32", False),
+}
+
+
+def _candidate(vp: int, vtl: int, regs: dict[str, Any]) -> KernelCandidate:
+    """What one register bank says about its page tables (x86 only: Volatility's Windows layers are Intel)."""
+    levels = paging_levels(regs)
+    cr3 = regs.get("cr3")
+    if not isinstance(cr3, int):
+        return KernelCandidate(vp, vtl, levels, reason="no CR3 saved")
+    if levels == 5:
+        return KernelCandidate(
+            vp, vtl, levels, cr3, reason="5-level paging (CR4.LA57): Volatility 3 has no 5-level Intel layer"
+        )
+    layout = _LAYOUTS.get(levels)
+    if layout is None:
+        return KernelCandidate(vp, vtl, levels, cr3, reason="paging is off (or not an x86 register bank)")
+    mask, layer_class, check, arch, pae = layout
+    return KernelCandidate(vp, vtl, levels, cr3, cr3 & mask, layer_class, check, arch, pae)
+
+
+def kernel_candidates(provider: SavedState) -> list[KernelCandidate]:
+    """One candidate per VP and per VTL whose registers were saved: every VP's VTL0 first, then higher VTLs.
+
+    The saved state does not say which VTL was executing (``docs/format.md``, "Which VTL is analysed"),
+    so each saved bank is a candidate; a VTL forced on a VP (``--hyperv-vtl``) is that VP's only one.
+    """
+    banks: list[tuple[int, int]] = []  # (VTL, VP): sorted, every VP's VTL0 comes first
     out: list[KernelCandidate] = []
     for vp in range(provider.vp_count()):
         try:
-            vtl = provider.get_active_virtual_trust_level(vp)
-            regs = provider.get_registers(vp)
-            levels = provider.get_paging_levels(vp)
+            vtls = (
+                [provider.get_active_virtual_trust_level(vp)]
+                if provider.is_active_virtual_trust_level_forced(vp)
+                else provider.get_virtual_trust_levels(vp)
+            )
         except VmssdError as exc:
             out.append(KernelCandidate(vp, reason=str(exc)))
             continue
-        cr3 = regs.get("cr3")
-        if not isinstance(cr3, int):
-            out.append(KernelCandidate(vp, vtl, levels, reason="no CR3 saved"))
-        elif levels == 5:
-            out.append(
-                KernelCandidate(
-                    vp, vtl, levels, cr3, reason="5-level paging (CR4.LA57): Volatility 3 has no 5-level Intel layer"
-                )
-            )
-        elif levels == 4:
-            out.append(
-                KernelCandidate(
-                    vp,
-                    vtl,
-                    levels,
-                    cr3,
-                    cr3 & LONG_MODE_CR3_MASK,
-                    intel.WindowsIntel32e,
-                    windows_automagic.Intel64LayerCheck,
-                    "Intel64",
-                    False,
-                )
-            )
-        elif levels == 3:
-            out.append(
-                KernelCandidate(
-                    vp,
-                    vtl,
-                    levels,
-                    cr3,
-                    cr3 & PAE_CR3_MASK,
-                    intel.WindowsIntelPAE,
-                    windows_automagic.Intel32LayerCheck,
-                    "Intel32",
-                    True,
-                )
-            )
-        elif levels == 2:
-            out.append(
-                KernelCandidate(
-                    vp,
-                    vtl,
-                    levels,
-                    cr3,
-                    cr3 & BIT32_CR3_MASK,
-                    intel.WindowsIntel,
-                    windows_automagic.Intel32LayerCheck,
-                    "Intel32",
-                    False,
-                )
-            )
-        else:
-            out.append(KernelCandidate(vp, vtl, levels, cr3, reason="paging is off"))
+        if not vtls:
+            out.append(KernelCandidate(vp, reason="no registers saved for any VTL"))
+        banks.extend((vtl, vp) for vtl in vtls)
+    for vtl, vp in sorted(banks):
+        try:
+            regs = provider.get_registers(vp, vtl)
+        except VmssdError as exc:
+            out.append(KernelCandidate(vp, vtl, reason=str(exc)))
+            continue
+        out.append(_candidate(vp, vtl, regs))
     return out
 
 

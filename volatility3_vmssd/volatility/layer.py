@@ -2,7 +2,7 @@
 
 The layer sits on the FileLayer of the memory file (a ``.vmrs``, or the ``.bin`` of a legacy pair,
 plus an optional second FileLayer for the ``.vsv``) and serves reads through
-:class:`~volatility3_vmssd.provider.SavedStateProvider`, which keeps decoded 1 MiB blocks in an LRU.
+:class:`~volatility3_vmssd.interface.SavedState` (either backend), which keeps decoded 1 MiB blocks in an LRU.
 It is deliberately *not* a ``LinearlyMappedLayer``: scanners would then read the file underneath
 directly and see compressed page records.
 
@@ -23,9 +23,9 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.configuration import requirements
 
 from ..errors import UnmappedAddressError, VmssdError
-from ..provider import SavedStateProvider
-from ..savedstate.rammap import BLOCK_SIZE
-from .paths import signature_kind, url_to_path
+from ..files import signature_kind, url_to_path
+from ..interface import SavedState
+from ..provider import open_saved_state
 
 vollog = logging.getLogger(__name__)
 
@@ -40,13 +40,14 @@ SMALL_READ_CACHE = 4096
 class NoSavedMemoryError(exceptions.LayerException):
     """The file is a HyperVStorage container without RamBlocks: a .vmcx, a runtime-state .vmrs or a .vsv.
 
-    ``has_ram_map`` tells a ``.vsv`` (RAM map, memory elsewhere) from a file with no memory at all.
+    ``has_ram_map`` tells a ``.vsv`` (RAM map, memory elsewhere) from a file with no memory at all;
+    ``explanation`` says what the file is and what to collect instead.
     """
 
-    def __init__(self, layer_name: str, has_ram_map: bool) -> None:
-        what = "a RAM map but no RamBlocks (a .vsv?)" if has_ram_map else "no saved guest memory"
-        super().__init__(layer_name, f"the file holds {what}")
+    def __init__(self, layer_name: str, has_ram_map: bool, explanation: str) -> None:
+        super().__init__(layer_name, explanation)
         self.has_ram_map = has_ram_map
+        self.explanation = explanation
 
 
 class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
@@ -65,17 +66,16 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
         self._base_layer: str = self.config["base_layer"]
         self._vsv_layer: str | None = self.config.get("vsv_layer", None)
         self._lock = threading.Lock()
-        self._provider: SavedStateProvider | None = None
+        self._provider: SavedState | None = None
         self._small: Callable[[int, int, bool], bytes] | None = None
         provider = self.provider  # open now: a file without saved RAM must fail stacking here
-        ram_map = provider.memory.ram_map
-        if not provider.has_saved_memory():
-            has_map = bool(ram_map.records)
+        bounds = provider.gpa_bounds() if provider.has_saved_memory() else None
+        if bounds is None:
+            has_map, why = bool(provider.memory_map()), provider.memory_absence() or "no saved guest memory"
             provider.close()
             self._provider = None
-            raise NoSavedMemoryError(name, has_map)
-        self._minimum = ram_map.minimum_gpa
-        self._maximum = ram_map.maximum_gpa
+            raise NoSavedMemoryError(name, has_map, why)
+        self._minimum, self._maximum = bounds
         self._metadata.update(
             {
                 "hyperv_file_kind": provider.kind,
@@ -114,6 +114,9 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
             requirements.IntRequirement(
                 name="kernel_vp", optional=True, description="The VP whose CR3 gave page_map_offset"
             ),
+            requirements.IntRequirement(
+                name="kernel_vtl", optional=True, description="The VTL of that VP whose CR3 gave page_map_offset"
+            ),
         ]
 
     def _kernel_metadata(self) -> dict[str, Any]:
@@ -123,17 +126,26 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
             "pae": bool(self.config.get("kernel_pae", False)),
             "page_map_offset": self.config["page_map_offset"],
             "hyperv_kernel_vp": self.config.get("kernel_vp", None),
+            "hyperv_kernel_vtl": self.config.get("kernel_vtl", None),
         }
 
-    def set_kernel_page_table(self, *, vp: int, dtb: int, architecture: str, pae: bool) -> None:
+    def set_kernel_page_table(self, *, vp: int, vtl: int | None, dtb: int, architecture: str, pae: bool) -> None:
         """Record a validated kernel DTB in the config (so it survives reconstruction) and publish it.
 
         Publishing ``os``/``architecture``/``pae``/``page_map_offset`` lets upstream's
         WindowsIntelStacker take its metadata fast path too (when ours is filtered out by
         ``--stackers``), and tells plugins such as ``windows.info`` whether the kernel uses PAE.
         """
-        values = {"page_map_offset": dtb, "kernel_architecture": architecture, "kernel_pae": pae, "kernel_vp": vp}
+        values = {
+            "page_map_offset": dtb,
+            "kernel_architecture": architecture,
+            "kernel_pae": pae,
+            "kernel_vp": vp,
+            "kernel_vtl": vtl,
+        }
         for key, value in values.items():
+            if value is None:
+                continue
             self.context.config[interfaces.configuration.path_join(self.config_path, key)] = value
         self.config_path = self.config_path  # the setter drops the cached copy of our config branch
         self._metadata.update(self._kernel_metadata())
@@ -149,22 +161,17 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
             )
         return str(path)
 
-    def _open(self) -> SavedStateProvider:
+    def _open(self) -> SavedState:
         memory_path = self._file_path(self._base_layer)
         vsv_path = self._file_path(self._vsv_layer) if self._vsv_layer else None
+        head = self.context.layers[self._base_layer].read(0, 8, pad=True)
+        if signature_kind(head) is None:
+            raise exceptions.LayerException(self.name, f"{memory_path} is not a Hyper-V saved-state file")
         try:
-            head = self.context.layers[self._base_layer].read(0, 8, pad=True)
-            kind = signature_kind(head)
-            backend = self.config.get("backend", None) or "native"
-            if kind == "storage":
-                provider = SavedStateProvider.load_vmrs(memory_path, backend=backend)
-            elif kind == "bin":
-                if vsv_path:
-                    provider = SavedStateProvider.load_bin_vsv(memory_path, vsv_path, backend=backend)
-                else:
-                    provider = SavedStateProvider.load_bin(memory_path)
-            else:
-                raise exceptions.LayerException(self.name, f"{memory_path} is not a Hyper-V saved-state file")
+            # The stacker already chose the partner (or chose none): the layer never looks for one.
+            provider = open_saved_state(
+                memory_path, vsv=vsv_path, partner=False, backend=self.config.get("backend", None) or "native"
+            )
         except (OSError, VmssdError) as exc:
             raise exceptions.LayerException(self.name, f"cannot open {memory_path}: {exc}") from exc
         vtl = self.config.get("vtl", None)
@@ -179,7 +186,7 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
         return provider
 
     @property
-    def provider(self) -> SavedStateProvider:
+    def provider(self) -> SavedState:
         """The opened saved state (reopened on first use after unpickling)."""
         provider = self._provider
         if provider is None:
@@ -224,21 +231,7 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
         """Whether every byte is backed by saved RAM; consults the index only, reads nothing."""
         if length <= 0:
             raise ValueError("Length must be positive")
-        if offset < 0:
-            return False
-        memory = self.provider.memory
-        covered = offset
-        for gpa, raw, size in memory.ram_map.runs(offset, length):
-            if gpa != covered:
-                return False
-            # One presence check per RamBlock the run touches (raw memory is 1 MiB blocks).
-            pos, end = raw, raw + size
-            while pos < end:
-                if not memory.is_backed(gpa + pos - raw):
-                    return False
-                pos = (pos // BLOCK_SIZE + 1) * BLOCK_SIZE
-            covered = gpa + size
-        return covered == offset + length
+        return self.provider.is_backed(offset, length)
 
     def mapping(
         self, offset: int, length: int, ignore_errors: bool = False
@@ -251,7 +244,7 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
         if length <= 0:
             return
         pos = offset
-        for gpa, raw, size in self.provider.memory.ram_map.runs(offset, length):
+        for gpa, raw, size in self.provider.backed_runs(offset, length):
             if gpa > pos and not ignore_errors:
                 raise exceptions.InvalidAddressException(self.name, pos, f"GPA {pos:#x} is not backed by saved RAM")
             yield gpa, size, raw, size, self._base_layer

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from volatility3.framework import interfaces, renderers
@@ -18,11 +17,11 @@ from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
 from ..errors import VmssdError
+from ..savedstate.cpumode import architecture, paging_mode
 from ..savedstate.registers import SegmentRegister, TableRegister
+from ..vmconfig import find_vm_config
 from .kernel import kernel_candidates, validate_candidate
 from .layer import HyperVSavedStateLayer
-from .paths import find_vmcx
-from .vmcx import read_vm_config
 
 vollog = logging.getLogger(__name__)
 
@@ -94,60 +93,34 @@ class _SavedStatePlugin:
 # ---------------------------------------------------------------------------------------------- info
 
 
-def _size(n: int) -> str:
-    return f"{n:,} bytes ({n / (1 << 20):,.1f} MiB)"
-
-
 def info_rows(layer: HyperVSavedStateLayer) -> Iterator[tuple[str, str]]:
-    """``(variable, value)`` rows of ``hyperv.info``; reads no guest RAM."""
+    """``(variable, value)`` rows of ``hyperv.info``; reads no guest RAM.
+
+    The summary rows are the ones ``vmssd info`` prints (one label table, in the provider interface);
+    the layer adds what only Volatility knows: the forced VTL and the kernel page table in use.
+    """
     provider = layer.provider
-    d = provider.describe()
-    kinds = {"vmrs": ".vmrs", "bin+vsv": "legacy .bin + .vsv", "bin": "legacy .bin alone (memory only, no CPU state)"}
-    yield "File kind", kinds.get(d["file_kind"], str(d["file_kind"]))
-    for path in d["files"]:
-        yield "File", str(path)
-    plain = [
-        ("Container version", "container_version"),
-        ("VM version", "vm_version"),
-        ("Saved-state type", "saved_state_type"),
-        ("Virtual processors", "vp_count"),
-        ("Processor vendor", "processor_vendor"),
-        ("Architecture (VP 0)", "architecture"),
-        ("Paging mode (VP 0)", "paging_mode"),
-        ("Guest OS", "guest_os"),
-    ]
-    for label, key in plain:
-        if d.get(key) is not None:
-            yield label, str(d[key])
-    yield "Guest RAM", _size(d["ram_bytes"])
-    yield "GPA chunks", str(d["chunk_count"])
-    yield "RamBlocks", str(d["ramblock_count"])
-    yield "Raw saved memory", _size(d["raw_saved_memory_bytes"])
-    yield "XPRESS decoder", str(d["decoder"])
-    yield "Block cache limit", f"{d['cache_limit_blocks']} blocks of 1 MiB"
-    journal = d.get("journal")
-    if journal:
-        yield "Replay log", ", ".join(f"{k} {v}" for k, v in journal.items())
+    summary = provider.summary()
+    rows = list(summary.rows())
+    findings = [row for row in rows if row[0] in ("Findings", "Finding")]
+    yield from (row for row in rows if row[0] not in ("Findings", "Finding"))
     vtl = layer.config.get("vtl", None)
     if vtl is not None:
         yield "Forced VTL", str(vtl)
     meta = layer.metadata
     if meta.get("page_map_offset") is not None:
+        vtl_used = meta.get("hyperv_kernel_vtl")
         yield (
             "Kernel DTB",
             f"{meta['page_map_offset']:#x} from the saved CR3 of VP {meta.get('hyperv_kernel_vp')}"
-            f" ({meta.get('architecture')}{', PAE' if meta.get('pae') else ''}; validated)",
+            + (f" VTL {vtl_used}" if vtl_used is not None else "")
+            + f" ({meta.get('architecture')}{', PAE' if meta.get('pae') else ''}; validated)",
         )
-    vmcx = None
-    for path in provider.paths:
-        vmcx = find_vmcx(Path(path))
-        if vmcx is not None:
-            break
+    vmcx, settings = find_vm_config(provider.paths)
     if vmcx is not None:
         yield "VM configuration", str(vmcx)
-        yield from read_vm_config(vmcx)
-    for finding in d.get("findings", []):
-        yield "Finding", str(finding)
+        yield from settings
+    yield from findings
 
 
 class InfoPlugin(_SavedStatePlugin):
@@ -193,7 +166,7 @@ class RegistersPlugin(_SavedStatePlugin):
         if layer is None:
             return
         provider = layer.provider
-        if provider.state is None:
+        if not provider.has_cpu_state():
             vollog.error("This saved state has no CPU state (a legacy .bin without its .vsv): no registers")
             return
         only = self.config.get("vp", None)  # type: ignore[attr-defined]
@@ -241,7 +214,7 @@ class PagingModePlugin(_SavedStatePlugin):
         if layer is None:
             return
         provider = layer.provider
-        if provider.state is None:
+        if not provider.has_cpu_state():
             vollog.error("This saved state has no CPU state (a legacy .bin without its .vsv): no paging mode")
             return
         context: interfaces.context.ContextInterface = self.context  # type: ignore[attr-defined]
@@ -251,11 +224,14 @@ class PagingModePlugin(_SavedStatePlugin):
         for candidate in kernel_candidates(provider):
             vp = candidate.vp
             try:
-                regs = provider.get_registers(vp)
-                arch = provider.get_architecture(vp).name
-                mode = provider.get_paging_mode(vp).name
+                used = provider.get_active_virtual_trust_level(vp)
+                regs = provider.get_registers(vp, candidate.vtl)
+                if candidate.vtl in (None, used):
+                    arch, mode = provider.get_architecture(vp).name, provider.get_paging_mode(vp).name
+                else:  # another saved VTL of the VP: read its own bank (x86 rules; the stacker is Intel only)
+                    arch, mode = architecture(regs, None).name, paging_mode(regs, None).name
             except VmssdError as exc:
-                yield 0, (vp, na, na, str(exc), na, na, na, na, na, "no")
+                yield 0, (vp, na, na, str(exc), na, na, na, na, na, "no", False)
                 continue
             if candidate.levels:
                 mode = f"{mode} ({candidate.levels}-level)"
@@ -285,6 +261,7 @@ class PagingModePlugin(_SavedStatePlugin):
                     reg("efer"),
                     dtb,
                     verdict,
+                    candidate.vtl == used,
                 ),
             )
 
@@ -301,6 +278,7 @@ class PagingModePlugin(_SavedStatePlugin):
                 ("EFER", format_hints.Hex),
                 ("DTB", format_hints.Hex),
                 ("Kernel page table", str),
+                ("VTL used", bool),
             ],
             self._generator(),
         )
@@ -319,10 +297,8 @@ class MemmapPlugin(_SavedStatePlugin):
         if layer is None:
             return
         provider = layer.provider
-        present = set(provider.memory.source.block_numbers())
         for rng in provider.memory_map():
-            first, last = rng["first_ramblock"], rng["last_ramblock"]
-            have = sum(1 for n in range(first, last + 1) if n in present)
+            first, last, have = rng["first_ramblock"], rng["last_ramblock"], rng["ramblocks_present"]
             yield (
                 0,
                 (

@@ -20,22 +20,14 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.layers import physical
 
 from ..codecs import xpress
+from ..files import find_partner, path_to_url, read_head, signature_kind, url_to_path
 from .kernel import kernel_candidates, validate_candidate
 from .layer import HyperVSavedStateLayer, NoSavedMemoryError
 from .options import option
-from .paths import find_partner, path_to_url, signature_kind, url_to_path
 
 vollog = logging.getLogger(__name__)
 
 __all__ = ["HyperVIntelStacker", "HyperVSavedStateStacker"]
-
-
-def _read_head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(8)
-    except OSError:
-        return b""
 
 
 class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
@@ -62,7 +54,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         path = url_to_path(base.location)
         if kind is None and not (path is not None and path.suffix.lower() == ".vsv"):
             return None
-        if path is None or _read_head(path) != head:
+        if path is None or read_head(path) != head:
             vollog.warning(
                 f"{base.location} looks like a Hyper-V saved state, but it is not a plain local file (remote, or"
                 " compressed and unpacked by Volatility on the fly); save it uncompressed on a local disk and"
@@ -150,7 +142,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
     ) -> HyperVSavedStateLayer | None:
         """A .vsv given with -f: the memory is in the .bin beside it."""
         bin_path, looked = find_partner(path, [".bin"])
-        if bin_path is not None and signature_kind(_read_head(bin_path)) != "bin":
+        if bin_path is not None and signature_kind(read_head(bin_path)) != "bin":
             vollog.warning(f"{bin_path} is not a legacy Hyper-V .bin (wrong signature); ignoring it")
             bin_path = None
         if bin_path is None:
@@ -249,7 +241,11 @@ class HyperVIntelStacker(interfaces.automagic.StackerLayerInterface):
                 )
                 continue
             base.set_kernel_page_table(
-                vp=candidate.vp, dtb=candidate.dtb, architecture=candidate.architecture or "Intel64", pae=candidate.pae
+                vp=candidate.vp,
+                vtl=candidate.vtl,
+                dtb=candidate.dtb,
+                architecture=candidate.architecture or "Intel64",
+                pae=candidate.pae,
             )
             vollog.log(
                 constants.LOGLEVEL_VV,

@@ -1,4 +1,4 @@
-"""The VM's own description from its configuration file (``<GUID>.vmcx``), for ``hyperv.info``.
+"""The VM's own description from its configuration file (``<GUID>.vmcx``), for ``vmssd info`` and ``hyperv.info``.
 
 A saved state says nothing about the VM's name or settings; the ``.vmcx`` beside it does.  Only keys
 seen in a real ``.vmcx`` (Hyper-V configuration version 9.0) are read; any of them may be absent.
@@ -9,11 +9,15 @@ from __future__ import annotations
 import datetime
 import os
 import struct
+from collections.abc import Iterable
+from pathlib import Path
 
-from ..errors import VmssdError
-from ..storage import HyperVStorage
+from .errors import VmssdError
+from .files import find_vmcx
+from .savedstate.vmrs import version_text
+from .storage import HyperVStorage
 
-__all__ = ["read_vm_config"]
+__all__ = ["find_vm_config", "read_vm_config"]
 
 #: (label, key path, formatter name): the rows ``hyperv.info`` shows, in order.
 VMCX_FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -36,7 +40,7 @@ def _format(kind: str, value: object) -> str | None:
     if value is None:
         return None
     if kind == "version" and isinstance(value, int):
-        return f"{value >> 8}.{value & 0xFF}"
+        return version_text(value)
     if kind == "mib" and isinstance(value, int) and not isinstance(value, bool):
         return f"{value} MiB"
     if kind == "bool" and isinstance(value, bool):
@@ -70,3 +74,12 @@ def read_vm_config(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     except (OSError, VmssdError):
         return []
     return rows
+
+
+def find_vm_config(paths: Iterable[str | os.PathLike[str]]) -> tuple[Path | None, list[tuple[str, str]]]:
+    """The ``.vmcx`` of a saved state's files (see :func:`~volatility3_vmssd.files.find_vmcx`) and its rows."""
+    for path in paths:
+        vmcx = find_vmcx(path)
+        if vmcx is not None:
+            return vmcx, read_vm_config(vmcx)
+    return None, []

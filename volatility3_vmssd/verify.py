@@ -22,8 +22,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
-from ..savedstate.registers import REGISTER_IDS, PagingMode, SegmentRegister, TableRegister
+from .errors import NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
+from .savedstate.registers import REGISTER_IDS, PagingMode, SegmentRegister, TableRegister
 
 DEFAULT_SAMPLES = 32
 _SEGMENT_FIELDS = ("base", "limit", "selector", "attributes")
@@ -360,8 +360,8 @@ def verify_files(
 ) -> VerifyReport:
     """Open ``path`` natively and with the DLL and compare.  A pending journal is committed for the DLL
     in a temporary copy (the DLL would otherwise read stale tables, or need write access to evidence)."""
-    from ..locate import open_saved_state
-    from .provider import DllSavedStateProvider
+    from .dll.provider import DllSavedStateProvider
+    from .provider import open_saved_state
 
     notes: list[str] = []
     with open_saved_state(path, vsv=vsv) as native, tempfile.TemporaryDirectory(prefix="vmssd-verify-") as tmp:
@@ -373,13 +373,13 @@ def verify_files(
             notes.append(f"the native reader recorded {len(native.findings())} finding(s); see `vmssd info`")
         if native.kind == "vmrs":
             target = native.paths[0]
-            log = native.storage.replay_log if native.storage is not None else None
-            if log is not None and log.pending_count:
+            pending = (native.summary().journal or {}).get("pending", 0)
+            if pending:
                 target = os.path.join(tmp, "committed.vmrs")
                 DllSavedStateProvider.apply_pending_replay_log(
                     native.paths[0], target, dll_path=dll_path, library=library
                 )
-                notes.append(f"{log.pending_count} pending journal entries: the DLL read a committed temporary copy")
+                notes.append(f"{pending} pending journal entries: the DLL read a committed temporary copy")
             dll = DllSavedStateProvider.load_vmrs(target, dll_path=dll_path, library=library)
         else:
             dll = DllSavedStateProvider.load_bin_vsv(

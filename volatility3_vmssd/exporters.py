@@ -24,13 +24,13 @@ from contextlib import contextmanager, suppress
 from itertools import pairwise
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import VmssdError
-from .images import ELF64_HEADER as ELF64_EHDR  # layouts declared once, beside their reader
-from .images import ELF64_PHDR, LIME_HEADER, LIME_MAGIC, LIME_VERSION, PT_LOAD, PT_NOTE
-from .registers import RegisterValue, SegmentRegister
+from .errors import VmssdError
+from .savedstate.images import ELF64_HEADER as ELF64_EHDR  # layouts declared once, beside their reader
+from .savedstate.images import ELF64_PHDR, LIME_HEADER, LIME_MAGIC, LIME_VERSION, PT_LOAD, PT_NOTE
+from .savedstate.registers import Architecture, RegisterValue, SegmentRegister
 
 if TYPE_CHECKING:
-    from ..provider import SavedStateProvider
+    from .interface import SavedState
 
 READ_SIZE = 16 << 20
 SPARSE_MIN = 1 << 20
@@ -284,18 +284,17 @@ def write_elf(
 # ------------------------------------------------------------------------------------------ provider glue
 
 
-def provider_ranges(provider: SavedStateProvider) -> list[tuple[int, int]]:
+def provider_ranges(provider: SavedState) -> list[tuple[int, int]]:
     """``(gpa, length)`` per GPA chunk, in GPA order (the ranges every format writes)."""
     page_size, chunks = provider.get_guest_physical_memory_chunks()
     return sorted((c.guest_physical_start_page_index * page_size, c.page_count * page_size) for c in chunks)
 
 
-def provider_notes(provider: SavedStateProvider) -> tuple[int, bytes]:
+def provider_notes(provider: SavedState) -> tuple[int, bytes]:
     """``(e_machine, PT_NOTE contents)``: one NT_PRSTATUS per VP from its active VTL's registers."""
-    state = provider.state
-    if state is None:
+    if not provider.has_cpu_state() or not provider.vp_count():
         return EM_X86_64, b""
-    arm = state.is_arm
+    arm = provider.get_architecture(0) == Architecture.ARMV8
     notes = []
     for i in range(provider.vp_count()):
         regs = provider.get_registers(i)
@@ -304,7 +303,7 @@ def provider_notes(provider: SavedStateProvider) -> tuple[int, bytes]:
     return (EM_AARCH64 if arm else EM_X86_64), b"".join(notes)
 
 
-def export(provider: SavedStateProvider, out: BinaryIO, fmt: str, *, progress: Progress | None = None) -> ExportReport:
+def export(provider: SavedState, out: BinaryIO, fmt: str, *, progress: Progress | None = None) -> ExportReport:
     """Write the saved state's RAM to ``out`` as ``fmt`` (raw, lime or elf), streaming."""
     ranges = provider_ranges(provider)
     read = provider.read_guest_physical_address_padded

@@ -1,0 +1,133 @@
+"""What a file is, and which files belong with it: one rule for the CLI, the stackers, the layer and triage.
+
+Hyper-V names the files of one saved state after the VM (or snapshot) GUID: ``<GUID>.vmrs``, or the
+legacy pair ``<GUID>.bin`` + ``<GUID>.vsv``, with ``<GUID>.vmcx`` beside them.  Extension case varies
+between hosts and copies, so partners are matched on disk: an exact base name first, then one that
+differs only in case.  Only regular files pair; a directory named ``a.VSV`` is never a partner.
+
+Volatility hands locations around as ``file:`` URLs, so the two conversions live here too.  Nothing
+here imports Volatility (see ``docs/format.md`` for the signatures).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from .savedstate.legacy_bin import BIN_SIGNATURE
+from .storage.defs import FILE_SIGNATURE
+
+__all__ = [
+    "BIN_SIGNATURE",
+    "STORAGE_SIGNATURE",
+    "find_partner",
+    "find_vmcx",
+    "path_to_url",
+    "read_head",
+    "signature_kind",
+    "sniff",
+    "url_to_path",
+]
+
+STORAGE_SIGNATURE = FILE_SIGNATURE  # .vmrs, .vmcx, .vmgs and modern .vsv files
+_U32 = struct.Struct("<I")
+HEAD_SIZE = 8
+
+
+def signature_kind(head: bytes) -> str | None:
+    """'storage' (HyperVStorage container), 'bin' (legacy memory file) or None, from a file's first bytes."""
+    if len(head) < 4:
+        return None
+    return {STORAGE_SIGNATURE: "storage", BIN_SIGNATURE: "bin"}.get(_U32.unpack_from(head)[0])
+
+
+def read_head(path: str | os.PathLike[str]) -> bytes:
+    """The first bytes of a file (b"" when it cannot be read): enough for :func:`signature_kind`."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(HEAD_SIZE)
+    except OSError:
+        return b""
+
+
+def sniff(path: str | os.PathLike[str]) -> str | None:
+    """:func:`signature_kind` of a file on disk; OSError (missing, a directory, unreadable) propagates."""
+    with open(path, "rb") as fh:
+        return signature_kind(fh.read(HEAD_SIZE))
+
+
+def _listing(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return []
+
+
+def find_partner(path: str | os.PathLike[str], extensions: Sequence[str]) -> tuple[Path | None, list[Path]]:
+    """The regular file beside ``path`` with the same base name and one of ``extensions`` (any case).
+
+    Returns the partner (an exact base-name match is preferred over a case-insensitive one, earlier
+    extensions over later ones) and the paths looked at, for a message that tells the user where the
+    partner has to be.
+    """
+    path = Path(path)
+    looked = [path.with_suffix(ext) for ext in extensions]
+    names = [n for n in _listing(path.parent) if n != path.name]
+    for fold in (False, True):
+        for ext in extensions:
+            for name in names:
+                cand = Path(name)
+                if cand.suffix.lower() != ext.lower():
+                    continue
+                same = cand.stem.casefold() == path.stem.casefold() if fold else cand.stem == path.stem
+                if same and (path.parent / name).is_file():
+                    return path.parent / name, looked
+    return None, looked
+
+
+def find_vmcx(path: str | os.PathLike[str]) -> Path | None:
+    """The VM configuration (``<GUID>.vmcx``) that belongs to a saved state, if it is on disk.
+
+    Hyper-V keeps ``<VM GUID>.vmcx`` beside ``<VM GUID>.vmrs`` in ``Virtual Machines/`` and
+    ``<snapshot GUID>.vmcx`` beside the snapshot's ``.vmrs`` in ``Snapshots/``; a copied evidence set
+    may have either layout, so the sibling folder of the other name is tried as well.
+    """
+    path = Path(path)
+    found, _ = find_partner(path, [".vmcx"])
+    if found is not None:
+        return found
+    parent = path.parent
+    for other in ("Virtual Machines", "Snapshots"):
+        for folder in (parent / other, parent.parent / other):
+            if folder != parent and folder.is_dir():
+                found, _ = find_partner(folder / path.name, [".vmcx"])
+                if found is not None:
+                    return found
+    return None
+
+
+def url_to_path(location: str) -> Path | None:
+    """The local path behind a Volatility location, or None for anything that is not a local file.
+
+    ``file:`` URLs are parsed (not sliced) so that ``%20``, non-ASCII names, ``localhost`` hosts and
+    Windows drive letters come out right; a bare path (no scheme, or a drive letter) is accepted too.
+    """
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        if parsed.netloc and parsed.netloc.lower() != "localhost":
+            if os.name != "nt":
+                return None
+            return Path(url2pathname(f"//{parsed.netloc}{parsed.path}"))  # UNC share
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(location)
+    return None
+
+
+def path_to_url(path: str | os.PathLike[str]) -> str:
+    """A ``file:`` URL as Volatility builds them (absolute, percent-encoded)."""
+    return Path(os.path.abspath(path)).as_uri()
