@@ -68,6 +68,7 @@ VP_INDICES_BSP = struct.Struct("<I")  # then the present-VP bitmap [1]
 VP_INDICES_MIN_BITMAP = 8  # bytes; openvmm: "must cover at least 64 VPs"
 MAX_VP_BITMAP_BYTES = 1024  # 8192 VPs: far above Hyper-V's limits; caps the bitmap walk
 OB_SAVE_CHUNK_VP = struct.Struct("<I")  # VP index (written padded to 16) [2]
+MARKER_DATA_LENGTH = 16  # PartitionVtl, VP and VP VTL markers: their value zero-padded to 16 bytes (openvmm)
 VP_VTL_CONTROL_PAGE = struct.Struct("<24sB7x")  # VP-assist VTL control bytes, VtlIsRunnable [2]
 PROLOG_VENDORS: frozenset[int] = frozenset(int(v) for v in PrologVendor)
 MAX_VTL = 15  # HV_VTL is a u8, but the enabled-VTL bitmaps are u32 and Hyper-V defines at most 16 [inf]

@@ -166,17 +166,10 @@ def _encode_vmsrs(regs: Mapping[str, RegisterValue]) -> tuple[int, ...]:
     return tuple(values)
 
 
-# Writer order (the brief's openvmm-like order); the parser accepts any order.
+# Writer order: openvmm's (docs/format.md#register-chunks); the parser accepts any order.
 X64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
     _flat_chunk(ChunkId.GP_REGISTERS, X64_GP_REGISTERS, X64_GP_REGISTER_NAMES),
-    _wide_chunk(
-        ChunkId.FP_REGISTERS,
-        X64_FP_REGISTERS,
-        (*X64_XMM_NAMES, *X64_FPMMX_NAMES, "fpcontrolstatus", "xmmcontrolstatus"),
-        (),
-    ),
     _flat_chunk(ChunkId.CONTROL_REGISTERS, X64_CONTROL_REGISTERS, X64_CONTROL_REGISTER_NAMES),
-    _flat_chunk(ChunkId.DEBUG_REGISTERS, X64_DEBUG_REGISTERS, X64_DEBUG_REGISTER_NAMES),
     RegisterChunk(
         ChunkId.SEGMENT_REGISTERS,
         X64_SEGMENT_REGISTERS,
@@ -187,6 +180,15 @@ X64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
     RegisterChunk(
         ChunkId.TABLE_REGISTERS, X64_TABLE_REGISTERS, X64_TABLE_REGISTER_NAMES, _decode_tables, _encode_tables
     ),
+    _flat_chunk(ChunkId.DEBUG_REGISTERS, X64_DEBUG_REGISTERS, X64_DEBUG_REGISTER_NAMES),
+    _wide_chunk(
+        ChunkId.FP_REGISTERS,
+        X64_FP_REGISTERS,
+        (*X64_XMM_NAMES, *X64_FPMMX_NAMES, "fpcontrolstatus", "xmmcontrolstatus"),
+        (),
+    ),
+    _flat_chunk(ChunkId.XSAVE_CONTROL, X64_XSAVE_CONTROL, ("xcr0",)),
+    # Not written by openvmm: ours, after its chunks, and only when the caller gave one of its names.
     RegisterChunk(
         ChunkId.VIRTUAL_MSRS,
         X64_VIRTUAL_MSRS,
@@ -195,13 +197,12 @@ X64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
         _encode_vmsrs,
         optional=True,
     ),
-    _flat_chunk(ChunkId.XSAVE_CONTROL, X64_XSAVE_CONTROL, ("xcr0",)),
 )
 ARM64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
     _flat_chunk(ChunkId.GP_REGISTERS, ARM64_GP_REGISTERS, ARM64_GP_REGISTER_NAMES),
-    _wide_chunk(ChunkId.FP_REGISTERS, ARM64_FP_REGISTERS, ARM64_Q_NAMES, ("fpsr", "fpcr")),
     _flat_chunk(ChunkId.CONTROL_REGISTERS, ARM64_CONTROL_REGISTERS, ARM64_CONTROL_REGISTER_NAMES),
     _flat_chunk(ChunkId.TABLE_REGISTERS, ARM64_TABLE_REGISTERS, ARM64_TABLE_REGISTER_NAMES),
+    _wide_chunk(ChunkId.FP_REGISTERS, ARM64_FP_REGISTERS, ARM64_Q_NAMES, ("fpsr", "fpcr")),
 )
 X64_CHUNKS_BY_ID: dict[int, RegisterChunk] = {c.chunk_id: c for c in X64_REGISTER_CHUNKS}
 ARM64_CHUNKS_BY_ID: dict[int, RegisterChunk] = {c.chunk_id: c for c in ARM64_REGISTER_CHUNKS}
