@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
 from ..provider import GpaMemoryChunk
+from ..savedstate.cpumode import arm64_paging_levels
 from ..savedstate.partition_state import GuestOsInfo, decode_guest_os_id
 from ..savedstate.rammap import BLOCK_SIZE, RamMap, RamMemoryBlockRecord
 from ..savedstate.registers import (
@@ -551,11 +552,14 @@ class DllSavedStateProvider:
         return isinstance(cr4, int) and bool(cr4 & _CR4_LA57)
 
     def get_paging_levels(self, vp: int) -> int:
-        """0 (no paging), 2, 3, 4 or 5, from GetPagingMode plus CR4.LA57."""
+        """0 (no paging), 2, 3, 4 or 5, from GetPagingMode plus CR4.LA57; ARMv8 from TCR_EL1 as natively."""
         mode = self.get_paging_mode(vp)
         if mode == PagingMode.LONG:
             return 5 if self.is_five_level_paging(vp) else 4
-        return {PagingMode.BIT32: 2, PagingMode.PAE: 3, PagingMode.ARMV8: 4}.get(mode, 0)
+        if mode == PagingMode.ARMV8:
+            names = ("sctlr_el1", "tcr_el1")
+            return arm64_paging_levels({n: self.get_register_value(vp, n) for n in names})
+        return {PagingMode.BIT32: 2, PagingMode.PAE: 3}.get(mode, 0)
 
     def _raw_runs(self, page: int, count: int) -> list[tuple[int, int, int]]:
         """Split a GPA chunk into runs stored contiguously in raw saved memory: (page, count, raw offset).
