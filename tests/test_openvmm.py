@@ -235,9 +235,7 @@ def structure(path: Path) -> tuple[dict[str, str], list[tuple[int, int]], bytes,
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_vmssd_create_raw_blocks_has_openvmm_structure(
-    unpacked: dict[str, Path], tmp_path: Path, name: str
-) -> None:
+def test_vmssd_create_raw_blocks_has_openvmm_structure(unpacked: dict[str, Path], tmp_path: Path, name: str) -> None:
     lime = write_lime(tmp_path / f"{name}.lime", RANGES[name])
     ours = tmp_path / f"{name}.vmrs"
     run = vmssd(
