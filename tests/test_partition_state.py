@@ -789,3 +789,84 @@ def test_registers_json_rejects_bad_input() -> None:
         registers_from_json([])
     doc = {"format": "hvtest-registers/1", "vps": [{"vp_index": 1}, {"vp_index": 0, "rip": 5}]}
     assert registers_from_json(doc) == [{"rip": 5}, {}]
+
+
+# ---------------------------------------------------------------------------------------------
+# guest OS id per VTL, markers without registers, 16-byte-aligned streams
+# ---------------------------------------------------------------------------------------------
+
+
+def test_os_id_chunks_are_kept_per_vtl_and_never_overwritten() -> None:
+    """An OsId chunk belongs to the VTL of the PartitionVtl chunk before it (VTL0 before any)."""
+
+    def os_id(value: int) -> bytes:
+        return chunk(ChunkId.OS_ID, struct.pack("<Q8x", value))
+
+    def vtl(n: int) -> bytes:
+        return chunk(ChunkId.PARTITION_VTL, bytes([n]) + bytes(15))
+
+    stream = (
+        chunk(ChunkId.PROLOG, struct.pack("<IB3xI", 0x50546475, 0, 1))
+        + os_id(WINDOWS_10_OS_ID)
+        + vtl(0)
+        + vtl(1)
+        + os_id(LINUX_OS_ID)
+        + os_id(0x1234)  # a second one for VTL1: reported, the first one kept
+        + chunk(ChunkId.VP, bytes(16))
+        + chunk(ChunkId.EPILOG)
+    )
+    parsed, findings = parse(envelope(stream))
+    assert parsed.guest_os_ids == {0: WINDOWS_10_OS_ID, 1: LINUX_OS_ID}
+    assert parsed.guest_os_id == WINDOWS_10_OS_ID and parsed.guest_os_info.value == WINDOWS_10_OS_ID  # type: ignore[union-attr]
+    assert parsed.guest_os_info_for(1).value == LINUX_OS_ID  # type: ignore[union-attr]
+    assert parsed.guest_os_info_for(2) is None
+    (note,) = [f for f in findings if f.kind == "os-id"]
+    assert "2 occurrences" in note.message and f"{LINUX_OS_ID:#018x}" in note.message
+    rebuilt, again = parse(build_partition_state(parsed))
+    assert rebuilt.guest_os_ids == parsed.guest_os_ids and [f.kind for f in again] == ["os-id"]
+
+
+def test_writer_control_page_and_marker_only_banks() -> None:
+    state = PartitionState(
+        processor_vendor=PrologVendor.INTEL,
+        vps=[VpState(0, registers={0: x64_registers(1), 2: {}}), VpState(5, registers={0: x64_registers(2)})],
+    )
+    blob = build_partition_state(state)
+    stream = chunk_stream(blob)
+    ids = [cid for _, cid, _ in stream]
+    assert ids[:6] == [
+        ChunkId.PROLOG,
+        ChunkId.OS_ID,
+        ChunkId.PARTITION_VTL,
+        ChunkId.PARTITION_VTL,
+        ChunkId.VP_INDICES,
+        ChunkId.VP,
+    ]
+    assert ids[6] == ChunkId.VP_VTL_CONTROL_PAGE and ids.count(ChunkId.VP_VTL_CONTROL_PAGE) == 1
+    control_at = stream[6][0] + 16
+    assert blob[control_at + 24] == 1  # VtlIsRunnable as openvmm writes it when the state does not say
+    vp2 = ids.index(ChunkId.VP, 6)
+    assert ids[vp2 - 1] == ChunkId.VP_VTL  # VTL2's marker, and nothing after it for VP 0
+    parsed, findings = parse(blob)
+    assert parsed.vps[0].registers[2] == {} and parsed.vps[0].vtl_runnable is True
+    assert parsed.vps[0].saved_vtls() == [0, 2] and parsed.vps[0].register_vtls() == [0]
+    assert parsed.present_vp_indices == [0, 5] and parsed.partition_vtls == [0, 2]
+    assert [f.kind for f in findings] == ["vtl-not-recorded"]
+
+
+def test_reader_accepts_16_byte_aligned_streams() -> None:
+    """Older writers padded every chunk to 16 bytes (VpIndices of 16): still read, nothing reported."""
+    stream = (
+        chunk(ChunkId.PROLOG, struct.pack("<IB3xI", 0x50546475, 0, 1).ljust(4064, b"\0"))
+        + chunk(ChunkId.OS_ID, struct.pack("<Q8x", LINUX_OS_ID))
+        + chunk(ChunkId.PARTITION_VTL, bytes(16))
+        + chunk(ChunkId.VP_INDICES, struct.pack("<I", 0) + bytes([1]) + bytes(11))
+        + chunk(ChunkId.VP, bytes(16))
+        + chunk(ChunkId.VP_VTL, bytes(16))
+        + chunk(ChunkId.CONTROL_REGISTERS, struct.pack("<6Q", 1, 2, 3, 4, 5, 6))
+        + chunk(ChunkId.EPILOG)
+    )
+    assert all(length % 16 == 0 for _, _, length in chunk_stream(envelope(stream)))
+    parsed, findings = parse(envelope(stream))
+    assert list(findings) == []
+    assert parsed.present_vp_indices == [0] and parsed.vps[0].registers[0]["cr3"] == 3

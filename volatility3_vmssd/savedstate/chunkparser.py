@@ -201,8 +201,9 @@ class _Parser:
                 "vtl-not-recorded",
                 f"VP{'s' if many else ''} {shown} hold{'' if many else 's'} VTLs {', '.join(map(str, vtls))}:"
                 " the saved state does not record which VTL was executing (VtlIsRunnable only says that a"
-                f" higher VTL can run); VTL {used} is used"
-                + (f" (no registers saved for VTL {', '.join(map(str, empty))})" if empty else ""),
+                " higher VTL can run); "
+                + (f"VTL {used} is used" if with_registers else "none of them has saved registers")
+                + (f" (no registers saved for VTL {', '.join(map(str, empty))})" if empty and with_registers else ""),
             )
 
     def dispatch(self, chunk_id: int, payload: memoryview, offset: int) -> None:

@@ -66,7 +66,8 @@ def build_partition_state(state: PartitionState) -> bytes:
     a 12-byte VpIndices chunk, then per VP its marker, a VP VTL control page when it holds more than
     one VTL (VtlIsRunnable 1 unless the state says otherwise, as openvmm writes it), and per VTL a VP
     VTL marker followed by the register chunks in openvmm's order.  Chunks are not padded.  Names
-    missing from a bank are written as 0; names the layout cannot hold raise ValueError.
+    missing from a bank are written as 0, an empty bank as its marker alone; names the layout cannot
+    hold raise ValueError.
     """
     try:
         return _build(state)
@@ -117,6 +118,8 @@ def _build(state: PartitionState) -> bytes:
             if unknown:
                 raise ValueError(f"VP {vp.index} VTL {vtl}: the chunk layouts have no slot for {unknown}")
             out += _chunk(ChunkId.VP_VTL, OB_SAVE_CHUNK_VTL.pack(vtl), MARKER_DATA_LENGTH)
+            if not regs:
+                continue  # a VTL present without saved registers: its marker only, nothing invented
             for chunk in chunks:
                 if chunk.optional and not any(name in regs for name in chunk.names):
                     continue
