@@ -29,7 +29,10 @@ def architecture(regs: Mapping[str, RegisterValue], vendor: int | None) -> Archi
 
 
 def paging_mode(regs: Mapping[str, RegisterValue], vendor: int | None) -> PagingMode:
-    """EFER.LMA -> Long; else CR0.PG clear -> NonPaged; CR4.PAE -> Pae; else 32Bit (spec §4.3)."""
+    """EFER.LMA -> Long; else CR0.PG clear -> NonPaged; CR4.PAE -> Pae; else 32Bit.
+
+    See docs/format.md#architecture-and-paging-mode.
+    """
     arch = architecture(regs, vendor)
     if arch is Architecture.ARMV8:
         return PagingMode.ARMV8

@@ -28,27 +28,27 @@ from .registers import (
     TableRegister,
 )
 
-X64_GP_REGISTERS = struct.Struct("<18Q")  # 144 [3]
-X64_FP_REGISTERS = struct.Struct("<52Q")  # 416 = 26 x 128-bit [3]
-X64_CONTROL_REGISTERS = struct.Struct("<6Q")  # 48 [3]
-X64_DEBUG_REGISTERS = struct.Struct("<6Q")  # 48 [2]
-X64_SEGMENT_REGISTERS = struct.Struct("<" + "QIHH" * 8 + "B15x")  # 144: ES CS SS DS FS GS LDTR TR, CPL [2]
-X64_TABLE_REGISTERS = struct.Struct("<6xHQ6xHQ")  # 32: IDTR, GDTR [2]
-X64_VIRTUAL_MSRS = struct.Struct("<12Q")  # 96 [1?]
+X64_GP_REGISTERS = struct.Struct("<18Q")  # 144
+X64_FP_REGISTERS = struct.Struct("<52Q")  # 416 = 26 x 128-bit
+X64_CONTROL_REGISTERS = struct.Struct("<6Q")  # 48
+X64_DEBUG_REGISTERS = struct.Struct("<6Q")  # 48
+X64_SEGMENT_REGISTERS = struct.Struct("<" + "QIHH" * 8 + "B15x")  # 144: ES CS SS DS FS GS LDTR TR, CPL
+X64_TABLE_REGISTERS = struct.Struct("<6xHQ6xHQ")  # 32: IDTR, GDTR
+X64_VIRTUAL_MSRS = struct.Struct("<12Q")  # 96, one source only (docs/format.md#virtual-msrs)
 X64_VIRTUAL_MSR_SLOTS: tuple[tuple[int, str], ...] = (
-    (0, "tsc"),  # [1?] "TSC?" even in the one source
-    (1, "kernelgsbase"),  # [1?]
-    (2, "apicbase"),  # [1?]
-    (7, "star"),  # [1?]
-    (8, "lstar"),  # [1?]
-    (9, "cstar"),  # [1?]
-    (10, "sfmask"),  # [1?]
+    (0, "tsc"),  # marked uncertain even in its one source
+    (1, "kernelgsbase"),
+    (2, "apicbase"),
+    (7, "star"),
+    (8, "lstar"),
+    (9, "cstar"),
+    (10, "sfmask"),
 )
-X64_XSAVE_CONTROL = struct.Struct("<Q56x")  # 64: XCR0 + 7 reserved u64 [2]
-ARM64_GP_REGISTERS = struct.Struct("<42Q")  # 336 [1]
-ARM64_FP_REGISTERS = struct.Struct("<66Q")  # 528: Q0-Q31, u64 FPSR, u64 FPCR [1]
-ARM64_CONTROL_REGISTERS = struct.Struct("<16Q")  # 128 [1]
-ARM64_TABLE_REGISTERS = struct.Struct("<3Q8x")  # 32: TTBR0, TTBR1, VBAR, pad [1]
+X64_XSAVE_CONTROL = struct.Struct("<Q56x")  # 64: XCR0 + 7 reserved u64
+ARM64_GP_REGISTERS = struct.Struct("<42Q")  # 336
+ARM64_FP_REGISTERS = struct.Struct("<66Q")  # 528: Q0-Q31, u64 FPSR, u64 FPCR
+ARM64_CONTROL_REGISTERS = struct.Struct("<16Q")  # 128
+ARM64_TABLE_REGISTERS = struct.Struct("<3Q8x")  # 32: TTBR0, TTBR1, VBAR, pad
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
