@@ -21,6 +21,7 @@ from shared_data import REPO
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.errors import Findings
 from volatility3_vmssd.savedstate.chunkparser import parse_partition_state
+from volatility3_vmssd.savedstate.cpujson import state_from_json
 from volatility3_vmssd.storage import HyperVStorage
 
 CLI = [sys.executable, "-m", "volatility3_vmssd.cli.main"]
@@ -121,6 +122,13 @@ def test_vtl0_and_vtl1_use_vtl0_whatever_vtl_is_runnable_says(tmp_path: Path) ->
     assert state.guest_os_info_for(1).value == SECURE_OS_ID  # type: ignore[union-attr]
     assert state.guest_os_info_for(2) is None
     assert [f.kind for f in findings] == ["os-id", "vtl-not-recorded"]
+    # vmssd registers --json gives both ids back, in the form vmssd create reads.
+    run = vmssd("registers", "--json", path)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert (int(doc["guest_os_id"], 16), int(doc["guest_os_ids"]["1"], 16)) == (LOW_OS_ID, SECURE_OS_ID)
+    assert [vp["vtl_runnable"] for vp in doc["vps"]] == [True, True, False]
+    assert state_from_json(doc).guest_os_ids == state.guest_os_ids
 
 
 def test_vtl0_and_vtl2_paravisor_never_picks_a_vtl_without_registers(tmp_path: Path) -> None:
