@@ -123,7 +123,7 @@ def kinds(findings: Findings) -> list[str]:
 def two_vp_state() -> PartitionState:
     return PartitionState(
         processor_vendor=PrologVendor.INTEL,
-        guest_os_id=WINDOWS_10_OS_ID,
+        guest_os_ids={0: WINDOWS_10_OS_ID},
         partition_vtls=[0, 1],
         bsp_index=0,
         vps=[
@@ -141,7 +141,7 @@ def two_vp_state() -> PartitionState:
 def test_round_trip_one_vp_every_register_group() -> None:
     state = PartitionState(
         processor_vendor=PrologVendor.AMD,
-        guest_os_id=LINUX_OS_ID,
+        guest_os_ids={0: LINUX_OS_ID},
         partition_vtls=[0],
         bsp_index=0,
         vps=[VpState(0, registers={0: x64_registers(7)})],
@@ -169,7 +169,10 @@ def test_round_trip_two_vps_two_vtls_and_active_vtl() -> None:
     state = two_vp_state()
     blob = build_partition_state(state)
     parsed, findings = parse(blob)
-    assert list(findings) == []
+    assert kinds(findings) == ["vtl-not-recorded"]
+    (finding,) = findings
+    assert "VPs 0, 1 hold VTLs 0, 1" in finding.message and "VTL 0 is used" in finding.message
+    assert finding.offset == 40
     assert [vp.index for vp in parsed.vps] == [0, 1]
     assert parsed.partition_vtls == [0, 1]
     assert parsed.enabled_vtls_bitmap() == 0b11
@@ -177,9 +180,9 @@ def test_round_trip_two_vps_two_vtls_and_active_vtl() -> None:
         assert got.registers == want.registers
         assert got.vtl_runnable is want.vtl_runnable
         assert got.enabled_vtls_bitmap() == 0b11
-    assert parsed.vps[0].active_vtl() == 1  # VtlIsRunnable set -> VTL1 (our reading)
-    assert parsed.vps[1].active_vtl() == 0
-    assert parsed.vps[0].active_registers() == state.vps[0].registers[1]
+    # VtlIsRunnable (set on VP 0, clear on VP 1) does not say which VTL ran: VTL0 is used on both.
+    assert parsed.vps[0].active_vtl() == 0 and parsed.vps[1].active_vtl() == 0
+    assert parsed.vps[0].active_registers() == state.vps[0].registers[0]
     assert parsed.get_vp(1) is parsed.vps[1]
     with pytest.raises(NotFoundError):
         parsed.get_vp(5)
@@ -192,16 +195,16 @@ def test_writer_chunk_order_and_sizes() -> None:
     stream = chunk_stream(blob)
     assert stream[0][0] == 40
     ids = [cid for _, cid, _ in stream]
-    per_vtl = [
+    per_vtl = [  # openvmm's order; the virtual-MSR chunk (not written by openvmm) last
         ChunkId.VP_VTL,
         ChunkId.GP_REGISTERS,
-        ChunkId.FP_REGISTERS,
         ChunkId.CONTROL_REGISTERS,
-        ChunkId.DEBUG_REGISTERS,
         ChunkId.SEGMENT_REGISTERS,
         ChunkId.TABLE_REGISTERS,
-        ChunkId.VIRTUAL_MSRS,
+        ChunkId.DEBUG_REGISTERS,
+        ChunkId.FP_REGISTERS,
         ChunkId.XSAVE_CONTROL,
+        ChunkId.VIRTUAL_MSRS,
     ]
     per_vp = [ChunkId.VP, ChunkId.VP_VTL_CONTROL_PAGE, *per_vtl, *per_vtl]
     assert ids == [
@@ -226,7 +229,10 @@ def test_writer_chunk_order_and_sizes() -> None:
     assert sizes[ChunkId.XSAVE_CONTROL] == 64
     assert sizes[ChunkId.VP_VTL_CONTROL_PAGE] == 32
     assert sizes[ChunkId.EPILOG] == 0
-    assert all(length % 16 == 0 for _, _, length in stream)
+    assert sizes[ChunkId.VP_INDICES] == 12  # u32 BSP + 8-byte bitmap: later chunks are not 16-aligned
+    assert {sizes[c] for c in (ChunkId.OS_ID, ChunkId.PARTITION_VTL, ChunkId.VP, ChunkId.VP_VTL)} == {16}
+    vp_indices_at = next(pos for pos, cid, _ in stream if cid == ChunkId.VP_INDICES)
+    assert all(pos % 16 == 4 for pos, _, _ in stream if pos > vp_indices_at)
     assert stream[-1][0] + 16 == len(blob)
 
 
@@ -267,7 +273,7 @@ def test_missing_registers_written_as_zero_and_vmsr_chunk_optional() -> None:
 def test_round_trip_arm64() -> None:
     state = PartitionState(
         processor_vendor=PrologVendor.ARM,
-        guest_os_id=0,
+        guest_os_ids={0: 0},
         partition_vtls=[0],
         bsp_index=0,
         vps=[VpState(0, registers={0: arm64_registers(5)}), VpState(1, registers={0: arm64_registers(6)})],
@@ -307,7 +313,7 @@ def test_writer_rejects_what_it_cannot_place() -> None:
     with pytest.raises(ValueError, match="cannot write"):
         build_partition_state(PartitionState(partition_vtls=[256]))
     with pytest.raises(ValueError, match="cannot write"):
-        build_partition_state(PartitionState(guest_os_id=1 << 64))
+        build_partition_state(PartitionState(guest_os_ids={0: 1 << 64}))
 
 
 def test_parses_memoryview_and_applies_base_offset() -> None:
@@ -376,12 +382,22 @@ def test_vendor_mapping() -> None:
 
 
 def test_active_vtl_rule() -> None:
-    assert active_vtl_rule([0], None) == 0
-    assert active_vtl_rule([1], None) == 1
-    assert active_vtl_rule([], None) == 0
-    assert active_vtl_rule([0, 1], True) == 1
-    assert active_vtl_rule([0, 1], False) == 0
-    assert active_vtl_rule([0, 1], None) == 0
+    """VTL0 when it has registers, else the lowest VTL with registers; VtlIsRunnable plays no part."""
+    assert active_vtl_rule([0]) == 0
+    assert active_vtl_rule([1]) == 1
+    assert active_vtl_rule([]) == 0
+    assert active_vtl_rule([0, 1]) == 0
+    assert active_vtl_rule([0, 2]) == 0
+    assert active_vtl_rule([1, 2]) == 1
+    assert active_vtl_rule([2]) == 2
+    for runnable in (None, False, True):
+        vp = VpState(0, vtl_runnable=runnable, registers={0: {"rax": 1}, 1: {"rax": 2}})
+        assert vp.active_vtl() == 0 and vp.active_registers() == {"rax": 1}
+    # A VTL marker without registers is never chosen, even when VTL0 has none either.
+    empty_vtl0 = VpState(0, registers={0: {}, 2: {"rax": 5}})
+    assert empty_vtl0.saved_vtls() == [0, 2] and empty_vtl0.register_vtls() == [2]
+    assert empty_vtl0.active_vtl() == 2 and empty_vtl0.active_registers() == {"rax": 5}
+    assert VpState(0, registers={0: {"rax": 1}, 1: {}}).active_vtl() == 0
     assert VpState(0).enabled_vtls_bitmap() == 1
 
 
@@ -510,7 +526,7 @@ def test_unknown_chunks_skipped_and_reported_once_per_id() -> None:
     parsed, findings = parse(bytes(mutated))
     unknown = [f for f in findings if f.kind == "unknown-chunk"]
     assert len(unknown) == 2
-    assert list(findings) == unknown  # CPUID is a known id: skipped silently
+    assert [f for f in findings if f.kind != "vtl-not-recorded"] == unknown  # CPUID is known: skipped silently
     assert "0x12345678" in unknown[0].message and "3 occurrences" in unknown[0].message
     assert unknown[0].offset == gp
     assert unknown[1].offset == gp + 3 * 48
@@ -557,7 +573,8 @@ def test_register_chunks_before_vtl_marker_belong_to_vtl0() -> None:
         + chunk(ChunkId.EPILOG)
     )
     parsed, findings = parse(envelope(stream))
-    assert list(findings) == []
+    assert kinds(findings) == ["vtl-not-recorded"]
+    assert "VP 3 holds VTLs 0, 1" in findings[0].message
     assert [vp.index for vp in parsed.vps] == [3, 4]
     assert parsed.vps[0].registers[0]["cr3"] == 3
     assert parsed.vps[0].registers[1]["cr3"] == 9
@@ -648,7 +665,7 @@ def test_absurd_total_size_is_clamped_with_a_finding() -> None:
     blob = bytearray(build_partition_state(two_vp_state()))
     struct.pack_into("<Q", blob, 16, (1 << 64) - 1)
     parsed, findings = parse(bytes(blob))
-    assert kinds(findings) == ["truncated"]
+    assert kinds(findings) == ["truncated", "vtl-not-recorded"]
     assert parsed.vp_count == 2
     with pytest.raises(TruncatedError):
         parse(bytes(blob), strict=True)
@@ -669,7 +686,7 @@ def test_truncated_blob() -> None:
         parse(blob[: len(blob) // 2])  # TotalSize clamped, then a chunk runs off the end
     parsed, findings = parse(blob[:-16])  # cut exactly before the Epilog
     assert parsed.vp_count == 2
-    assert kinds(findings) == ["truncated", "no-epilog"]
+    assert kinds(findings) == ["truncated", "no-epilog", "vtl-not-recorded"]
 
 
 def test_huge_vp_bitmap_is_bounded() -> None:
@@ -748,7 +765,7 @@ def test_real_linux_guest_registers_load_and_round_trip() -> None:
     # the qemu64 CPU reports AMD; write it as a saved state and read it back unchanged
     state = PartitionState(
         processor_vendor=PrologVendor.AMD,
-        guest_os_id=0,
+        guest_os_ids={0: 0},
         partition_vtls=[0],
         bsp_index=0,
         vps=[VpState(i, registers={0: regs}) for i, regs in enumerate(vps)],
@@ -772,3 +789,84 @@ def test_registers_json_rejects_bad_input() -> None:
         registers_from_json([])
     doc = {"format": "hvtest-registers/1", "vps": [{"vp_index": 1}, {"vp_index": 0, "rip": 5}]}
     assert registers_from_json(doc) == [{"rip": 5}, {}]
+
+
+# ---------------------------------------------------------------------------------------------
+# guest OS id per VTL, markers without registers, 16-byte-aligned streams
+# ---------------------------------------------------------------------------------------------
+
+
+def test_os_id_chunks_are_kept_per_vtl_and_never_overwritten() -> None:
+    """An OsId chunk belongs to the VTL of the PartitionVtl chunk before it (VTL0 before any)."""
+
+    def os_id(value: int) -> bytes:
+        return chunk(ChunkId.OS_ID, struct.pack("<Q8x", value))
+
+    def vtl(n: int) -> bytes:
+        return chunk(ChunkId.PARTITION_VTL, bytes([n]) + bytes(15))
+
+    stream = (
+        chunk(ChunkId.PROLOG, struct.pack("<IB3xI", 0x50546475, 0, 1))
+        + os_id(WINDOWS_10_OS_ID)
+        + vtl(0)
+        + vtl(1)
+        + os_id(LINUX_OS_ID)
+        + os_id(0x1234)  # a second one for VTL1: reported, the first one kept
+        + chunk(ChunkId.VP, bytes(16))
+        + chunk(ChunkId.EPILOG)
+    )
+    parsed, findings = parse(envelope(stream))
+    assert parsed.guest_os_ids == {0: WINDOWS_10_OS_ID, 1: LINUX_OS_ID}
+    assert parsed.guest_os_id == WINDOWS_10_OS_ID and parsed.guest_os_info.value == WINDOWS_10_OS_ID  # type: ignore[union-attr]
+    assert parsed.guest_os_info_for(1).value == LINUX_OS_ID  # type: ignore[union-attr]
+    assert parsed.guest_os_info_for(2) is None
+    (note,) = [f for f in findings if f.kind == "os-id"]
+    assert "2 occurrences" in note.message and f"{LINUX_OS_ID:#018x}" in note.message
+    rebuilt, again = parse(build_partition_state(parsed))
+    assert rebuilt.guest_os_ids == parsed.guest_os_ids and [f.kind for f in again] == ["os-id"]
+
+
+def test_writer_control_page_and_marker_only_banks() -> None:
+    state = PartitionState(
+        processor_vendor=PrologVendor.INTEL,
+        vps=[VpState(0, registers={0: x64_registers(1), 2: {}}), VpState(5, registers={0: x64_registers(2)})],
+    )
+    blob = build_partition_state(state)
+    stream = chunk_stream(blob)
+    ids = [cid for _, cid, _ in stream]
+    assert ids[:6] == [
+        ChunkId.PROLOG,
+        ChunkId.OS_ID,
+        ChunkId.PARTITION_VTL,
+        ChunkId.PARTITION_VTL,
+        ChunkId.VP_INDICES,
+        ChunkId.VP,
+    ]
+    assert ids[6] == ChunkId.VP_VTL_CONTROL_PAGE and ids.count(ChunkId.VP_VTL_CONTROL_PAGE) == 1
+    control_at = stream[6][0] + 16
+    assert blob[control_at + 24] == 1  # VtlIsRunnable as openvmm writes it when the state does not say
+    vp2 = ids.index(ChunkId.VP, 6)
+    assert ids[vp2 - 1] == ChunkId.VP_VTL  # VTL2's marker, and nothing after it for VP 0
+    parsed, findings = parse(blob)
+    assert parsed.vps[0].registers[2] == {} and parsed.vps[0].vtl_runnable is True
+    assert parsed.vps[0].saved_vtls() == [0, 2] and parsed.vps[0].register_vtls() == [0]
+    assert parsed.present_vp_indices == [0, 5] and parsed.partition_vtls == [0, 2]
+    assert [f.kind for f in findings] == ["vtl-not-recorded"]
+
+
+def test_reader_accepts_16_byte_aligned_streams() -> None:
+    """Older writers padded every chunk to 16 bytes (VpIndices of 16): still read, nothing reported."""
+    stream = (
+        chunk(ChunkId.PROLOG, struct.pack("<IB3xI", 0x50546475, 0, 1).ljust(4064, b"\0"))
+        + chunk(ChunkId.OS_ID, struct.pack("<Q8x", LINUX_OS_ID))
+        + chunk(ChunkId.PARTITION_VTL, bytes(16))
+        + chunk(ChunkId.VP_INDICES, struct.pack("<I", 0) + bytes([1]) + bytes(11))
+        + chunk(ChunkId.VP, bytes(16))
+        + chunk(ChunkId.VP_VTL, bytes(16))
+        + chunk(ChunkId.CONTROL_REGISTERS, struct.pack("<6Q", 1, 2, 3, 4, 5, 6))
+        + chunk(ChunkId.EPILOG)
+    )
+    assert all(length % 16 == 0 for _, _, length in chunk_stream(envelope(stream)))
+    parsed, findings = parse(envelope(stream))
+    assert list(findings) == []
+    assert parsed.present_vp_indices == [0] and parsed.vps[0].registers[0]["cr3"] == 3

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .errors import Finding, NotFoundError, VmssdError
-from .savedstate.cpumode import CR4_LA57, levels_of
+from .savedstate.cpumode import CR4_LA57, arm64_paging_levels, x86_levels
 from .savedstate.guestos import GuestOsInfo
 from .savedstate.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
 
@@ -218,11 +218,11 @@ class SavedState(abc.ABC):
 
     @abc.abstractmethod
     def get_enabled_virtual_trust_levels(self, vp: int) -> int:
-        """Bitmap of the VTLs this VP saved registers for."""
+        """Bitmap of the VTLs this VP saved (a VP-VTL marker, with or without registers)."""
 
     @abc.abstractmethod
     def get_virtual_trust_levels(self, vp: int) -> list[int]:
-        """The VTLs this VP saved registers for, lowest first."""
+        """The VTLs this VP saved (a VP-VTL marker, with or without registers), lowest first."""
 
     @abc.abstractmethod
     def get_active_virtual_trust_level(self, vp: int) -> int:
@@ -239,6 +239,13 @@ class SavedState(abc.ABC):
 
     @abc.abstractmethod
     def is_active_virtual_trust_level_enabled(self, vp: int) -> bool: ...
+
+    @abc.abstractmethod
+    def is_higher_vtl_runnable(self, vp: int) -> bool | None:
+        """The VP's saved ``VtlIsRunnable``: a higher VTL is enabled and can run (None when not saved).
+
+        It does not say which VTL was executing.  The DLL exports no such query: UnsupportedError there.
+        """
 
     def is_active_virtual_trust_level_forced(self, vp: int) -> bool:
         """Whether :meth:`force_active_virtual_trust_level` chose the VTL of this VP."""
@@ -269,12 +276,15 @@ class SavedState(abc.ABC):
         return isinstance(cr4, int) and bool(cr4 & CR4_LA57)
 
     def get_paging_levels(self, vp: int) -> int:
-        """Page-table depth the translation walks: 0 (paging off), 2, 3, 4 or 5 (CR4.LA57).
+        """Page-table depth the translation walks: 0 (paging off), 2, 3, 4 or 5 (CR4.LA57); ARMv8 from TCR_EL1.
 
-        ARMv8 raises UnsupportedError on both backends: the depth depends on TCR_EL1, which is not decoded.
+        One rule for both backends (``docs/format.md#arm64`` for ARMv8).
         """
         mode = self.get_paging_mode(vp)
-        return levels_of(mode, mode == PagingMode.LONG and self.is_five_level_paging(vp))
+        if mode == PagingMode.ARMV8:
+            regs = self.get_registers(vp)
+            return arm64_paging_levels({n: regs[n] for n in ("sctlr_el1", "tcr_el1") if n in regs})
+        return x86_levels(mode, mode == PagingMode.LONG and self.is_five_level_paging(vp))
 
     @abc.abstractmethod
     def in_kernel_space(self, vp: int) -> bool: ...

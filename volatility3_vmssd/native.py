@@ -207,8 +207,7 @@ class SavedStateProvider(SavedState):
 
     def get_guest_os_info(self, vtl: int = 0) -> GuestOsInfo | None:
         """Decoded HV_GUEST_OS_ID of ``vtl`` (closed- or open-source layout); None when none was saved."""
-        state = self._require_state()
-        return state.guest_os_info if vtl == 0 else None
+        return self._require_state().guest_os_info_for(vtl)
 
     def get_guest_enabled_virtual_trust_levels(self) -> int:
         return self._require_state().enabled_vtls_bitmap()
@@ -217,16 +216,16 @@ class SavedStateProvider(SavedState):
         return self._vp(vp).enabled_vtls_bitmap()
 
     def get_virtual_trust_levels(self, vp: int) -> list[int]:
-        return sorted(self._vp(vp).registers)
+        return self._vp(vp).saved_vtls()
 
     def get_active_virtual_trust_level(self, vp: int) -> int:
         forced = self._forced_vtl.get(vp)
         if forced is not None:
             return forced
-        used = self._vp(vp).active_vtl()
-        if used is None:
-            raise NotFoundError(f"VP {vp} saved no registers for any VTL")
-        return used
+        return self._vp(vp).active_vtl()
+
+    def is_higher_vtl_runnable(self, vp: int) -> bool | None:
+        return self._vp(vp).vtl_runnable
 
     def is_active_virtual_trust_level_forced(self, vp: int) -> bool:
         return vp in self._forced_vtl
@@ -235,10 +234,10 @@ class SavedStateProvider(SavedState):
         v = self._vp(vp)
         if not 0 <= vtl <= 15:
             raise ValueError(f"VTL {vtl} is out of range 0..15")
-        if vtl not in v.registers:
+        if vtl not in v.register_vtls():
             raise NotFoundError(
                 f"VP {vp}: VTL {vtl} cannot be used: its registers were not saved"
-                f" (saved: {', '.join(f'VTL{x}' for x in sorted(v.registers)) or 'none'})"
+                f" (saved: {', '.join(f'VTL{x}' for x in v.register_vtls()) or 'none'})"
             )
         self._forced_vtl[vp] = vtl
 

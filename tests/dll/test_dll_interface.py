@@ -37,6 +37,7 @@ CALLS: dict[str, list[tuple[Any, ...]]] = {
     "get_active_virtual_trust_level": [(0,), (1,)],
     "is_active_virtual_trust_level_enabled": [(0,)],
     "is_active_virtual_trust_level_forced": [(0,)],
+    "is_higher_vtl_runnable": [(0,)],
     "get_registers": [(0,), (1, 0)],
     "get_register_value": [(0, "rip"), (1, "CR3"), (0, "no-such-register")],
     "get_architecture": [(0,), (1,)],
@@ -69,7 +70,7 @@ SKIP = {
     "summary",
 }
 #: answers the DLL cannot give; the interface documents each
-DLL_CANNOT = {"get_processor_vendor"}
+DLL_CANNOT = {"get_processor_vendor", "is_higher_vtl_runnable"}
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def synthetic_state(vps: int = 2, *, arm: bool = False, vtls: tuple[int, ...] = 
         banks.append(VpState(index=i, vtl_runnable=bool(i & 1), registers={v: dict(regs) for v in vtls}))
     return PartitionState(
         processor_vendor=PrologVendor.ARM if arm else PrologVendor.INTEL,
-        guest_os_id=0x8100_0006_0104_0000,
+        guest_os_ids={0: 0x8100_0006_0104_0000},
         partition_vtls=list(vtls),
         vps=banks,  # type: ignore[arg-type]
         partition_msrs={"hypercall": 0x1001, "referencetsc": 0x2001},

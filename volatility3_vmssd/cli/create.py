@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--vm-version", type=_version, help="VM configuration version (default 9.0; 5.0 with --legacy)")
     p.add_argument("--alignment", type=lambda s: int(s, 0), default=0x1000, help="data alignment, 0x1000..0x10000")
     p.add_argument("--no-compress", action="store_true", help="store non-fill pages raw (faster, larger)")
+    p.add_argument(
+        "--raw-blocks",
+        action="store_true",
+        help="write what Microsoft's openvmm writer writes: every RamBlock a raw 1 MiB value, no /savedstate/type",
+    )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes for page encoding")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=run)
@@ -81,7 +86,13 @@ def run(args: argparse.Namespace) -> int:
             raise FormatError(args.registers, exc.pos, f"not valid JSON: {exc.msg}") from None
     state = state_from_json(doc, vendor=args.vendor)
     with MemoryImage.open(args.memory, args.memory_format) as image:
-        common = {"holes": args.hole, "compress": not args.no_compress, "jobs": args.jobs, "overwrite": args.force}
+        common = {
+            "holes": args.hole,
+            "compress": not args.no_compress,
+            "raw_blocks": args.raw_blocks,
+            "jobs": args.jobs,
+            "overwrite": args.force,
+        }
         if args.legacy:
             vsv = args.vsv or os.path.splitext(args.output)[0] + ".vsv"
             report = write_bin_vsv(
@@ -94,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                 image,
                 state,
                 vm_version=args.vm_version or VMRS_VM_VERSION,
+                saved_state_type=None if args.raw_blocks else "Normal",
                 alignment=args.alignment,
                 **common,
             )

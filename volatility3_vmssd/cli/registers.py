@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import NotFoundError, VmssdError
 from ..interface import SavedState
 from ..provider import open_saved_state
+from ..savedstate.chunks import MAX_VTL
 from ..savedstate.cpujson import FORMAT, VENDORS, register_to_json
 from ..savedstate.registers import WIDE_REGISTER_NAMES, RegisterValue, SegmentRegister, TableRegister
 
@@ -73,13 +74,24 @@ def registers_document(provider: SavedState, selected: list[tuple[int, int]]) ->
         vendor = provider.get_processor_vendor().name.lower()
         if vendor in VENDORS:
             doc["vendor"] = vendor
-    with contextlib.suppress(VmssdError):
-        os_info = provider.get_guest_os_info(0)
-        if os_info is not None:
-            doc["guest_os_id"] = hex(os_info.value)
+    os_ids = {}
+    for vtl in range(MAX_VTL + 1):
+        with contextlib.suppress(VmssdError):
+            os_info = provider.get_guest_os_info(vtl)
+            if os_info is not None:
+                os_ids[vtl] = hex(os_info.value)
+    if 0 in os_ids:
+        doc["guest_os_id"] = os_ids.pop(0)
+    if os_ids:
+        doc["guest_os_ids"] = {str(vtl): value for vtl, value in os_ids.items()}
+    runnable: dict[int, bool | None] = {}
+    for vp in {w for w, _ in selected}:
+        with contextlib.suppress(VmssdError):  # the DLL cannot tell
+            runnable[vp] = provider.is_higher_vtl_runnable(vp)
     doc["vps"] = [
         {
             "vp_index": vp,
+            **({"vtl_runnable": runnable[vp]} if vp in runnable else {}),
             "vtls": {
                 str(vtl): {name: register_to_json(v) for name, v in provider.get_registers(vp, vtl).items()}
                 for w, vtl in selected

@@ -292,6 +292,11 @@ class DllSavedStateProvider(SavedState):
         self._call("IsActiveVirtualTrustLevelEnabled", vp, byref(out), context=f"VP {vp}")
         return bool(out.value)
 
+    def is_higher_vtl_runnable(self, vp: int) -> bool | None:
+        """Not answerable: the DLL exports no query for the VP VTL control page."""
+        self._check_vp(vp)
+        raise UnsupportedError("vmsavedstatedumpprovider.dll exports no VtlIsRunnable query")
+
     def is_nested_virtualization_enabled(self) -> bool:
         out = b.BOOL()
         self._call("IsNestedVirtualizationEnabled", byref(out))

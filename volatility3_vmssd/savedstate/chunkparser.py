@@ -55,6 +55,8 @@ class _Parser:
         self.state = PartitionState(processor_vendor=None)
         self.vp: VpState | None = None
         self.vtl = 0
+        self.partition_vtl = 0  # the VTL of the last PartitionVtl chunk: the owner of later OsId chunks
+        self.os_id_chunks = 0
         self.vps_by_index: dict[int, VpState] = {}
         self.implicit_vp0 = False
         # (kind, key) -> [first offset, count, message]; reported once each at the end
@@ -180,7 +182,29 @@ class _Parser:
                 "vp-indices",
                 f"VpIndices bitmap lists VPs {present[:16]} but VP markers give {sorted(self.vps_by_index)[:16]}",
             )
+        self.report_vtl_rule(start)
         return self.state
+
+    def report_vtl_rule(self, offset: int) -> None:
+        """One finding per VTL layout: the executing VTL is not recorded, and which VTL the rule uses."""
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...], int], list[int]] = {}
+        for vp in self.state.multi_vtl_vps():
+            key = (tuple(vp.saved_vtls()), tuple(vp.register_vtls()), vp.active_vtl())
+            groups.setdefault(key, []).append(vp.index)
+        for (vtls, with_registers, used), indices in groups.items():
+            many = len(indices) > 1
+            shown = ", ".join(map(str, indices[:16])) + (f" and {len(indices) - 16} more" if len(indices) > 16 else "")
+            empty = [vtl for vtl in vtls if vtl not in with_registers]
+            self.findings.add(
+                self.path,
+                self.base + offset,
+                "vtl-not-recorded",
+                f"VP{'s' if many else ''} {shown} hold{'' if many else 's'} VTLs {', '.join(map(str, vtls))}:"
+                " the saved state does not record which VTL was executing (VtlIsRunnable only says that a"
+                " higher VTL can run); "
+                + (f"VTL {used} is used" if with_registers else "none of them has saved registers")
+                + (f" (no registers saved for VTL {', '.join(map(str, empty))})" if empty and with_registers else ""),
+            )
 
     def dispatch(self, chunk_id: int, payload: memoryview, offset: int) -> None:
         register_chunk = (ARM64_CHUNKS_BY_ID if self.state.is_arm else X64_CHUNKS_BY_ID).get(chunk_id)
@@ -234,7 +258,20 @@ class _Parser:
         self.state.is_summary_save_state = bool(summary)
 
     def _os_id(self, payload: memoryview, offset: int) -> None:
-        (self.state.guest_os_id,) = PT_SAVE_CHUNK_OS_ID.unpack_from(payload)
+        """Keep one guest OS id per VTL (docs/format.md#guest-os-id); a second one for a VTL is reported."""
+        (value,) = PT_SAVE_CHUNK_OS_ID.unpack_from(payload)
+        self.os_id_chunks += 1
+        vtl = self.partition_vtl
+        kept = self.state.guest_os_ids.setdefault(vtl, value)
+        if kept != value or self.os_id_chunks > 1:
+            self.note(
+                "os-id",
+                vtl,
+                offset,
+                f"OsId chunk {self.os_id_chunks} ({value:#018x}) read as VTL {vtl}'s: the VTL of an OsId chunk is"
+                " inferred from the PartitionVtl chunk before it"
+                + (f"; VTL {vtl} already has {kept:#018x}, which is kept" if kept != value else ""),
+            )
 
     def _hypercall_page(self, payload: memoryview, offset: int) -> None:
         (self.state.partition_msrs["hypercall"],) = HYPERCALL_PAGE_MSR.unpack_from(payload)
@@ -248,6 +285,7 @@ class _Parser:
             self.note("bad-vtl", ChunkId.PARTITION_VTL, offset, f"PartitionVtl {vtl} is above {MAX_VTL}")
         if vtl not in self.state.partition_vtls:
             self.state.partition_vtls.append(vtl)
+        self.partition_vtl = vtl
 
     def _vp_indices(self, payload: memoryview, offset: int) -> None:
         (self.state.bsp_index,) = VP_INDICES_BSP.unpack_from(payload)

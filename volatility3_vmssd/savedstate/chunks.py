@@ -18,7 +18,7 @@ VM_SAVE_CHUNK_HEADER = struct.Struct("<II8x")  # ChunkId, DataLength, 8 reserved
 
 
 class ChunkId(enum.IntEnum):
-    """Chunk ids of spec §4.3.  Ids listed here but not decoded are skipped silently (they are known)."""
+    """Chunk ids (docs/format.md#chunk-ids).  Ids listed here but not decoded are skipped silently (they are known)."""
 
     PROLOG = 0x00000000
     PROCESSOR_CPUID = 0x20000000
@@ -57,17 +57,18 @@ def chunk_name(chunk_id: int) -> str:
     return ChunkId(chunk_id).name if chunk_id in KNOWN_CHUNK_IDS else f"{chunk_id:#010x}"
 
 
-OB_SAVE_CHUNK_PROLOG = struct.Struct("<IB3xI")  # tag, IsSummarySaveState, ProcessorVendor @+8 [2]
+OB_SAVE_CHUNK_PROLOG = struct.Struct("<IB3xI")  # tag, IsSummarySaveState, ProcessorVendor @+8
 PROLOG_DATA_LENGTH = 4064
 PROLOG_TAG = 0x50546475
-PT_SAVE_CHUNK_OS_ID = struct.Struct("<Q8x")  # HV_GUEST_OS_ID [2]
-HYPERCALL_PAGE_MSR = struct.Struct("<Q")  # [1?] Pascal
-REFERENCE_TSC_PAGE_MSR = struct.Struct("<8xQ")  # [1?] Pascal: the MSR value is at +8
+PT_SAVE_CHUNK_OS_ID = struct.Struct("<Q8x")  # HV_GUEST_OS_ID (docs/format.md#guest-os-id)
+HYPERCALL_PAGE_MSR = struct.Struct("<Q")  # one source only (docs/format.md#chunk-ids)
+REFERENCE_TSC_PAGE_MSR = struct.Struct("<8xQ")  # one source only: the MSR value is at +8
 OB_SAVE_CHUNK_VTL = struct.Struct("<B")  # PartitionVtl and VP VTL marker: u8 VTL (written padded to 16)
-VP_INDICES_BSP = struct.Struct("<I")  # then the present-VP bitmap [1]
+VP_INDICES_BSP = struct.Struct("<I")  # then the present-VP bitmap (12 bytes in all up to 64 VPs)
 VP_INDICES_MIN_BITMAP = 8  # bytes; openvmm: "must cover at least 64 VPs"
 MAX_VP_BITMAP_BYTES = 1024  # 8192 VPs: far above Hyper-V's limits; caps the bitmap walk
-OB_SAVE_CHUNK_VP = struct.Struct("<I")  # VP index (written padded to 16) [2]
-VP_VTL_CONTROL_PAGE = struct.Struct("<24sB7x")  # VP-assist VTL control bytes, VtlIsRunnable [2]
+OB_SAVE_CHUNK_VP = struct.Struct("<I")  # VP index (written padded to 16)
+MARKER_DATA_LENGTH = 16  # PartitionVtl, VP and VP VTL markers: their value zero-padded to 16 bytes (openvmm)
+VP_VTL_CONTROL_PAGE = struct.Struct("<24sB7x")  # VP-assist VTL control bytes, VtlIsRunnable (docs/format.md#vtls)
 PROLOG_VENDORS: frozenset[int] = frozenset(int(v) for v in PrologVendor)
-MAX_VTL = 15  # HV_VTL is a u8, but the enabled-VTL bitmaps are u32 and Hyper-V defines at most 16 [inf]
+MAX_VTL = 15  # HV_VTL is a u8, but the enabled-VTL bitmaps are u32 and Hyper-V defines at most 16 (our bound)

@@ -4,9 +4,10 @@ Schema ``vmssd-registers/1`` (documented in docs/create.md)::
 
     {"format": "vmssd-registers/1",
      "vendor": "intel" | "amd" | "hygon" | "arm",          # optional, default intel
-     "guest_os_id": "0x8100000000000000",                  # optional HV_GUEST_OS_ID
+     "guest_os_id": "0x8100000000000000",                  # optional HV_GUEST_OS_ID of VTL0
+     "guest_os_ids": {"1": "0x..."},                       # optional, other VTLs' guest OS ids
      "vps": [{"vp_index": 0,
-              "vtl_runnable": false,                       # optional; only meaningful with 2 VTLs
+              "vtl_runnable": true,                        # optional VtlIsRunnable (a higher VTL can run)
               "vtls": {"0": {"rip": "0x...", "cr3": "0x...",
                              "cs": {"selector": "0x10", "base": "0x0", "limit": "0xffffffff",
                                     "attributes": "0xa09b"},
@@ -64,6 +65,21 @@ def _register(name: str, value: Any, where: str) -> RegisterValue:
     return _int(value, where)
 
 
+def _guest_os_ids(obj: Mapping[str, Any]) -> dict[int, int]:
+    """``guest_os_id`` (VTL0's) and ``guest_os_ids`` (per VTL) as one VTL -> id map; they must agree."""
+    ids: dict[int, int] = {}
+    per_vtl = obj.get("guest_os_ids", {})
+    if not isinstance(per_vtl, Mapping):
+        raise FormatError(None, None, "registers JSON: 'guest_os_ids' must be an object of VTL -> id")
+    for vtl, value in per_vtl.items():
+        ids[_int(vtl, "guest_os_ids key")] = _int(value, f"guest_os_ids.{vtl}")
+    if obj.get("guest_os_id") is not None:
+        vtl0 = _int(obj["guest_os_id"], "guest_os_id")
+        if ids.setdefault(0, vtl0) != vtl0:
+            raise FormatError(None, None, "registers JSON: guest_os_id and guest_os_ids.0 differ")
+    return ids
+
+
 def state_from_json(obj: Any, *, vendor: str | None = None) -> PartitionState:
     """Build the CPU state to write from either accepted JSON format."""
     if not isinstance(obj, Mapping):
@@ -72,11 +88,7 @@ def state_from_json(obj: Any, *, vendor: str | None = None) -> PartitionState:
     chosen_vendor = (vendor or str(obj.get("vendor", "intel"))).lower()
     if chosen_vendor not in VENDORS:
         raise FormatError(None, None, f"registers JSON: vendor {chosen_vendor!r} is not one of {sorted(VENDORS)}")
-    guest_os = obj.get("guest_os_id")
-    state = PartitionState(
-        processor_vendor=VENDORS[chosen_vendor],
-        guest_os_id=None if guest_os is None else _int(guest_os, "guest_os_id"),
-    )
+    state = PartitionState(processor_vendor=VENDORS[chosen_vendor], guest_os_ids=_guest_os_ids(obj))
     if fmt == REGISTERS_JSON_FORMAT:
         for i, regs in enumerate(registers_from_json(obj)):
             state.vps.append(VpState(index=i, registers={0: regs}))
@@ -109,6 +121,9 @@ def state_from_json(obj: Any, *, vendor: str | None = None) -> PartitionState:
         )
     vtls = sorted({v for vp in state.vps for v in vp.registers})
     state.partition_vtls = vtls or [0]
+    stray = sorted(set(state.guest_os_ids) - set(state.partition_vtls) - {0})
+    if stray:
+        raise FormatError(None, None, f"registers JSON: guest_os_ids for VTL {stray}, which no VP has")
     return state
 
 
@@ -132,6 +147,11 @@ def state_to_json(state: PartitionState) -> dict[str, Any]:
         "format": FORMAT,
         "vendor": vendor,
         **({"guest_os_id": hex(state.guest_os_id)} if state.guest_os_id is not None else {}),
+        **(
+            {"guest_os_ids": {str(vtl): hex(v) for vtl, v in sorted(state.guest_os_ids.items()) if vtl != 0}}
+            if set(state.guest_os_ids) - {0}
+            else {}
+        ),
         "vps": [
             {
                 "vp_index": vp.index,

@@ -10,28 +10,38 @@ from .guestos import GuestOsInfo, decode_guest_os_id
 from .registers import ProcessorVendor, PrologVendor, RegisterDict, sdk_vendor
 
 
-def active_vtl_rule(vtls: Sequence[int], vtl_runnable: bool | None) -> int:
-    """The VTL a VP was executing when saved.  **Our unconfirmed reading** (spec §4.3, [inf]).
+def active_vtl_rule(register_vtls: Sequence[int]) -> int:
+    """The VTL used to analyse a VP: VTL0 when it has registers, else the lowest VTL that has them.
 
-    With two or more VTLs, a set VtlIsRunnable byte in the VP VTL control page means VTL1 was
-    running, otherwise VTL0.  With one VTL, that VTL.  Kept in this one function so it is easy to
-    change once a real multi-VTL save is seen.
+    The saved state does not record which VTL was executing (docs/format.md#vtl-rule): VtlIsRunnable
+    only says that a higher VTL can run.  VTL0 is where the OS kernel (NT, Linux) runs, so it is the
+    default; a VTL without registers is never chosen.  ``register_vtls`` are the VTLs whose register
+    bank is not empty; with none, 0 (there is nothing to analyse, and callers find the bank empty).
     """
-    if len(vtls) >= 2:
-        return 1 if vtl_runnable else 0
-    return vtls[0] if vtls else 0
+    if 0 in register_vtls or not register_vtls:
+        return 0
+    return min(register_vtls)
 
 
 @dataclasses.dataclass
 class VpState:
-    """One virtual processor: its register banks per VTL."""
+    """One virtual processor: its register banks per VTL (a VP VTL marker alone gives an empty bank)."""
 
     index: int
-    vtl_runnable: bool | None = None  # VP VTL control page +24; None when the chunk is absent
+    vtl_runnable: bool | None = None  # VP VTL control page +24 (a higher VTL can run); None when absent
     registers: dict[int, RegisterDict] = dataclasses.field(default_factory=dict)
 
+    def saved_vtls(self) -> list[int]:
+        """Every VTL this VP has a marker or a register bank for, lowest first."""
+        return sorted(self.registers)
+
+    def register_vtls(self) -> list[int]:
+        """The VTLs whose register bank holds at least one register, lowest first."""
+        return sorted(vtl for vtl, bank in self.registers.items() if bank)
+
     def active_vtl(self) -> int:
-        return active_vtl_rule(sorted(self.registers), self.vtl_runnable)
+        """The VTL used for analysis (:func:`active_vtl_rule`), not a recorded "executing VTL"."""
+        return active_vtl_rule(self.register_vtls())
 
     def active_registers(self) -> RegisterDict:
         """The register bank of :meth:`active_vtl` (empty if the VP has none)."""
@@ -50,7 +60,7 @@ class PartitionState:
     """Everything decoded from one partition_state blob."""
 
     processor_vendor: int | None = PrologVendor.INTEL  # on-disk prolog value; None if no prolog
-    guest_os_id: int | None = None
+    guest_os_ids: dict[int, int] = dataclasses.field(default_factory=dict)  # VTL -> HV_GUEST_OS_ID, first kept
     partition_vtls: list[int] = dataclasses.field(default_factory=list)
     bsp_index: int | None = None
     vps: list[VpState] = dataclasses.field(default_factory=list)
@@ -88,5 +98,20 @@ class PartitionState:
         return bitmap or 1
 
     @property
+    def guest_os_id(self) -> int | None:
+        """VTL0's guest OS id (the one OsId chunk openvmm writes), or None when there is none."""
+        return self.guest_os_ids.get(0)
+
+    def guest_os_info_for(self, vtl: int = 0) -> GuestOsInfo | None:
+        """The decoded guest OS id of ``vtl`` (what GetGuestOsInfo takes a VTL for); None when absent."""
+        value = self.guest_os_ids.get(vtl)
+        return None if value is None else decode_guest_os_id(value)
+
+    @property
     def guest_os_info(self) -> GuestOsInfo | None:
-        return None if self.guest_os_id is None else decode_guest_os_id(self.guest_os_id)
+        """VTL0's decoded guest OS id (see :meth:`guest_os_info_for`)."""
+        return self.guest_os_info_for(0)
+
+    def multi_vtl_vps(self) -> list[VpState]:
+        """The VPs that hold more than one VTL: for them the VTL rule picked one (docs/format.md#vtl-rule)."""
+        return [vp for vp in self.vps if len(vp.saved_vtls()) > 1]

@@ -109,7 +109,7 @@ class GuestOsInfo:
 
 
 def decode_guest_os_id(value: int) -> GuestOsInfo:
-    """Split a guest OS id into its fields (bit 63 picks the layout; spec §4.3)."""
+    """Split a guest OS id into its fields (bit 63 picks the layout; docs/format.md#guest-os-id)."""
     value &= _U64
     if value & GUEST_OS_OPEN_SOURCE:
         return GuestOsInfo(

@@ -28,27 +28,27 @@ from .registers import (
     TableRegister,
 )
 
-X64_GP_REGISTERS = struct.Struct("<18Q")  # 144 [3]
-X64_FP_REGISTERS = struct.Struct("<52Q")  # 416 = 26 x 128-bit [3]
-X64_CONTROL_REGISTERS = struct.Struct("<6Q")  # 48 [3]
-X64_DEBUG_REGISTERS = struct.Struct("<6Q")  # 48 [2]
-X64_SEGMENT_REGISTERS = struct.Struct("<" + "QIHH" * 8 + "B15x")  # 144: ES CS SS DS FS GS LDTR TR, CPL [2]
-X64_TABLE_REGISTERS = struct.Struct("<6xHQ6xHQ")  # 32: IDTR, GDTR [2]
-X64_VIRTUAL_MSRS = struct.Struct("<12Q")  # 96 [1?]
+X64_GP_REGISTERS = struct.Struct("<18Q")  # 144
+X64_FP_REGISTERS = struct.Struct("<52Q")  # 416 = 26 x 128-bit
+X64_CONTROL_REGISTERS = struct.Struct("<6Q")  # 48
+X64_DEBUG_REGISTERS = struct.Struct("<6Q")  # 48
+X64_SEGMENT_REGISTERS = struct.Struct("<" + "QIHH" * 8 + "B15x")  # 144: ES CS SS DS FS GS LDTR TR, CPL
+X64_TABLE_REGISTERS = struct.Struct("<6xHQ6xHQ")  # 32: IDTR, GDTR
+X64_VIRTUAL_MSRS = struct.Struct("<12Q")  # 96, one source only (docs/format.md#virtual-msrs)
 X64_VIRTUAL_MSR_SLOTS: tuple[tuple[int, str], ...] = (
-    (0, "tsc"),  # [1?] "TSC?" even in the one source
-    (1, "kernelgsbase"),  # [1?]
-    (2, "apicbase"),  # [1?]
-    (7, "star"),  # [1?]
-    (8, "lstar"),  # [1?]
-    (9, "cstar"),  # [1?]
-    (10, "sfmask"),  # [1?]
+    (0, "tsc"),  # marked uncertain even in its one source
+    (1, "kernelgsbase"),
+    (2, "apicbase"),
+    (7, "star"),
+    (8, "lstar"),
+    (9, "cstar"),
+    (10, "sfmask"),
 )
-X64_XSAVE_CONTROL = struct.Struct("<Q56x")  # 64: XCR0 + 7 reserved u64 [2]
-ARM64_GP_REGISTERS = struct.Struct("<42Q")  # 336 [1]
-ARM64_FP_REGISTERS = struct.Struct("<66Q")  # 528: Q0-Q31, u64 FPSR, u64 FPCR [1]
-ARM64_CONTROL_REGISTERS = struct.Struct("<16Q")  # 128 [1]
-ARM64_TABLE_REGISTERS = struct.Struct("<3Q8x")  # 32: TTBR0, TTBR1, VBAR, pad [1]
+X64_XSAVE_CONTROL = struct.Struct("<Q56x")  # 64: XCR0 + 7 reserved u64
+ARM64_GP_REGISTERS = struct.Struct("<42Q")  # 336
+ARM64_FP_REGISTERS = struct.Struct("<66Q")  # 528: Q0-Q31, u64 FPSR, u64 FPCR
+ARM64_CONTROL_REGISTERS = struct.Struct("<16Q")  # 128
+ARM64_TABLE_REGISTERS = struct.Struct("<3Q8x")  # 32: TTBR0, TTBR1, VBAR, pad
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -166,17 +166,10 @@ def _encode_vmsrs(regs: Mapping[str, RegisterValue]) -> tuple[int, ...]:
     return tuple(values)
 
 
-# Writer order (the brief's openvmm-like order); the parser accepts any order.
+# Writer order: openvmm's (docs/format.md#register-chunks); the parser accepts any order.
 X64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
     _flat_chunk(ChunkId.GP_REGISTERS, X64_GP_REGISTERS, X64_GP_REGISTER_NAMES),
-    _wide_chunk(
-        ChunkId.FP_REGISTERS,
-        X64_FP_REGISTERS,
-        (*X64_XMM_NAMES, *X64_FPMMX_NAMES, "fpcontrolstatus", "xmmcontrolstatus"),
-        (),
-    ),
     _flat_chunk(ChunkId.CONTROL_REGISTERS, X64_CONTROL_REGISTERS, X64_CONTROL_REGISTER_NAMES),
-    _flat_chunk(ChunkId.DEBUG_REGISTERS, X64_DEBUG_REGISTERS, X64_DEBUG_REGISTER_NAMES),
     RegisterChunk(
         ChunkId.SEGMENT_REGISTERS,
         X64_SEGMENT_REGISTERS,
@@ -187,6 +180,15 @@ X64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
     RegisterChunk(
         ChunkId.TABLE_REGISTERS, X64_TABLE_REGISTERS, X64_TABLE_REGISTER_NAMES, _decode_tables, _encode_tables
     ),
+    _flat_chunk(ChunkId.DEBUG_REGISTERS, X64_DEBUG_REGISTERS, X64_DEBUG_REGISTER_NAMES),
+    _wide_chunk(
+        ChunkId.FP_REGISTERS,
+        X64_FP_REGISTERS,
+        (*X64_XMM_NAMES, *X64_FPMMX_NAMES, "fpcontrolstatus", "xmmcontrolstatus"),
+        (),
+    ),
+    _flat_chunk(ChunkId.XSAVE_CONTROL, X64_XSAVE_CONTROL, ("xcr0",)),
+    # Not written by openvmm: ours, after its chunks, and only when the caller gave one of its names.
     RegisterChunk(
         ChunkId.VIRTUAL_MSRS,
         X64_VIRTUAL_MSRS,
@@ -195,13 +197,12 @@ X64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
         _encode_vmsrs,
         optional=True,
     ),
-    _flat_chunk(ChunkId.XSAVE_CONTROL, X64_XSAVE_CONTROL, ("xcr0",)),
 )
 ARM64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
     _flat_chunk(ChunkId.GP_REGISTERS, ARM64_GP_REGISTERS, ARM64_GP_REGISTER_NAMES),
-    _wide_chunk(ChunkId.FP_REGISTERS, ARM64_FP_REGISTERS, ARM64_Q_NAMES, ("fpsr", "fpcr")),
     _flat_chunk(ChunkId.CONTROL_REGISTERS, ARM64_CONTROL_REGISTERS, ARM64_CONTROL_REGISTER_NAMES),
     _flat_chunk(ChunkId.TABLE_REGISTERS, ARM64_TABLE_REGISTERS, ARM64_TABLE_REGISTER_NAMES),
+    _wide_chunk(ChunkId.FP_REGISTERS, ARM64_FP_REGISTERS, ARM64_Q_NAMES, ("fpsr", "fpcr")),
 )
 X64_CHUNKS_BY_ID: dict[int, RegisterChunk] = {c.chunk_id: c for c in X64_REGISTER_CHUNKS}
 ARM64_CHUNKS_BY_ID: dict[int, RegisterChunk] = {c.chunk_id: c for c in ARM64_REGISTER_CHUNKS}

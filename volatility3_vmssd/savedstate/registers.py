@@ -1,7 +1,7 @@
 """CPU register model shared by the partition_state parser, the page-table walker and a DLL binding.
 
 Register values live in plain dicts keyed by lower-case names.  The x64 names are the SDK
-``REGISTER_ID`` names lower-cased (spec §8), so a native parse and a DLL query give the same keys.
+``REGISTER_ID`` names lower-cased (docs/format.md#dll-api), so a native parse and a DLL query give the same keys.
 128-bit registers (xmm*, fpmmx*, fpcontrolstatus, xmmcontrolstatus, q*) are Python ints.
 
 Nothing here imports Volatility.
@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 from ..errors import FormatError
 
 # ---------------------------------------------------------------------------------------------
-# Enums (SDK numbering, spec §8)
+# Enums (SDK numbering, docs/format.md#dll-api)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -56,7 +56,7 @@ class ProcessorVendor(enum.IntEnum):
 
 
 class PrologVendor(enum.IntEnum):
-    """Processor vendor as stored at Prolog data +8 (spec §4.3, [2]: openvmm; PR #1969 calls it "arch")."""
+    """Processor vendor as stored at Prolog data +8 (docs/format.md#chunk-ids; PR #1969 calls it "arch")."""
 
     AMD = 0
     INTEL = 1
@@ -86,7 +86,7 @@ def sdk_vendor(prolog_vendor: int | None) -> ProcessorVendor:
 # Structured register values
 # ---------------------------------------------------------------------------------------------
 
-# Segment attribute bits (VIRTUAL_PROCESSOR_REGISTER.Segment, spec §8): type:4 S:1 DPL:2 P:1 rsvd:4
+# Segment attribute bits (VIRTUAL_PROCESSOR_REGISTER.Segment, SDK): type:4 S:1 DPL:2 P:1 rsvd:4
 # AVL:1 L:1 D:1 G:1 -- the VMX access-rights layout with the reserved nibble squeezed out.
 SEG_ATTR_TYPE_MASK = 0x000F
 SEG_ATTR_S = 1 << 4
@@ -235,17 +235,18 @@ X64_CONTROL_REGISTER_NAMES: tuple[str, ...] = ("cr0", "cr2", "cr3", "cr4", "cr8"
 X64_DEBUG_REGISTER_NAMES: tuple[str, ...] = ("dr0", "dr1", "dr2", "dr3", "dr6", "dr7")
 X64_SEGMENT_REGISTER_NAMES: tuple[str, ...] = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
 X64_TABLE_REGISTER_NAMES: tuple[str, ...] = ("idtr", "gdtr")
-# Virtual-MSR chunk 0x3000B000: every slot is [1?] (Pascal Beyer only); "tsc" is marked "?" even there.
+# Virtual-MSR chunk 0x3000B000: every slot rests on one source (docs/format.md#virtual-msrs); "tsc" is
+# uncertain even there.
 # Names are the lower-cased HvX64Register* names.  Slot positions live next to the struct in
 # register_chunks.py.
 X64_VIRTUAL_MSR_NAMES: tuple[str, ...] = (
-    "tsc",  # [1?] and "?" in the source itself
-    "kernelgsbase",  # [1?]
-    "apicbase",  # [1?]
-    "star",  # [1?]
-    "lstar",  # [1?]
-    "cstar",  # [1?]
-    "sfmask",  # [1?]
+    "tsc",  # uncertain even in its one source
+    "kernelgsbase",
+    "apicbase",
+    "star",
+    "lstar",
+    "cstar",
+    "sfmask",
 )
 X64_REGISTER_NAMES: tuple[str, ...] = (
     *X64_GP_REGISTER_NAMES,
@@ -259,7 +260,7 @@ X64_REGISTER_NAMES: tuple[str, ...] = (
     *X64_VIRTUAL_MSR_NAMES,
 )
 
-# ARM64 chunk layouts (spec §4.3, [1]: openvmm only).  The spec abbreviates some system registers
+# ARM64 chunk layouts (docs/format.md#register-chunks: openvmm only).  openvmm abbreviates some system registers
 # (ACTLR, TCR, ...); we use the full architectural names, which match the SDK REGISTER_ID names.
 ARM64_GP_REGISTER_NAMES: tuple[str, ...] = (
     *(f"x{i}" for i in range(29)),
@@ -287,7 +288,7 @@ WIDE_REGISTER_NAMES: frozenset[str] = frozenset(
 """Registers that hold 128-bit values."""
 
 # ---------------------------------------------------------------------------------------------
-# SDK REGISTER_ID ("new", single enum; spec §8)
+# SDK REGISTER_ID ("new", single enum; docs/format.md#dll-api)
 # ---------------------------------------------------------------------------------------------
 
 X64_REGISTER_MAX = 66
@@ -314,8 +315,8 @@ REGISTER_IDS: dict[str, int] = {
     **{f"x{i}": 67 + i for i in range(29)},  # 67-95
     "fp": 96,
     "lr": 97,
-    # "pc" and "cpsr" have SDK ids but no slot of that name in the chunk layouts; ELR_EL2/SPSR_EL2 probably
-    # carry them [inf], so the native parser does not produce these two keys.
+    # "pc" and "cpsr" have SDK ids but no slot in the chunk layouts (docs/format.md#arm64): the native
+    # parser does not produce these two keys and nothing is invented for them.
     "pc": 98,
     "sp_el0": 99,
     "sp_el1": 100,

@@ -1,9 +1,10 @@
 """Write saved states: a ``.vmrs``, or a legacy ``.bin`` + ``.vsv`` pair, from a memory dump and CPU state.
 
 This is how the test suite gets saved states with known content, and how a user turns a raw, LiME
-or ELF dump into a file Hyper-V tooling reads.  The layout follows openvmm's writer (the most
-authoritative public source, spec §2, §3.1): every GPA range starts on a fresh 1 MiB RamBlock, the
-last block of a range is zero-padded, pages are stored as fill, XPRESS or raw records.
+or ELF dump into a file Hyper-V tooling reads.  The layout follows Microsoft's openvmm writer
+(docs/format.md#vmrs-keys, #ram-map): every GPA range starts on a fresh 1 MiB RamBlock and the last
+block of a range is zero-padded.  Pages are stored as fill, XPRESS or raw records, or, with
+``raw_blocks``, every RamBlock is a full raw 1 MiB value: the one form the DLL is known to load.
 
 Memory is streamed block by block; with ``jobs > 1`` the page encoding runs in worker processes
 with a bounded number of blocks in flight, so memory use does not grow with the image.
@@ -66,6 +67,7 @@ def _block_inputs(image: MemoryImage, records: list[RamMemoryBlockRecord]) -> It
 
 
 def _encode(item: tuple[int, bytes, bool]) -> tuple[int, bytes]:
+    """Page records for one block (worker-process entry point)."""
     n, data, compress = item
     return n, encode_block(data, compress=compress)
 
@@ -75,10 +77,20 @@ def encoded_blocks(
     records: list[RamMemoryBlockRecord],
     *,
     compress: bool = True,
+    raw_blocks: bool = False,
     jobs: int = 1,
     progress: Progress | None = None,
 ) -> Iterator[tuple[int, bytes]]:
-    """(RamBlock number, encoded value) in order; at most ``2 * jobs`` blocks are held at once."""
+    """(RamBlock number, value) in order; at most ``2 * jobs`` blocks are held at once.
+
+    With ``raw_blocks`` every value is the block's raw 1 MiB (nothing to encode, so no workers).
+    """
+    if raw_blocks:
+        for item in _block_inputs(image, records):
+            if progress:
+                progress(BLOCK_SIZE)
+            yield item
+        return
     inputs = ((n, data, compress) for n, data in _block_inputs(image, records))
     if jobs <= 1:
         for item in inputs:
@@ -108,25 +120,34 @@ def write_vmrs(
     *,
     holes: list[tuple[int, int]] | None = None,
     vm_version: int = VMRS_VM_VERSION,
-    saved_state_type: str = "Normal",
+    saved_state_type: str | None = "Normal",
     alignment: int = 0x1000,
     compress: bool = True,
+    raw_blocks: bool = False,
     jobs: int = 1,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> WriteReport:
-    """Write a ``.vmrs`` with the keys the DLL needs (openvmm's minimum set) plus the RAM."""
+    """Write a ``.vmrs`` with the keys the DLL needs (openvmm's minimum set) plus the RAM.
+
+    ``saved_state_type`` None leaves out ``/savedstate/type``, which openvmm does not write; with
+    ``raw_blocks`` as well, the file has openvmm's key set, value types and block form.
+    """
     ranges = plan_ranges(image, holes or [])
     records = build_layout([(r.gpa, r.length) for r in ranges])
     blocks = stored = 0
     with HyperVStorageWriter(path, alignment=alignment, overwrite=overwrite) as w:
         w.set("/configuration/properties/version", vm_version)
         w.set("/savedstate/VmVersion", vm_version)
-        w.set("/savedstate/type", saved_state_type)
+        if saved_state_type is not None:
+            w.set("/savedstate/type", saved_state_type)
         w.set("/savedstate/savedVM/partition_state", build_partition_state(state))
         for i, rec in enumerate(records):
             w.set(f"/savedstate/RamMemoryBlock{i}", rec.build())
-        for n, value in encoded_blocks(image, records, compress=compress, jobs=jobs, progress=progress):
+        blocks_out = encoded_blocks(
+            image, records, compress=compress, raw_blocks=raw_blocks, jobs=jobs, progress=progress
+        )
+        for n, value in blocks_out:
             w.set(f"/savedstate/RamBlock{n}", value)
             blocks += 1
             stored += len(value)
@@ -142,13 +163,14 @@ def write_bin_vsv(
     holes: list[tuple[int, int]] | None = None,
     vm_version: int = LEGACY_VM_VERSION,
     compress: bool = True,
+    raw_blocks: bool = False,
     jobs: int = 1,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> WriteReport:
     """Write a legacy pair: RamBlocks in the ``.bin``; CPU state and the RAM map in the ``.vsv``.
 
-    No real ``.vsv`` is available (spec §5.2), so the ``.vsv`` is our one fixed assumption: a
+    No real ``.vsv`` is available (docs/format.md#legacy-bin-vsv), so the ``.vsv`` is our one fixed assumption: a
     HyperVStorage container with ``/savedVM/partition_state`` and a node ``/RamMemoryBlock`` whose
     children ``0``, ``1``, … hold version-3 RamMemoryBlock records.
     """
@@ -161,7 +183,10 @@ def write_bin_vsv(
     sizes: list[int] = []
 
     def counted() -> Iterator[tuple[int, bytes]]:
-        for n, value in encoded_blocks(image, records, compress=compress, jobs=jobs, progress=progress):
+        blocks_out = encoded_blocks(
+            image, records, compress=compress, raw_blocks=raw_blocks, jobs=jobs, progress=progress
+        )
+        for n, value in blocks_out:
             sizes.append(len(value))
             yield n, value
 
