@@ -169,3 +169,22 @@ def test_a_vp_without_any_registers_is_reported_not_invented(tmp_path: Path, vtl
             assert len(messages) == 1 and messages[0].endswith("none of them has saved registers")
         else:
             assert messages == []
+
+
+def test_vmssd_read_virtual_with_a_forced_vtl(tmp_path: Path) -> None:
+    """`vmssd read --virtual --vtl N` uses that VTL's page tables when it was saved, and refuses one that was not."""
+    vps = [{"vp_index": 0, "vtls": {"0": bank(0), "2": bank(2)}}]
+    path = create(tmp_path, "forced", vps)
+    with SavedStateProvider.load_vmrs(path) as p:
+        va = p.get_registers(0, 2)["rip"]
+        p.force_active_virtual_trust_level(0, 2)
+        expected = p.read_guest_physical_address(p.guest_virtual_to_physical(0, va), 16)
+    out = tmp_path / "va.bin"
+    r = vmssd("read", path, hex(va), "16", "--virtual", "--vp", "0", "--vtl", "2", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == expected
+    r = vmssd("read", path, hex(va), "16", "--virtual", "--vtl", "1")
+    assert r.returncode == 1 and "VTL 1 cannot be used: its registers were not saved (saved: VTL0, VTL2)" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = vmssd("read", path, "0x1000", "16", "--vtl", "0")
+    assert r.returncode == 2 and "--vtl only applies with --virtual" in r.stderr

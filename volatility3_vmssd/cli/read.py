@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     kind.add_argument("--virtual", action="store_true", help="ADDRESS is virtual: translate with the VP's CR3")
     kind.add_argument("--raw-offset", action="store_true", help="ADDRESS is an offset in raw saved memory")
     p.add_argument("--vp", type=int, metavar="N", help="with --virtual: whose page tables (default 0)")
+    p.add_argument(
+        "--vtl",
+        type=int,
+        metavar="N",
+        help="with --virtual: that VTL's page tables (default: VTL0 when saved, else the lowest saved)",
+    )
     p.add_argument("-o", "--output", metavar="OUT", help="write the bytes to OUT instead of a hexdump")
     p.add_argument("--force", action="store_true", help="with -o: overwrite OUT if it exists")
     p.set_defaults(func=run)
@@ -159,15 +165,18 @@ class Hexdump:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.vp is not None and not args.virtual:
-        print("vmssd read: error: --vp only applies with --virtual", file=sys.stderr)
-        return 2
+    for option in ("vp", "vtl"):
+        if getattr(args, option) is not None and not args.virtual:
+            print(f"vmssd read: error: --{option} only applies with --virtual", file=sys.stderr)
+            return 2
     if args.output:
         check_output(args.output, [args.file] + ([args.vsv] if args.vsv else []), force=args.force)
     with open_saved_state(args.file, vsv=args.vsv) as provider:
         if args.virtual:
             vp = args.vp or 0
-            what = f"VA {args.address:#x} (VP {vp})"
+            if args.vtl is not None:  # refused, naming the saved VTLs, when that VTL's registers were not saved
+                provider.force_active_virtual_trust_level(vp, args.vtl)
+            what = f"VA {args.address:#x} (VP {vp}" + (f" VTL {args.vtl})" if args.vtl is not None else ")")
             pieces = read_virtual(provider, vp, args.address, args.length)
         elif args.raw_offset:
             what = f"raw offset {args.address:#x}"
