@@ -130,6 +130,24 @@ def test_bin_finds_its_vsv(pair, guest, tmp_path: Path, bin_name: str, vsv_name:
     assert layer.read(0, SIZE) == guest
 
 
+@pytest.mark.parametrize(
+    ("bin_name", "vsv_name"),
+    [("VM-GUID.bin", "vm-guid.VSV"), ("vm-guid.BIN", "VM-GUID.vsv"), ("a.bin", None)],
+)
+def test_vol_and_vmssd_pair_the_same_files(pair, tmp_path: Path, bin_name: str, vsv_name: str | None) -> None:
+    """One rule (files.find_partner): case differences pair; a directory named like the partner never does."""
+    from volatility3_vmssd.provider import open_saved_state
+
+    bin_path, vsv_path = copy_pair(pair, tmp_path, bin_name, vsv_name)
+    if vsv_name is None:
+        (tmp_path / "a.VSV").mkdir()
+    layer = our_layer(bin_path)
+    assert layer is not None
+    with open_saved_state(bin_path) as p:
+        assert [Path(x) for x in p.paths] == dependency_paths(layer) == [bin_path, *([vsv_path] if vsv_path else [])]
+        assert p.kind == layer.provider.kind == ("bin+vsv" if vsv_name else "bin")
+
+
 @pytest.mark.parametrize(("bin_name", "vsv_name"), [("vm.bin", "vm.vsv"), ("Ünï cödé.BIN", "Ünï cödé.VSV")])
 def test_vsv_given_with_f_finds_its_bin(pair, guest, tmp_path: Path, bin_name: str, vsv_name: str) -> None:
     bin_path, vsv_path = copy_pair(pair, tmp_path, bin_name, vsv_name)
