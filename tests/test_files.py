@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from shared_data import REPO
 
+from volatility3_vmssd.errors import FormatError
 from volatility3_vmssd.files import find_partner, signature_kind, sniff
 from volatility3_vmssd.provider import open_saved_state
 from volatility3_vmssd.savedstate.cpujson import state_from_json
@@ -84,7 +85,7 @@ def test_a_directory_named_like_the_partner_never_pairs(pair: tuple[Path, Path],
     vsv_dir.mkdir()
     shutil.copyfile(pair[1], vsv_dir / "b.vsv")
     (vsv_dir / "b.bin").mkdir()
-    with pytest.raises(Exception, match="a .vsv needs its .bin"):
+    with pytest.raises(FormatError, match=r"a \.vsv needs its \.bin"):
         open_saved_state(vsv_dir / "b.vsv")
 
 
