@@ -1,4 +1,4 @@
-"""ctypes binding of Microsoft's ``vmsavedstatedumpprovider.dll`` (spec §8), both ABI generations.
+"""ctypes binding of Microsoft's ``vmsavedstatedumpprovider.dll`` (docs/format.md#dll-api), both ABI generations.
 
 Nothing here touches Windows at import time: the structures and prototype tables are plain ctypes
 declarations (so their layout can be unit-tested on any OS), and ``ctypes.WinDLL`` is looked up
@@ -203,7 +203,7 @@ class MODULE_INFO(Structure):
 
 
 # ---------------------------------------------------------------------------------------------
-# Old REGISTER_ID_X64 / REGISTER_ID_X86 (SDK 10.0.18362 and earlier; spec §8)
+# Old REGISTER_ID_X64 / REGISTER_ID_X86 (SDK 10.0.18362 and earlier; docs/format.md#dll-api)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -299,7 +299,7 @@ PROTOTYPES: dict[str, dict[str, tuple[Any, ...]]] = {"new": PROTOTYPES_NEW, "old
 CDECL_FUNCTIONS = frozenset({"GetMemoryBlockCacheLimit"})
 
 # The 10.0.18362 header is old (rafawo/vmsavedstatetodump-rs builds against it); the next SDK is
-# 10.0.19041 and the header copies of the new ABI are undated, so this boundary is [inf].  It can be
+# 10.0.19041 and the header copies of the new ABI are undated, so this boundary is inferred, not seen.  It can be
 # overridden with abi="old"/"new" or the environment variable below.
 NEW_ABI_FIRST_BUILD = 19041
 ABI_ENV = "VMSSD_DUMP_PROVIDER_ABI"
