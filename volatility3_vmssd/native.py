@@ -25,6 +25,7 @@ from .savedstate.guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
 from .savedstate.guestos import GuestOsInfo
 from .savedstate.legacy_bin import BinFile
 from .savedstate.rammap import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
+from .savedstate.register_chunks import register_sort_key
 from .savedstate.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
 from .savedstate.translate import translate_with_size
 from .storage import HyperVStorage, commit_replay_log
@@ -250,7 +251,7 @@ class SavedStateProvider(SavedState):
         bank = v.registers.get(vtl)
         if bank is None:
             raise NotFoundError(f"VP {vp} has no register bank for VTL {vtl} (saved: {sorted(v.registers)})")
-        return dict(bank)
+        return {name: bank[name] for name in sorted(bank, key=register_sort_key)}
 
     def get_register_value(self, vp: int, name: str) -> RegisterValue:
         regs = self.get_registers(vp)

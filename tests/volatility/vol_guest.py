@@ -15,6 +15,8 @@ from vol_helpers import run_vol
 
 HOLE = (0xA0000, 0x100000)  # legacy VGA/BIOS area: RAM in the guest, an MMIO hole on Hyper-V
 BIOS_ROM = (0xFFFC0000, 0x100000000)  # the ELF's second PT_LOAD: ROM, not RAM
+FAKE_DLL_DIR = Path(__file__).resolve().parent.parent / "dll" / "vol_fake"
+BACKEND_PLUGINS: Sequence[str] = ("hyperv.info", "hyperv.registers", "hyperv.pagingmode", "hyperv.memmap")
 
 
 @dataclasses.dataclass
@@ -74,7 +76,15 @@ class VolRuns:
             ],
             "vmrs:layerwriter": [*s, *only, "-f", str(g.vmrs), "-o", str(self.outdir("vmrs")), "layerwriter"],
             "split:layerwriter": [*s, *only, "-f", str(g.split), "-o", str(self.outdir("split")), "layerwriter"],
+            # The DLL backend, driven by the fake DLL (tests/dll/vol_fake), against the native one.
+            "dll:linux.pslist": [*s, "--hyperv-backend", "dll", "-f", str(g.vmrs), "linux.pslist"],
         }
+        for plugin in BACKEND_PLUGINS:
+            for backend in ("native", "dll"):
+                args = [*s, *only, "-r", "json", "--hyperv-backend", backend, "-f", str(g.vmrs), plugin]
+                self.plan[f"{backend}:{plugin}"] = args
+        fake = {"VMSSD_FAKE_DLL": "1", "PYTHONPATH": str(FAKE_DLL_DIR)}
+        self.env = {name: fake for name in self.plan if name.startswith("dll:")}
 
     def lone_bin(self) -> Path:
         """The pair's .bin under another name in another folder: its .vsv is not beside it."""
@@ -93,7 +103,7 @@ class VolRuns:
         return path
 
     def _run(self, name: str) -> subprocess.CompletedProcess[str]:
-        return run_vol(["-q", *self.plan[name]], cache=self.cache)
+        return run_vol(["-q", *self.plan[name]], cache=self.cache, env=self.env.get(name))
 
     def get(self, name: str) -> subprocess.CompletedProcess[str]:
         with self._lock:

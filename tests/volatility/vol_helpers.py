@@ -11,7 +11,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,14 +171,23 @@ def run_vol(
     python: str | os.PathLike[str] = sys.executable,
     plugin_dir: Path | None = PLUGIN_DIR,
     timeout: float = 600,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run vol with a private cache; ``plugin_dir`` adds ``-p`` (the checkout's shims) and PYTHONPATH."""
+    """Run vol with a private cache; ``plugin_dir`` adds ``-p`` (the checkout's shims) and PYTHONPATH.
+
+    ``env`` adds variables; its ``PYTHONPATH`` is put after the checkout's.
+    """
+    extra = dict(env or {})
     env = dict(os.environ, XDG_CACHE_HOME=str(cache))
     env.pop("PYTHONPATH", None)
     cmd = vol_command(python)
+    paths = [p for p in (extra.pop("PYTHONPATH", None),) if p]
     if plugin_dir is not None:
-        env["PYTHONPATH"] = str(REPO)
+        paths.insert(0, str(REPO))
         cmd += ["-p", str(plugin_dir)]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra)
     return subprocess.run(
         [*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd or cache, timeout=timeout, check=False
     )

@@ -20,6 +20,7 @@ from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAd
 from ..interface import GpaMemoryChunk, SavedState
 from ..savedstate.guestos import GuestOsInfo, decode_guest_os_id
 from ..savedstate.rammap import BLOCK_SIZE, PAGE_SIZE
+from ..savedstate.register_chunks import register_sort_key
 from ..savedstate.registers import (
     REGISTER_IDS,
     WIDE_REGISTER_NAMES,
@@ -391,7 +392,7 @@ class DllSavedStateProvider(SavedState):
                 self.force_active_virtual_trust_level(vp, vtl)
         try:
             out: dict[str, RegisterValue] = {}
-            for name in sorted(self.expressible_registers(vp), key=_register_order):
+            for name in sorted(self.expressible_registers(vp), key=register_sort_key):
                 try:
                     out[name] = self.get_register_value(vp, name)
                 except (b.DllCallError, NotFoundError):
@@ -614,10 +615,6 @@ class DllSavedStateProvider(SavedState):
 
     def _summary_facts(self) -> dict[str, Any]:
         return {"decoder": "vmsavedstatedumpprovider.dll", "dll": self.dll_info}
-
-
-def _register_order(name: str) -> int:
-    return REGISTER_IDS.get(name, 10_000)
 
 
 __all__ = ["DllInfo", "DllSavedStateProvider"]

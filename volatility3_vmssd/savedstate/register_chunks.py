@@ -206,3 +206,15 @@ ARM64_REGISTER_CHUNKS: tuple[RegisterChunk, ...] = (
 )
 X64_CHUNKS_BY_ID: dict[int, RegisterChunk] = {c.chunk_id: c for c in X64_REGISTER_CHUNKS}
 ARM64_CHUNKS_BY_ID: dict[int, RegisterChunk] = {c.chunk_id: c for c in ARM64_REGISTER_CHUNKS}
+
+#: Every register name in chunk-layout order (x64, then ARM64): both backends list a bank in this order,
+#: whatever order the file's chunks came in.
+REGISTER_ORDER: dict[str, int] = {
+    name: i
+    for i, name in enumerate(dict.fromkeys(n for c in (*X64_REGISTER_CHUNKS, *ARM64_REGISTER_CHUNKS) for n in c.names))
+}
+
+
+def register_sort_key(name: str) -> tuple[int, str]:
+    """Sort key of :data:`REGISTER_ORDER`; names outside it come last, alphabetically."""
+    return REGISTER_ORDER.get(name, len(REGISTER_ORDER)), name
