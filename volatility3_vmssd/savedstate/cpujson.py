@@ -138,29 +138,3 @@ def register_to_json(value: RegisterValue) -> Any:
     if isinstance(value, TableRegister):
         return {"base": f"{value.base:#018x}", "limit": f"{value.limit:#06x}"}
     return hex(value)
-
-
-def state_to_json(state: PartitionState) -> dict[str, Any]:
-    """The inverse of :func:`state_from_json` (vmssd-registers/1)."""
-    vendor = {v: k for k, v in VENDORS.items()}.get(state.processor_vendor, "intel")  # type: ignore[call-overload]
-    return {
-        "format": FORMAT,
-        "vendor": vendor,
-        **({"guest_os_id": hex(state.guest_os_id)} if state.guest_os_id is not None else {}),
-        **(
-            {"guest_os_ids": {str(vtl): hex(v) for vtl, v in sorted(state.guest_os_ids.items()) if vtl != 0}}
-            if set(state.guest_os_ids) - {0}
-            else {}
-        ),
-        "vps": [
-            {
-                "vp_index": vp.index,
-                "vtl_runnable": vp.vtl_runnable,
-                "vtls": {
-                    str(vtl): {name: register_to_json(v) for name, v in regs.items()}
-                    for vtl, regs in sorted(vp.registers.items())
-                },
-            }
-            for vp in state.vps
-        ],
-    }
