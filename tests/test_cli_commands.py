@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from builders import add_journal_entries
 from shared_data import LINUX_GUEST, REPO, need
 
 from volatility3_vmssd import SavedStateProvider
@@ -24,7 +25,6 @@ from volatility3_vmssd.savedstate.cpujson import register_to_json, state_from_js
 from volatility3_vmssd.savedstate.images import MemoryImage
 from volatility3_vmssd.savedstate.writer import write_fill_vmrs, write_vmrs
 from volatility3_vmssd.storage import HyperVStorage
-from volatility3_vmssd.storage.writer import add_journal_entries
 
 SAMPLE = REPO / "tests" / "data" / "sample.vmrs"
 CLI = [sys.executable, "-m", "volatility3_vmssd.cli.main"]

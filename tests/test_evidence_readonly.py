@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from builders import add_journal_entries
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.errors import Findings, VmssdError
@@ -27,7 +28,7 @@ from volatility3_vmssd.savedstate.partition_state import PartitionState, VpState
 from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, index_block
 from volatility3_vmssd.savedstate.registers import PrologVendor
 from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
-from volatility3_vmssd.storage import HyperVStorage, add_journal_entries
+from volatility3_vmssd.storage import HyperVStorage
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _MODE_WRITES = set("wax+")

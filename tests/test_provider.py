@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from builders import add_journal_entries
 from shared_data import BIOS_ROM, LOW_HOLE
 
 from volatility3_vmssd import SavedStateProvider
@@ -21,7 +22,7 @@ from volatility3_vmssd.savedstate.rammap import RamMemoryBlockRecord
 from volatility3_vmssd.savedstate.registers import Architecture, PagingMode, PrologVendor, SegmentRegister
 from volatility3_vmssd.savedstate.translate import translate
 from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
-from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter, add_journal_entries
+from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter
 
 # --------------------------------------------------------------------------- the crate's tests
 # rafawo/vmsavedstatetodump-rs tests/integration_test.rs expectations, measured by the DLL on the

@@ -6,12 +6,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from builders import key_offsets, patch_key_entry, write_storage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storage_helpers import key_offsets, patch_key_entry
 
 from volatility3_vmssd.errors import ChecksumError, FormatError, TruncatedError, VmssdError
-from volatility3_vmssd.storage import HyperVStorage, write_storage
+from volatility3_vmssd.storage import HyperVStorage
 
 TREE = {
     "configuration": {"properties": {"version": 2304}, "name": "vm"},

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from builders import add_journal_entries, write_storage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,10 +16,8 @@ from volatility3_vmssd.storage import (
     HyperVStorageWriter,
     KeyType,
     ObjectType,
-    add_journal_entries,
     commit_replay_log,
     uint,
-    write_storage,
 )
 from volatility3_vmssd.storage.writer import TypedValue
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 
 
 class VmssdError(Exception):
@@ -63,14 +64,25 @@ class BackendUnavailableError(VmssdError):
     """A provider backend (such as the Windows DLL) cannot be used on this host."""
 
 
+#: Findings of one kind of one repeated problem in one file kept verbatim; the rest are counted in
+#: one summary finding, so a file with a million bad entries costs a few dozen objects, not a
+#: million (docs/robustness.md).
+KEEP_PER_KIND = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """Something the reader noticed and worked around; shown by ``vmssd info`` and ``hyperv.info``."""
+    """Something the reader noticed and worked around; shown by ``vmssd info`` and ``hyperv.info``.
+
+    ``suppressed`` is non-zero only on a summary: the number of findings of this kind (in this file)
+    that were counted but not kept; ``offset`` is then the first of them.
+    """
 
     path: str
     offset: int | None
     kind: str  # short machine-readable tag: "crc", "journal", "unknown-chunk", "truncated", ...
     message: str
+    suppressed: int = 0
 
     def __str__(self) -> str:
         at = f" @ {self.offset:#x}" if self.offset is not None else ""
@@ -80,12 +92,41 @@ class Finding:
         return dataclasses.asdict(self)
 
 
-class Findings(list[Finding]):
-    """A list of findings with a helper that enforces strict mode in one place."""
+class _Tally:
+    __slots__ = ("count", "first", "index", "last")
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self) -> None:
+        self.count = 0
+        self.index = -1  # position of the summary in the list once one exists
+        self.first: int | None = None
+        self.last: int | None = None
+
+
+class Findings(list[Finding]):
+    """The findings of one file: strict mode enforced in one place, repeats aggregated.
+
+    The first :data:`KEEP_PER_KIND` findings of each (path, kind, group) are kept as they are;
+    later ones only increment a counter shown by one summary finding in their place.  ``group``
+    names a problem that can repeat once per entry ("object-entry-crc"); call sites that report
+    once per structure leave it out and share the default group of their kind.  The summary text
+    is brought up to date whenever the list is read, so adding stays cheap in hot loops.
+    """
+
+    def __init__(self, strict: bool = False, *, keep: int = KEEP_PER_KIND) -> None:
         super().__init__()
         self.strict = strict
+        self.keep = keep
+        self._tallies: dict[tuple[str, str, str | None], _Tally] = {}
+        self._stale = False
+
+    def tally(self, kind: str, group: str | None = None) -> int:
+        """How many findings of ``kind`` (and ``group``) were added, kept or only counted."""
+        return sum(t.count for (_p, k, g), t in self._tallies.items() if k == kind and g == group)
+
+    @property
+    def suppressed(self) -> int:
+        """Findings counted but not kept verbatim, over all kinds."""
+        return sum(t.count - min(t.count, self.keep) for t in self._tallies.values())
 
     def add(
         self,
@@ -95,8 +136,73 @@ class Findings(list[Finding]):
         message: str,
         *,
         error: type[FormatError] | None = None,
+        group: str | None = None,
     ) -> None:
         """Record a finding; in strict mode raise ``error`` instead when one is given."""
         if self.strict and error is not None:
             raise error(path, offset, message)
-        self.append(Finding(os.fspath(path), offset, kind, message))
+        spath = path if isinstance(path, str) else os.fspath(path)
+        key = (spath, kind, group)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = _Tally()
+        tally.count += 1
+        if tally.count <= self.keep:
+            super().append(Finding(spath, offset, kind, message))
+            return
+        if tally.index < 0:
+            tally.index = len(self)
+            tally.first = offset
+            super().append(Finding(spath, offset, kind, ""))
+        if offset is not None:
+            tally.last = offset
+            if tally.first is None:
+                tally.first = offset
+        self._stale = True
+
+    def _refresh(self) -> None:
+        self._stale = False
+        for (path, kind, _group), t in self._tallies.items():
+            if t.index < 0:
+                continue
+            n = t.count - self.keep
+            span = ""
+            if t.first is not None and t.last is not None and t.last != t.first:
+                span = f", offsets {t.first:#x} to {t.last:#x}"
+            message = f"{n} more {kind!r} finding(s) like those above, counted but not listed{span}"
+            list.__setitem__(self, t.index, Finding(path, t.first, kind, message, suppressed=n))
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        if self._stale:
+            self._refresh()
+        return super().__iter__()
+
+    def __repr__(self) -> str:
+        if self._stale:
+            self._refresh()
+        return super().__repr__()
+
+    def __getitem__(self, item):  # type: ignore[no-untyped-def]
+        if self._stale:
+            self._refresh()
+        return super().__getitem__(item)
+
+
+def summarize(findings: Iterable[Finding], per_kind: int = 3) -> list[str]:
+    """Lines for a terminal: the first ``per_kind`` findings of each kind, then one count per kind.
+
+    ``vmssd info`` and ``hyperv.info`` print this; their JSON/full options give every finding kept.
+    """
+    shown: dict[str, int] = {}
+    hidden: dict[str, int] = {}
+    lines: list[str] = []
+    for f in findings:
+        extra = f.suppressed
+        if shown.get(f.kind, 0) < per_kind and not extra:
+            shown[f.kind] = shown.get(f.kind, 0) + 1
+            lines.append(str(f))
+        else:
+            hidden[f.kind] = hidden.get(f.kind, 0) + (extra or 1)
+    for kind, n in hidden.items():
+        lines.append(f"[{kind}] ... and {n} more finding(s) of this kind (every finding kept: --json)")
+    return lines

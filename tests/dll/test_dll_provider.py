@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import add_journal_entries
 from dllstates import build_states
 from fakedll import FakeDll
 
@@ -19,7 +20,7 @@ from volatility3_vmssd.dll import provider as dll_provider
 from volatility3_vmssd.dll.provider import DllSavedStateProvider
 from volatility3_vmssd.errors import BackendUnavailableError, NotFoundError, UnsupportedError, VmssdError
 from volatility3_vmssd.savedstate.registers import REGISTER_IDS, SegmentRegister
-from volatility3_vmssd.storage import HyperVStorage, add_journal_entries
+from volatility3_vmssd.storage import HyperVStorage
 
 VA = 0xFFFF800000001000
 

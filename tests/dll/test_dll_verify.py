@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import add_journal_entries
 from dllstates import build_states
 from fakedll import FakeDll
 
@@ -16,7 +17,7 @@ from volatility3_vmssd.cli import main as cli_main
 from volatility3_vmssd.cli import verify as cli_verify
 from volatility3_vmssd.dll import provider as dll_provider
 from volatility3_vmssd.errors import UnsupportedError
-from volatility3_vmssd.storage import HyperVStorage, add_journal_entries
+from volatility3_vmssd.storage import HyperVStorage
 from volatility3_vmssd.verify import DEFAULT_SAMPLES, compare_providers, sample_pages, verify_files
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import add_journal_entries
 from dllstates import build_states
 
 from volatility3_vmssd import SavedStateProvider
@@ -20,7 +21,7 @@ from volatility3_vmssd.cli import verify as cli_verify
 from volatility3_vmssd.dll.discovery import DllInfo, find_dll
 from volatility3_vmssd.dll.provider import DllSavedStateProvider
 from volatility3_vmssd.errors import BackendUnavailableError, UnmappedAddressError
-from volatility3_vmssd.storage import HyperVStorage, add_journal_entries
+from volatility3_vmssd.storage import HyperVStorage
 from volatility3_vmssd.verify import compare_providers, verify_files
 
 pytestmark = [

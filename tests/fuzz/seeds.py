@@ -42,7 +42,12 @@ from volatility3_vmssd.savedstate.ramblock import (
 from volatility3_vmssd.savedstate.rammap import RamMemoryBlockRecord
 from volatility3_vmssd.savedstate.registers import PrologVendor, SegmentRegister, TableRegister
 from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
-from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter, add_journal_entries
+from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter
+
+try:  # run as ``python -m tests.fuzz.seeds``
+    from ..builders import add_journal_entries
+except ImportError:  # imported by the test suite as ``fuzz.seeds`` (tests/ on sys.path)
+    from builders import add_journal_entries  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))

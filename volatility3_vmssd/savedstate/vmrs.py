@@ -9,11 +9,10 @@ variants are explained in ``docs/format.md`` ("Where a saved state keeps its par
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 from ..errors import Findings, NotFoundError, UnsupportedError, VmssdError
-from ..storage import HyperVStorage, Key
+from ..storage import HyperVStorage, Key, NumberedKeys
 from .chunkparser import parse_partition_state
 from .cpustate import PartitionState
 from .rammap import PAGES_PER_BLOCK, RamMap, RamMemoryBlockRecord
@@ -30,9 +29,6 @@ __all__ = [
     "version_text",
 ]
 
-_RAM_MEMORY_BLOCK = re.compile(r"^RamMemoryBlock/?(\d+)/?$")
-_RAM_BLOCK = re.compile(r"^RamBlock/?(\d+)/?$")
-_NUMBER = re.compile(r"^(\d+)/?$")
 PARTITION_STATE_PATHS = (
     "/savedstate/savedVM/partition_state",
     "/savedVM/partition_state",
@@ -45,7 +41,7 @@ LAST_LEGACY_VM_VERSION = 0x0500
 class VmrsBlockSource:
     """RamBlock values held as keys of a container (inline or file objects); read on demand."""
 
-    def __init__(self, storage: HyperVStorage, keys: dict[int, Key]) -> None:
+    def __init__(self, storage: HyperVStorage, keys: Mapping[int, Key]) -> None:
         self.path = storage.path
         self._keys = keys
 
@@ -63,43 +59,36 @@ class VmrsBlockSource:
         return key.read(allow_partial=True)
 
 
-def _children(storage: HyperVStorage, *paths: str) -> list[Key]:
-    out: list[Key] = []
-    for p in paths:
-        node = storage.root if p == "/" else storage.find(p)
-        if node is not None:
-            out.extend(node.children)
-    return out
-
-
-def _numbered(storage: HyperVStorage, stem: str, pattern: re.Pattern[str]) -> dict[int, Key]:
+def _numbered(storage: HyperVStorage, stem: str) -> Mapping[int, Key]:
     """Keys ``<stem><n>`` under /savedstate, a node ``<stem>`` with children ``n``, or literal names.
 
     Microsoft's legacy path format is ``RamMemoryBlock/%d/``; whether that is a node with numbered
-    children or a literal name with slashes is not known, so both are accepted.
+    children or a literal name with slashes is not known, so both are accepted.  The result is the
+    storage's compact mapping: a million RamBlocks are two arrays, not a dict of a million keys.
     """
-    found: dict[int, Key] = {}
-    for key in _children(storage, "/savedstate", "/"):
-        m = pattern.match(key.name)
-        if m and not key.is_node:
-            found.setdefault(int(m[1]), key)
-    for key in _children(storage, f"/{stem}", f"/savedstate/{stem}", f"/savedVM/{stem}"):
-        m = _NUMBER.match(key.name)
-        if m and not key.is_node:
-            found.setdefault(int(m[1]), key)
-        elif m and key.is_node and key.children:  # RamBlock/<n>/ written as a node with one value
-            found.setdefault(int(m[1]), key.children[0])
-    return found
+    maps: list[Mapping[int, Key]] = []
+    for p in ("/savedstate", "/"):
+        node = storage.root if p == "/" else storage.find(p)
+        if node is not None:
+            maps.append(node.numbered_children(stem))
+    for p in (f"/{stem}", f"/savedstate/{stem}", f"/savedVM/{stem}"):
+        node = storage.find(p)
+        if node is None:
+            continue
+        maps.append(node.numbered_children(""))
+        nodes = node.numbered_children("", nodes=True)  # RamBlock/<n>/ written as a node with one value
+        maps.append({n: nodes[n].children[0] for n in nodes if nodes[n].child_count})
+    return NumberedKeys.union(maps)
 
 
-def ram_block_keys(storage: HyperVStorage) -> dict[int, Key]:
+def ram_block_keys(storage: HyperVStorage) -> Mapping[int, Key]:
     """RamBlock number -> key, for every RamBlock the container holds."""
-    return _numbered(storage, "RamBlock", _RAM_BLOCK)
+    return _numbered(storage, "RamBlock")
 
 
 def ram_map(storage: HyperVStorage, findings: Findings, block_numbers: Iterable[int]) -> RamMap:
     """The GPA map from the RamMemoryBlock records; an identity map (with a finding) when there are none."""
-    keys = _numbered(storage, "RamMemoryBlock", _RAM_MEMORY_BLOCK)
+    keys = _numbered(storage, "RamMemoryBlock")
     numbers = sorted(block_numbers)
     identity_pages = (numbers[-1] + 1) * PAGES_PER_BLOCK if numbers else 0
     if not keys:
@@ -195,7 +184,7 @@ def container_facts(storage: HyperVStorage) -> ContainerFacts:
     return ContainerFacts(
         vm_version=_int_value(storage, "/savedstate/VmVersion", "/configuration/properties/version"),
         saved_state_type=sstype.value if sstype is not None and isinstance(sstype.value, str) else None,
-        has_ram_map=bool(_numbered(storage, "RamMemoryBlock", _RAM_MEMORY_BLOCK)),
+        has_ram_map=bool(_numbered(storage, "RamMemoryBlock")),
         has_ram_blocks=bool(ram_block_keys(storage)),
         legacy_paths=storage.find("/savedVM/partition_state") is not None,
     )

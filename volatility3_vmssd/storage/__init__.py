@@ -1,15 +1,10 @@
-"""The HyperVStorage key-value container: one reader and one writer (spec §1)."""
+"""The HyperVStorage key-value container: one reader, one writer, the replay log (spec §1)."""
 
 from .defs import KeyType, ObjectType
-from .reader import FileHeader, HyperVStorage, Key, ReplayLogInfo, StorageObject, is_hyperv_storage
-from .writer import (
-    HyperVStorageWriter,
-    TypedValue,
-    add_journal_entries,
-    commit_replay_log,
-    uint,
-    write_storage,
-)
+from .journal import ReplayLogInfo, commit_replay_log
+from .keytree import Key, NumberedKeys
+from .reader import FileHeader, HyperVStorage, StorageObject, is_hyperv_storage
+from .writer import HyperVStorageWriter, TypedValue, uint
 
 __all__ = [
     "FileHeader",
@@ -17,13 +12,12 @@ __all__ = [
     "HyperVStorageWriter",
     "Key",
     "KeyType",
+    "NumberedKeys",
     "ObjectType",
     "ReplayLogInfo",
     "StorageObject",
     "TypedValue",
-    "add_journal_entries",
     "commit_replay_log",
     "is_hyperv_storage",
     "uint",
-    "write_storage",
 ]

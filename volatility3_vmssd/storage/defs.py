@@ -6,6 +6,7 @@ Every structure is little-endian and packed.  Confidence marks refer to
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 import zlib
@@ -96,6 +97,14 @@ class KeyType(enum.IntEnum):
         return {KeyType.UINT: "UInt"}.get(self, self.name.capitalize())
 
 
+# The one binary form of each scalar key type, used by the reader and the writer.
+SCALAR_FORMATS: dict[KeyType, struct.Struct] = {
+    KeyType.INT: struct.Struct("<q"),
+    KeyType.UINT: struct.Struct("<Q"),
+    KeyType.DOUBLE: struct.Struct("<d"),
+    KeyType.BOOL: struct.Struct("<i"),
+}
+
 # Meaningful inline value size of the fixed-size types; String/Array add a u32 length prefix.
 FIXED_VALUE_SIZES = {
     KeyType.INT: 8,
@@ -104,6 +113,61 @@ FIXED_VALUE_SIZES = {
     KeyType.BOOL: 4,
     KeyType.NODE: NODE_VALUE.size,
 }
+
+
+def seal(buf: bytearray, crc_offset: int, start: int = 0, end: int | None = None) -> bytearray:
+    """Store the CRC-32 of ``buf[start:end]`` (its checksum field read as zeros) at ``start + crc_offset``.
+
+    Every structure of the format is sealed this way: file header, object and key-table entries,
+    key-table header, replay-log header and entries.
+    """
+    view = memoryview(buf)[start:end]
+    struct.pack_into("<I", buf, start + crc_offset, crc32_skipping(view, crc_offset))
+    return buf
+
+
+@dataclasses.dataclass(frozen=True)
+class FileHeaderFields:
+    """One copy of the file header by name (the reader and the writer read fields by name, not position)."""
+
+    signature: int
+    checksum: int
+    sequence: int
+    format_version: int
+    data_version: int
+    flags: int
+    data_alignment: int
+    replay_log_offset: int
+    replay_log_size: int
+    replay_log_header_size: int
+
+    @classmethod
+    def parse(cls, raw: bytes | bytearray | memoryview, offset: int = 0) -> FileHeaderFields:
+        return cls(*FILE_HEADER.unpack_from(raw, offset))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayLogHeaderFields:
+    """The replay-log header by name; a commit changes only ``pending_count`` and ``checksum``."""
+
+    signature: int
+    checksum: int
+    pending_count: int
+    reserved: int
+    maximum_entries: int
+    change_tracking_enabled: int
+    change_tracking_buffer_offset: int
+    change_tracking_buffer_size: int
+    change_tracking_buffer_used_size: int
+
+    @classmethod
+    def parse(cls, raw: bytes | bytearray | memoryview, offset: int = 0) -> ReplayLogHeaderFields:
+        return cls(*REPLAY_LOG_HEADER.unpack_from(raw, offset))
+
+    def pack(self) -> bytes:
+        """The header with its CRC recomputed (the stored ``checksum`` is ignored)."""
+        raw = bytearray(REPLAY_LOG_HEADER.pack(*dataclasses.astuple(self)))
+        return bytes(seal(raw, REPLAY_LOG_HEADER_CRC_OFFSET))
 
 
 def crc32_skipping(buf: bytes | bytearray | memoryview, field_offset: int, crc: int = 0) -> int:

@@ -18,13 +18,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import struct
 import tempfile
 import zlib
-from collections.abc import Iterable, Mapping
 from typing import BinaryIO
 
-from ..errors import FormatError, VmssdError
 from .defs import (
     FILE_HEADER,
     FILE_HEADER_CRC_OFFSET,
@@ -51,14 +48,19 @@ from .defs import (
     REPLAY_LOG_ENTRY,
     REPLAY_LOG_ENTRY_CRC_OFFSET,
     REPLAY_LOG_HEADER,
-    REPLAY_LOG_HEADER_CRC_OFFSET,
     REPLAY_LOG_SIGNATURE,
     ROOT_OBJECT_TABLE_OFFSET,
+    SCALAR_FORMATS,
+    FileHeaderFields,
     KeyType,
     ObjectType,
+    ReplayLogHeaderFields,
     align_up,
-    crc32_skipping,
+    seal,
 )
+from .journal import commit_replay_log
+
+__all__ = ["HyperVStorageWriter", "TypedValue", "commit_replay_log", "encode_value", "uint"]
 
 ROOT_TABLE_BYTES = 0x1000
 REPLAY_LOG_HEADER_BYTES = 0x1000
@@ -93,27 +95,24 @@ def encode_value(value: object) -> tuple[KeyType, bytes]:
     """Map a Python value to (key type, value bytes without any length prefix)."""
     if isinstance(value, TypedValue):
         t, v = value.type, value.value
-        if t == KeyType.INT:
-            return t, struct.pack("<q", int(v))  # type: ignore[call-overload]
-        if t == KeyType.UINT:
-            return t, struct.pack("<Q", int(v))  # type: ignore[call-overload]
-        if t == KeyType.DOUBLE:
-            return t, struct.pack("<d", float(v))  # type: ignore[arg-type]
-        if t == KeyType.BOOL:
-            return t, struct.pack("<i", 1 if v else 0)
+        fmt = SCALAR_FORMATS.get(t)
+        if fmt is not None:
+            if t == KeyType.DOUBLE:
+                return t, fmt.pack(float(v))  # type: ignore[arg-type]
+            return t, fmt.pack(int(v) if t != KeyType.BOOL else (1 if v else 0))  # type: ignore[call-overload]
         if t == KeyType.STRING:
             return t, str(v).encode("utf-16-le")
         if t == KeyType.ARRAY:
             return t, bytes(v)  # type: ignore[call-overload]
         raise ValueError(f"cannot write a value of key type {t!r}")
     if isinstance(value, bool):
-        return KeyType.BOOL, struct.pack("<i", int(value))
+        return KeyType.BOOL, SCALAR_FORMATS[KeyType.BOOL].pack(int(value))
     if isinstance(value, int):
         if -(1 << 63) <= value < (1 << 63):
-            return KeyType.INT, struct.pack("<q", value)
-        return KeyType.UINT, struct.pack("<Q", value)
+            return KeyType.INT, SCALAR_FORMATS[KeyType.INT].pack(value)
+        return KeyType.UINT, SCALAR_FORMATS[KeyType.UINT].pack(value)
     if isinstance(value, float):
-        return KeyType.DOUBLE, struct.pack("<d", value)
+        return KeyType.DOUBLE, SCALAR_FORMATS[KeyType.DOUBLE].pack(value)
     if isinstance(value, str):
         # The real samples store strings without a terminating NUL (a 36-character GUID has
         # length 72), so we do the same.
@@ -271,29 +270,19 @@ class HyperVStorageWriter:
                 ptable, poff = where[id(parent)] if parent is not None else (0, 0)
                 name = node.name.encode("utf-8") + b"\0"
                 value = node.payload if node.type != KeyType.NODE else NODE_VALUE.pack(0, len(node.children) + 1)
-                header = bytearray(
-                    KEY_ENTRY_HEADER.pack(node.type, node.flags, esize + slack, ptable, poff, 0, seq, len(name))
-                )
-                crc = zlib.crc32(value, zlib.crc32(name, crc32_skipping(header, KEY_ENTRY_CRC_OFFSET)))
-                struct.pack_into("<I", header, KEY_ENTRY_CRC_OFFSET, crc)
-                buf[off : off + len(header)] = header
-                buf[off + len(header) : off + len(header) + len(name)] = name
-                buf[off + len(header) + len(name) : off + esize] = value
+                header = KEY_ENTRY_HEADER.pack(node.type, node.flags, esize + slack, ptable, poff, 0, seq, len(name))
+                buf[off : off + esize] = header + name + value
+                seal(buf, KEY_ENTRY_CRC_OFFSET, off, off + esize)  # the CRC covers header, name, value
             if not items:
                 KEY_ENTRY_HEADER.pack_into(buf, KEY_TABLE_HEADER.size, KeyType.FREE, 0, size - 10, 0, 0, 0, 0, 0)
-            header = bytearray(KEY_TABLE_HEADER.pack(KEY_TABLE_SIGNATURE, index, 1, 0))
-            struct.pack_into(
-                "<I", header, KEY_TABLE_HEADER_CRC_OFFSET, crc32_skipping(header, KEY_TABLE_HEADER_CRC_OFFSET)
-            )
-            buf[: KEY_TABLE_HEADER.size] = header
+            buf[: KEY_TABLE_HEADER.size] = KEY_TABLE_HEADER.pack(KEY_TABLE_SIGNATURE, index, 1, 0)
+            seal(buf, KEY_TABLE_HEADER_CRC_OFFSET, 0, KEY_TABLE_HEADER.size)
             tables.append(buf)
         return tables
 
     @staticmethod
     def _object_entry(otype: int, offset: int, size: int, flags: int) -> bytes:
-        ent = bytearray(OBJECT_ENTRY.pack(otype, 0, offset, size, flags))
-        struct.pack_into("<I", ent, OBJECT_ENTRY_CRC_OFFSET, crc32_skipping(ent, OBJECT_ENTRY_CRC_OFFSET))
-        return bytes(ent)
+        return bytes(seal(bytearray(OBJECT_ENTRY.pack(otype, 0, offset, size, flags)), OBJECT_ENTRY_CRC_OFFSET))
 
     def _object_table(self, entries: list[bytes], table_bytes: int) -> bytes:
         slots = (table_bytes - OBJECT_TABLE_HEADER.size) // OBJECT_ENTRY.size
@@ -409,28 +398,24 @@ class _suppress_os_error:
 
 
 def file_header(sequence: int, alignment: int, log_offset: int, log_size: int) -> bytes:
-    raw = bytearray(
-        FILE_HEADER.pack(
-            FILE_SIGNATURE,
-            0,
-            sequence,
-            FORMAT_VERSION_CURRENT,
-            0,
-            0,
-            alignment,
-            log_offset,
-            log_size,
-            REPLAY_LOG_HEADER_BYTES,
-        )
+    fields = FileHeaderFields(
+        FILE_SIGNATURE,
+        0,
+        sequence,
+        FORMAT_VERSION_CURRENT,
+        0,
+        0,
+        alignment,
+        log_offset,
+        log_size,
+        REPLAY_LOG_HEADER_BYTES,
     )
-    struct.pack_into("<I", raw, FILE_HEADER_CRC_OFFSET, crc32_skipping(raw, FILE_HEADER_CRC_OFFSET))
-    return bytes(raw)
+    return bytes(seal(bytearray(FILE_HEADER.pack(*dataclasses.astuple(fields))), FILE_HEADER_CRC_OFFSET))
 
 
 def replay_log_header(pending: int, maximum: int) -> bytes:
-    raw = bytearray(REPLAY_LOG_HEADER.pack(REPLAY_LOG_SIGNATURE, 0, pending, 0, maximum, 0, 0, 0, 0))
-    struct.pack_into("<I", raw, REPLAY_LOG_HEADER_CRC_OFFSET, crc32_skipping(raw, REPLAY_LOG_HEADER_CRC_OFFSET))
-    return bytes(raw)
+    """A fresh replay-log header (change tracking off): what our writer puts in a new file."""
+    return ReplayLogHeaderFields(REPLAY_LOG_SIGNATURE, 0, pending, 0, maximum, 0, 0, 0, 0).pack()
 
 
 def empty_replay_log(size: int) -> bytes:
@@ -441,105 +426,4 @@ def empty_replay_log(size: int) -> bytes:
 
 def replay_log_entry(dest: int, size: int, inlog: int, data: bytes) -> bytes:
     raw = bytearray(REPLAY_LOG_ENTRY.pack(dest, size, inlog, 0, zlib.crc32(data)))
-    struct.pack_into("<I", raw, REPLAY_LOG_ENTRY_CRC_OFFSET, crc32_skipping(raw, REPLAY_LOG_ENTRY_CRC_OFFSET))
-    return bytes(raw)
-
-
-def write_storage(path: str | os.PathLike[str], tree: Mapping[str, object], **options: object) -> None:
-    """Write a nested mapping (dict = Node) as a container; convenient for tests and fixtures."""
-    with HyperVStorageWriter(path, **options) as w:  # type: ignore[arg-type]
-
-        def visit(prefix: str, mapping: Mapping[str, object]) -> None:
-            if not mapping and prefix:
-                w.mkdir(prefix)
-            for name, value in mapping.items():
-                child = f"{prefix}/{name}"
-                if isinstance(value, Mapping):
-                    visit(child, value)
-                else:
-                    w.set(child, value)
-
-        visit("", tree)
-
-
-# ---------------------------------------------------------------------- journal tools
-def _log_geometry(path: str, fh: BinaryIO) -> tuple[int, int, int]:
-    fh.seek(0)
-    raw = fh.read(FILE_HEADER.size)
-    if len(raw) < FILE_HEADER.size or struct.unpack_from("<I", raw)[0] != FILE_SIGNATURE:
-        raise FormatError(path, 0, "expected a HyperVStorage file header")
-    fields = FILE_HEADER.unpack(raw)
-    return fields[7], fields[8], fields[9]
-
-
-def add_journal_entries(
-    path: str | os.PathLike[str],
-    pending: Iterable[tuple[int, bytes]] = (),
-    stale: Iterable[tuple[int, bytes]] = (),
-) -> None:
-    """Turn a file *we wrote* into one with an uncommitted journal (for tests and fixtures).
-
-    For each ``(offset, old)`` in ``pending`` the current bytes at ``offset`` move into the replay
-    log and ``old`` is written in their place: a correct reader must see the journal's (current)
-    bytes.  ``stale`` entries are written after the pending ones with data that must be ignored.
-    Never call this on evidence.
-    """
-    spath = os.fspath(path)
-    with open(spath, "r+b") as fh:
-        log_off, log_size, hdr_size = _log_geometry(spath, fh)
-        entries: list[bytes] = []
-        data_pos = hdr_size
-        pend = list(pending)
-        for dest, old in pend:
-            fh.seek(dest)
-            current = fh.read(len(old))
-            if len(current) != len(old):
-                raise VmssdError(f"{spath}: pending entry at {dest:#x} runs past the end of the file")
-            entries.append(replay_log_entry(dest, len(current), data_pos, current))
-            fh.seek(log_off + data_pos)
-            fh.write(current)
-            fh.seek(dest)
-            fh.write(old)
-            data_pos += len(current)
-        for dest, data in stale:
-            entries.append(replay_log_entry(dest, len(data), data_pos, data))
-            fh.seek(log_off + data_pos)
-            fh.write(data)
-            data_pos += len(data)
-        maximum = (hdr_size - REPLAY_LOG_HEADER.size) // REPLAY_LOG_ENTRY.size
-        if data_pos > log_size or len(entries) > maximum:
-            raise VmssdError(f"{spath}: the journal entries do not fit in the replay log ({log_size:#x} bytes)")
-        fh.seek(log_off)
-        fh.write(replay_log_header(len(pend), maximum) + b"".join(entries))
-
-
-def commit_replay_log(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
-    """Write a copy of ``src`` with its pending journal applied; ``src`` is only read.
-
-    Returns the number of entries applied.  The committed copy keeps the entries as stale
-    leftovers (count 0), which is what a clean Hyper-V commit leaves behind.
-    """
-    from .reader import HyperVStorage
-
-    ssrc, sdst = os.fspath(src), os.fspath(dst)
-    if os.path.exists(sdst) and os.path.samefile(ssrc, sdst):
-        raise VmssdError(f"refusing to write the committed copy over its input {ssrc}")
-    with HyperVStorage.open(ssrc, strict=True) as storage:
-        log = storage.replay_log
-        overlay = list(storage._overlay)
-        maximum = log.maximum_entries if log else 0
-    tmp = sdst + ".partial"
-    try:
-        shutil.copyfile(ssrc, tmp)
-        with open(tmp, "r+b") as fh:
-            for dest, data in overlay:
-                fh.seek(dest)
-                fh.write(data)
-            if log is not None:
-                fh.seek(log.offset)
-                fh.write(replay_log_header(0, maximum))
-        os.replace(tmp, sdst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return len(overlay)
+    return bytes(seal(raw, REPLAY_LOG_ENTRY_CRC_OFFSET))
