@@ -97,6 +97,7 @@ class BinFile:
                     self.index_offset + BIN_INDEX_ENTRY.size * entry.slot,
                     "unknown-entry",
                     f"entry {entry.name!r} is not a RamBlock; kept",
+                    group="slot",
                 )
                 continue
             n = int(match.group(1))
@@ -107,6 +108,7 @@ class BinFile:
                     "bad-entry",
                     f"RamBlock {n} appears twice (slots {self.blocks[n].slot} and {entry.slot}); the first wins",
                     error=FormatError,
+                    group="repeat",
                 )
                 continue
             self.blocks[n] = entry
@@ -233,12 +235,14 @@ def _parse(path: str, fh: BinaryIO, findings: Findings) -> tuple[tuple[int, ...]
         raise TruncatedError(path, index_offset, "index or name table cut short while reading")
 
     entries: list[BinEntry] = []
-    for slot in range(capacity):
-        at = slot * BIN_INDEX_ENTRY.size
-        if index[at : at + BIN_INDEX_ENTRY.size] == _EMPTY_ENTRY:
+    # Slots naming bytes already seen are repeats of an earlier name: reported (aggregated) and not
+    # kept, so an index flooded with one name costs a counter, not an object per slot.
+    seen_names: dict[tuple[int, int], int] = {}
+    for slot, fields in enumerate(BIN_INDEX_ENTRY.iter_unpack(index)):
+        if not any(fields):
             continue
-        entry_offset = index_offset + at
-        name_off, name_len, etype, eflags, allocated, size, offset = BIN_INDEX_ENTRY.unpack_from(index, at)
+        name_off, name_len, etype, eflags, allocated, size, offset = fields
+        entry_offset = index_offset + slot * BIN_INDEX_ENTRY.size
         if name_len == 0 or name_off + name_len > names_size:
             findings.add(
                 path,
@@ -247,11 +251,24 @@ def _parse(path: str, fh: BinaryIO, findings: Findings) -> tuple[tuple[int, ...]
                 f"slot {slot}: name ({name_len} bytes at {name_off:#x}) outside the "
                 f"{names_size:#x}-byte name table; skipped",
                 error=FormatError,
+                group="slot",
             )
             continue
+        first = seen_names.get((name_off, name_len))
+        if first is not None:
+            findings.add(
+                path,
+                entry_offset,
+                "bad-entry",
+                f"slot {slot} names the same bytes as slot {first}; the first wins",
+                error=FormatError,
+                group="repeat",
+            )
+            continue
+        seen_names[(name_off, name_len)] = slot
         name_raw = names[name_off : name_off + name_len]
         if name_raw[-1] != 0:
-            findings.add(path, entry_offset, "bad-entry", f"slot {slot}: name is not NUL-terminated")
+            findings.add(path, entry_offset, "bad-entry", f"slot {slot}: name is not NUL-terminated", group="slot")
         name = name_raw.split(b"\0", 1)[0].decode("ascii", "replace")
         if offset + size > file_size:
             findings.add(
@@ -260,11 +277,16 @@ def _parse(path: str, fh: BinaryIO, findings: Findings) -> tuple[tuple[int, ...]
                 "truncated",
                 f"slot {slot} ({name}): {size:#x} bytes at {offset:#x} run past the end of the file; skipped",
                 error=TruncatedError,
+                group="slot",
             )
             continue
         if size > allocated:
             findings.add(
-                path, entry_offset, "bad-entry", f"slot {slot} ({name}): used size {size:#x} > allocated {allocated:#x}"
+                path,
+                entry_offset,
+                "bad-entry",
+                f"slot {slot} ({name}): used size {size:#x} > allocated {allocated:#x}",
+                group="slot",
             )
         entries.append(BinEntry(slot, name, name_off, etype, eflags, allocated, size, offset))
     return header, entries
