@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from volatility3_vmssd.storage import (
     commit_replay_log,
     uint,
 )
+from volatility3_vmssd.storage.defs import REPLAY_LOG_HEADER, ReplayLogHeaderFields, crc32_skipping
 from volatility3_vmssd.storage.writer import TypedValue
 
 names = st.text(alphabet="abcXYZ_0123456789-.", min_size=1, max_size=12)
@@ -148,6 +150,40 @@ def test_pending_journal_supersedes_main_area_and_stale_is_ignored(tmp_path: Pat
     assert hashlib.sha256(new.read_bytes()).hexdigest() == digest
     with pytest.raises(Exception, match="refusing"):
         commit_replay_log(new, new)
+
+
+def test_commit_replay_log_changes_only_count_and_crc_of_the_log_header(tmp_path: Path) -> None:
+    src = tmp_path / "journal.vmrs"
+    write_storage(src, {"state": {"answer": "current", "n": 2}})
+    with HyperVStorage.open(src) as s:
+        table = s.key_tables[0]
+        log_offset = s.header.replay_log_offset
+    add_journal_entries(src, pending=[(table.offset, bytes(table.size))])
+    buf = bytearray(src.read_bytes())
+    # Fields a fresh header leaves zero, set as Hyper-V may leave them (change tracking on, reserved byte).
+    before = dataclasses.replace(
+        ReplayLogHeaderFields.parse(buf, log_offset),
+        reserved=0x5A,
+        change_tracking_enabled=1,
+        change_tracking_buffer_offset=0x123000,
+        change_tracking_buffer_size=0x4000,
+        change_tracking_buffer_used_size=0x180,
+    )
+    buf[log_offset : log_offset + REPLAY_LOG_HEADER.size] = before.pack()
+    src.write_bytes(bytes(buf))
+    dst = tmp_path / "committed.vmrs"
+    assert commit_replay_log(src, dst) == 1
+    out = dst.read_bytes()
+    after = ReplayLogHeaderFields.parse(out, log_offset)
+    assert after.pending_count == 0 and before.pending_count == 1
+    assert after.checksum == crc32_skipping(out[log_offset : log_offset + REPLAY_LOG_HEADER.size], 4)
+    same = {f.name for f in dataclasses.fields(ReplayLogHeaderFields)} - {"pending_count", "checksum"}
+    assert {f: getattr(after, f) for f in same} == {f: getattr(before, f) for f in same}
+    # The entries stay behind as stale leftovers, byte for byte.
+    entries = slice(log_offset + REPLAY_LOG_HEADER.size, log_offset + 0x1000)
+    assert out[entries] == bytes(buf[entries])
+    with HyperVStorage.open(dst, strict=True) as s:
+        assert s.get("/state/answer").value == "current" and not s.findings
 
 
 def test_writer_refuses_existing_file(tmp_path: Path) -> None:
