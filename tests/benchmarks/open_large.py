@@ -1,58 +1,56 @@
-"""Benchmark: open a .vmrs describing 16 GiB of RAM and summarise it; count blocks decoded.
+"""Benchmark: open a .vmrs describing 1 TiB of RAM (1,048,576 RamBlocks) with hyperv.info-level work.
 
-Run: python tests/benchmarks/open_large.py [--gib 16]
-Prints the build time, the open + describe() time (best of 5) and how many RamBlocks were decoded
-(must be 0: opening indexes, it never decodes).  Not part of the test run: timings are not asserted.
+    python tests/benchmarks/open_large.py            # 1 TiB described (about 20 s to build)
+    python tests/benchmarks/open_large.py --gib 64   # smaller
+
+The file is built by the tests' own writer (mostly fill blocks, stored inline), then opened by
+``SavedStateProvider.load_vmrs`` in a fresh interpreter that also builds the summary and the
+findings, as ``hyperv.info`` does; the child reports its wall time, CPU time and peak RSS (VmHWM),
+so the figure is the open's own.  Targets (issue 17): < 3 s and < 250 MB.  Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from volatility3_vmssd import SavedStateProvider
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.writer import write_fill_vmrs
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.fuzz.resource import keys_1m, measure  # noqa: E402
+
+TARGET_SECONDS = 3.0
+TARGET_RSS_MB = 250
 
 
-def build(path: Path, gib: int) -> None:
-    """A mostly-fill image: every RamBlock is one multi-fill record, stored inline (< 2 KiB)."""
-    state = state_from_json({"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "0xd01"}}}]})
-    report = write_fill_vmrs(path, gib << 30, state)
-    print(f"built {path.name}: {gib} GiB described, {report.blocks} RamBlocks, {path.stat().st_size:,} bytes")
+def described(gib: int = 1024) -> dict[str, object]:
+    """Build the file, measure its open in a child, and return the row (with its verdict)."""
+    with tempfile.TemporaryDirectory(prefix="vmssd-large-") as tmp:
+        path = Path(tmp) / "large.vmrs"
+        t0 = time.perf_counter()
+        keys_1m(path, gib / 1024)
+        built = time.perf_counter() - t0
+        result = measure(path, "vmrs")
+        result.update(described_gib=gib, build_seconds=round(built, 1), file_bytes=path.stat().st_size)
+    result["target"] = f"< {TARGET_SECONDS} s, < {TARGET_RSS_MB} MB peak RSS"
+    result["met"] = (
+        "crash" not in result
+        and float(result.get("seconds", 1e9)) < TARGET_SECONDS  # type: ignore[arg-type]
+        and float(result.get("peak_rss_mb", 1e9)) < TARGET_RSS_MB  # type: ignore[arg-type]
+    )
+    return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--gib", type=int, default=16)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=int, default=1024)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "large.vmrs"
-        t0 = time.perf_counter()
-        build(path, args.gib)
-        built = time.perf_counter() - t0
-        times = []
-        decoded = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            with SavedStateProvider.load_vmrs(path) as p:
-                info = p.summary()
-                decoded.append(p.memory.blocks_decoded)
-            times.append(time.perf_counter() - t0)
-        result = {
-            "described_gib": args.gib,
-            "build_s": round(built, 3),
-            "open_describe_best_s": round(min(times), 4),
-            "open_describe_worst_s": round(max(times), 4),
-            "blocks_decoded": max(decoded),
-            "ram_bytes": info["ram_bytes"],
-            "target": "< 0.5 s, 0 blocks decoded",
-            "met": min(times) < 0.5 and max(decoded) == 0,
-        }
-        print(json.dumps(result, indent=1))
+    print(json.dumps(described(args.gib), indent=1))
 
 
 if __name__ == "__main__":
