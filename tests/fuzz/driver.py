@@ -1,8 +1,10 @@
 """Run one target: the bookkeeping harness and two engines (atheris, and a seeded mutation driver).
 
 The harness counts executions, classifies every exception (documented for the target, or a crash),
-times every input (more than ``SLOW_SECONDS`` is a hang), and watches peak RSS.  Crashing, slow and
-RSS-raising inputs are saved with their traceback under ``<out>/<target>/`` and the run goes on.
+and runs a watchdog over every input: its time (more than ``SLOW_SECONDS`` is a hang; past
+``WATCHDOG_SECONDS`` the input is interrupted and the run goes on) and its own peak RSS (the kernel's
+high-water mark is reset before each input; more than ``RSS_LIMIT_MB`` counts).  Crashing, slow and
+memory-hungry inputs are saved with their traceback under ``<out>/<target>/`` and the run goes on.
 
 Engines:
 
@@ -15,6 +17,7 @@ Engines:
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import dataclasses
 import hashlib
@@ -24,13 +27,17 @@ import random
 import resource
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-SLOW_SECONDS = 1.0
-RSS_LIMIT_MB = 200
+SLOW_SECONDS = 2.0
+RSS_LIMIT_MB = 300
+#: An input still running after this long is interrupted (KeyboardInterrupt in the main thread) and
+#: recorded as a hang, so one runaway input cannot stall a long run.
+WATCHDOG_SECONDS = 30.0
 #: Address-space cap for fuzzing children: a runaway allocation becomes a MemoryError (a crash
 #: we record) instead of pressure on a shared host.
 ADDRESS_SPACE_LIMIT = 4 << 30
@@ -52,6 +59,51 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux/BSD: KiB
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0), so the next peak is one input's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Watchdog:
+    """A thread that interrupts the main thread when one input runs past ``WATCHDOG_SECONDS``."""
+
+    def __init__(self, seconds: float = WATCHDOG_SECONDS) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._deadline: float | None = None
+        self._cond = threading.Condition()
+        threading.Thread(target=self._watch, name="fuzz-watchdog", daemon=True).start()
+
+    def arm(self) -> None:
+        with self._cond:
+            self.fired = False
+            self._deadline = time.monotonic() + self.seconds
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._deadline = None
+                self.fired = True
+                _thread.interrupt_main()
+
+
 @dataclasses.dataclass
 class Stats:
     """What one run of one target measured (written as ``<target>.stats.json``)."""
@@ -67,6 +119,10 @@ class Stats:
     slowest_size: int = 0
     peak_rss_mb: float = 0.0
     rss_over_limit: bool = False
+    interrupted: int = 0  # inputs stopped by the watchdog (counted in hangs too)
+    inputs_over_rss: int = 0  # inputs whose own peak RSS passed RSS_LIMIT_MB
+    max_input_rss_mb: float = 0.0  # the largest peak RSS of one input (high-water mark reset before each)
+    max_input_rss_size: int = 0
     seconds: float = 0.0
     crash_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -88,6 +144,9 @@ class Harness:
         self._started = time.monotonic()
         self._seen: set[str] = set()
         self.crash_reports: list[str] = []
+        self.watchdog = Watchdog()
+        self._peak_so_far = peak_rss_mb()
+        self._per_input_rss = reset_peak_rss()
 
     def _save(self, kind: str, data: bytes, text: str) -> str:
         digest = hashlib.sha1(data).hexdigest()[:16]
@@ -98,18 +157,34 @@ class Harness:
         return name
 
     def one(self, data: bytes) -> None:
-        rss_before = self.stats.peak_rss_mb
+        rss_before = max(self.stats.peak_rss_mb, self._peak_so_far)
+        if self._per_input_rss:
+            reset_peak_rss()
         start = time.perf_counter()
+        self.watchdog.arm()
         try:
             self.target.run(data)
         except self.target.allowed:
             pass
         except KeyboardInterrupt:
-            raise
+            self.watchdog.disarm()
+            if not self.watchdog.fired:
+                raise
+            self.stats.interrupted += 1
         except BaseException as exc:
             self._crash(data, exc)
+        finally:
+            self.watchdog.disarm()
         elapsed = time.perf_counter() - start
         st = self.stats
+        input_rss = peak_rss_mb()
+        self._peak_so_far = max(self._peak_so_far, input_rss)
+        if input_rss > st.max_input_rss_mb:
+            st.max_input_rss_mb = round(input_rss, 1)
+            st.max_input_rss_size = len(data)
+        if self._per_input_rss and input_rss > RSS_LIMIT_MB:
+            st.inputs_over_rss += 1
+            self._save("rss", data, f"peak RSS {input_rss:.0f} MB on this input (limit {RSS_LIMIT_MB} MB)")
         st.executions += 1
         if elapsed > st.slowest_seconds:
             st.slowest_seconds = elapsed
@@ -118,8 +193,8 @@ class Harness:
         if elapsed > SLOW_SECONDS:
             st.hangs += 1
             self._save("hang", data, f"{elapsed:.3f} s for {len(data)} bytes")
-        st.peak_rss_mb = peak_rss_mb()
-        if st.peak_rss_mb > RSS_LIMIT_MB and rss_before <= RSS_LIMIT_MB:
+        st.peak_rss_mb = self._peak_so_far
+        if not self._per_input_rss and st.peak_rss_mb > RSS_LIMIT_MB and rss_before <= RSS_LIMIT_MB:
             st.rss_over_limit = True
             self._save("rss", data, f"peak RSS rose from {rss_before:.0f} to {st.peak_rss_mb:.0f} MB on this input")
 
@@ -140,7 +215,7 @@ class Harness:
 
     def finish(self) -> Stats:
         self.stats.seconds = round(time.monotonic() - self._started, 1)
-        self.stats.peak_rss_mb = round(peak_rss_mb(), 1)
+        self.stats.peak_rss_mb = round(max(self._peak_so_far, peak_rss_mb()), 1)
         self.stats.slowest_seconds = round(self.stats.slowest_seconds, 4)
         return self.stats
 

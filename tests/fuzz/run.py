@@ -5,9 +5,11 @@
 Seeds are rebuilt into the cache (``$VMSSD_FUZZ_CACHE``, default ``/tmp/vmssd-fuzz``); the
 corpora there grow from run to run.  Each target gets a share of the time (the fast decoders more,
 because they reach far more inputs per second).  Per target it prints the inputs executed, crashes
-(exceptions outside the documented set, or broken invariants), inputs over 1 s, the slowest input
-and the peak RSS, both for the fuzzing process (which also holds libFuzzer's corpus) and for an
-uninstrumented replay of the final corpus (what our code needs).  Crashing/slow inputs and their
+(exceptions outside the documented set, or broken invariants), inputs over 2 s (the watchdog
+interrupts one after 30 s and goes on), the slowest input, the largest peak RSS of one input and of
+the process, both for the fuzzing process (which also holds libFuzzer's corpus) and for an
+uninstrumented replay of the final corpus and of every slow or memory-hungry input (what our code
+needs): the run fails when the replay confirms an input over 2 s or 300 MB.  Crashing/slow inputs and their
 tracebacks are kept under ``<cache>/runs/<time>/<target>/``.  The exit status is 1 when anything
 was found.
 """
@@ -94,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(rows: list[dict], run_dir: Path) -> int:
     """The per-target table; 1 when anything was found (crash, slow input, RSS over the limit, dead child)."""
-    print(f"{'':<16}{'--- fuzzing (instrumented) ---':>44}  {'--- replay (clean) ---':>30}")
+    print(f"{'':<16}{'--- fuzzing (instrumented) ---':>44}  {'--- replay (clean) ---':>42}")
     head = (
-        f"{'target':<16}{'executions':>12}{'crashes':>9}{'>1s':>5}{'slowest s':>10}{'RSS MB':>8}"
-        f"  {'inputs':>8}{'crashes':>8}{'slowest s':>10}{'RSS MB':>8}"
+        f"{'target':<16}{'executions':>12}{'crashes':>9}{'>2s':>5}{'slowest s':>10}{'RSS MB':>8}"
+        f"  {'inputs':>8}{'crashes':>8}{'>2s':>5}{'slowest s':>10}{'input MB':>9}{'>300':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -107,8 +109,9 @@ def _report(rows: list[dict], run_dir: Path) -> int:
         print(
             f"{r.get('target', '?'):<16}{r.get('executions', 0):>12,}{r.get('crashes', 0):>9}{r.get('hangs', 0):>5}"
             f"{r.get('slowest_seconds', 0):>10.3f}{r.get('peak_rss_mb', 0):>8.0f}"
-            f"  {rep.get('executions', 0):>8,}{rep.get('crashes', 0):>8}{rep.get('slowest_seconds', 0):>10.3f}"
-            f"{rep.get('peak_rss_mb', 0):>8.0f}"
+            f"  {rep.get('executions', 0):>8,}{rep.get('crashes', 0):>8}{rep.get('hangs', 0):>5}"
+            f"{rep.get('slowest_seconds', 0):>10.3f}{rep.get('max_input_rss_mb', 0):>9.0f}"
+            f"{rep.get('inputs_over_rss', 0):>5}"
         )
         for kind, count in sorted(r.get("crash_kinds", {}).items()):
             print(f"    crash {kind} x{count}")
@@ -116,7 +119,7 @@ def _report(rows: list[dict], run_dir: Path) -> int:
             print(f"    crash on replay {kind} x{count}")
         if r.get("exit_code") not in (0, None):
             print(f"    fuzzing process exited with {r['exit_code']}: see {run_dir / (r.get('target', '?') + '.log')}")
-        bad |= bool(r.get("crashes") or rep.get("crashes") or rep.get("hangs"))
+        bad |= bool(r.get("crashes") or rep.get("crashes") or rep.get("hangs") or rep.get("inputs_over_rss"))
         bad |= rep.get("peak_rss_mb", 0) > RSS_LIMIT_MB or r.get("exit_code") not in (0, None)
     total = sum(r.get("executions", 0) for r in rows)
     print(
