@@ -10,11 +10,15 @@ of the full-size rows are measured by ``tests/fuzz/resource.py`` (printed, not a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 from builders import write_storage
+from shared_data import REPO
 from test_hostile import ROOT, add_object, base, write
 
 from volatility3_vmssd.errors import KEEP_PER_KIND, Finding, Findings, summarize
@@ -155,3 +159,28 @@ def test_findings_aggregate_per_kind_and_group() -> None:
     assert lines[-1].startswith("[crc] ... and") and f"{1000 - 3 + 1} more" in lines[-1]
     assert f.tally("crc", "entry") == 1000 and f.suppressed == 1000 - KEEP_PER_KIND
     assert Finding("x", 1, "crc", "m").to_json()["suppressed"] == 0
+
+
+def test_vmssd_info_prints_aggregated_findings_and_the_full_list_as_json(tmp_path: Path) -> None:
+    from volatility3_vmssd.savedstate.cpujson import state_from_json
+    from volatility3_vmssd.savedstate.writer import write_fill_vmrs
+
+    path = tmp_path / "fill.vmrs"
+    state = state_from_json({"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "0xd01"}}}]})
+    write_fill_vmrs(path, 2 << 30, state, holes=())
+    with HyperVStorage.open(path) as s:
+        offsets = [k.file_offset for k in s.get("/savedstate").numbered_children("RamBlock").values()]
+    buf = bytearray(path.read_bytes())
+    for off in offsets:
+        buf[off + KEY_ENTRY_CRC_OFFSET] ^= 0xFF
+    bad = write(tmp_path, buf, "bad.vmrs")
+    cmd = [sys.executable, "-m", "volatility3_vmssd.cli.main", "info"]
+    text = subprocess.run([*cmd, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    lines = [line for line in text.stdout.splitlines() if line.startswith("  [crc]")]
+    assert len(lines) == 4 and f"and {len(offsets) - 3} more" in lines[-1]
+    assert f"Findings               {len(offsets)}" in text.stdout
+    full = subprocess.run([*cmd, "--findings-json", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    kept = json.loads(full.stdout)
+    crc = [f for f in kept if f["kind"] == "crc"]
+    assert len(crc) == KEEP_PER_KIND + 1 and crc[-1]["suppressed"] == len(offsets) - KEEP_PER_KIND

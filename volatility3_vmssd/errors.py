@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable
 
 
@@ -188,21 +189,39 @@ class Findings(list[Finding]):
         return super().__getitem__(item)
 
 
-def summarize(findings: Iterable[Finding], per_kind: int = 3) -> list[str]:
+_SUMMARY_TEXT = re.compile(r"^\[([^\]]*)\].*?: (\d+) more '[^']*' finding\(s\) like those above")
+
+
+def _kind_and_extra(f: Finding | str) -> tuple[str, int]:
+    """(kind, suppressed) of a finding or of its ``str()`` (what a Summary carries)."""
+    if isinstance(f, Finding):
+        return f.kind, f.suppressed
+    m = _SUMMARY_TEXT.match(f)
+    if m:
+        return m[1], int(m[2])
+    return (f[1 : f.index("]")] if f.startswith("[") and "]" in f else ""), 0
+
+
+def count_findings(findings: Iterable[Finding | str]) -> int:
+    """How many findings there were, those counted in summaries included."""
+    return sum(extra or 1 for _kind, extra in map(_kind_and_extra, findings))
+
+
+def summarize(findings: Iterable[Finding | str], per_kind: int = 3) -> list[str]:
     """Lines for a terminal: the first ``per_kind`` findings of each kind, then one count per kind.
 
-    ``vmssd info`` and ``hyperv.info`` print this; their JSON/full options give every finding kept.
+    ``vmssd info`` and ``hyperv.info`` print this; ``vmssd info --findings-json`` gives every finding kept.
     """
     shown: dict[str, int] = {}
     hidden: dict[str, int] = {}
     lines: list[str] = []
     for f in findings:
-        extra = f.suppressed
-        if shown.get(f.kind, 0) < per_kind and not extra:
-            shown[f.kind] = shown.get(f.kind, 0) + 1
+        kind, extra = _kind_and_extra(f)
+        if shown.get(kind, 0) < per_kind and not extra:
+            shown[kind] = shown.get(kind, 0) + 1
             lines.append(str(f))
         else:
-            hidden[f.kind] = hidden.get(f.kind, 0) + (extra or 1)
+            hidden[kind] = hidden.get(kind, 0) + (extra or 1)
     for kind, n in hidden.items():
-        lines.append(f"[{kind}] ... and {n} more finding(s) of this kind (every finding kept: --json)")
+        lines.append(f"[{kind}] ... and {n} more finding(s) of this kind (all kept: vmssd info --findings-json)")
     return lines

@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from .errors import Finding, NotFoundError, VmssdError
+from .errors import Finding, NotFoundError, VmssdError, count_findings, summarize
 from .savedstate.cpumode import CR4_LA57, arm64_paging_levels, x86_levels
 from .savedstate.guestos import GuestOsInfo
 from .savedstate.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
@@ -111,9 +111,9 @@ class Summary:
             text = _label_text(self, key)
             if text is not None:
                 yield label, text
-        yield "Findings", str(len(self.findings)) if self.findings else "none"
-        for finding in self.findings:
-            yield "Finding", finding
+        yield "Findings", str(count_findings(self.findings)) if self.findings else "none"
+        for line in summarize(self.findings):  # a few per kind, then a count (docs/robustness.md)
+            yield "Finding", line
 
 
 #: The one label table of a summary (``vmssd info`` and ``hyperv.info``).

@@ -25,11 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("file")
     p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--findings-json",
+        action="store_true",
+        help="print every finding kept (summaries of repeated ones included) as JSON, and nothing else",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with open_saved_state(args.file, vsv=args.vsv) as provider:
+        if args.findings_json:
+            json.dump([f.to_json() for f in provider.findings()], sys.stdout, indent=1)
+            print()
+            return 0
         summary = provider.summary()
         vmcx, settings = find_vm_config(provider.paths)
     if args.json:
