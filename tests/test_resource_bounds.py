@@ -184,3 +184,35 @@ def test_vmssd_info_prints_aggregated_findings_and_the_full_list_as_json(tmp_pat
     kept = json.loads(full.stdout)
     crc = [f for f in kept if f["kind"] == "crc"]
     assert len(crc) == KEEP_PER_KIND + 1 and crc[-1]["suppressed"] == len(offsets) - KEEP_PER_KIND
+
+
+def test_distinct_unknown_chunk_ids_share_one_bucket() -> None:
+    from fuzz.resource import _partition_state_with
+
+    from volatility3_vmssd.savedstate.chunkparser import MAX_DISTINCT_IDS
+    from volatility3_vmssd.savedstate.chunks import VM_SAVE_CHUNK_HEADER
+    from volatility3_vmssd.savedstate.partition_state import parse_partition_state
+
+    n = 20_000
+    blob = _partition_state_with(b"".join(VM_SAVE_CHUNK_HEADER.pack(0x7000_0000 + i, 0) for i in range(n)))
+    findings = Findings()
+    state = parse_partition_state(blob, path="ps", findings=findings)
+    assert len(state.chunk_counts) <= MAX_DISTINCT_IDS + 1 and state.chunk_counts[-1] > n - MAX_DISTINCT_IDS
+    assert findings.tally("unknown-chunk") <= MAX_DISTINCT_IDS + 1  # one per id kept, one bucket
+    assert any("further ids" in f.message and f"{n - MAX_DISTINCT_IDS + 1} occurrences" in f.message for f in findings)
+    assert len(findings) < 2 * KEEP_PER_KIND
+
+
+def test_vp_markers_beyond_the_vp_limit_are_not_kept() -> None:
+    from fuzz.resource import _partition_state_with
+
+    from volatility3_vmssd.savedstate.chunks import MAX_VP_BITMAP_BYTES, VM_SAVE_CHUNK_HEADER
+    from volatility3_vmssd.savedstate.partition_state import ChunkId, parse_partition_state
+
+    n = 10_000
+    one = VM_SAVE_CHUNK_HEADER.pack(ChunkId.VP, 16)
+    blob = _partition_state_with(b"".join(one + struct.pack("<I12x", i) for i in range(1, n)))
+    findings = Findings()
+    state = parse_partition_state(blob, path="ps", findings=findings)
+    assert len(state.vps) == MAX_VP_BITMAP_BYTES * 8
+    assert any(f.kind == "vp-indices" and f"{n - MAX_VP_BITMAP_BYTES * 8} occurrences" in f.message for f in findings)

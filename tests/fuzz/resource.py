@@ -27,14 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from volatility3_vmssd.savedstate.chunks import VID_SAVED_STATE_DESCRIPTOR, VM_SAVE_CHUNK_HEADER  # noqa: E402
 from volatility3_vmssd.savedstate.cpujson import state_from_json  # noqa: E402
 from volatility3_vmssd.savedstate.legacy_bin import BIN_HEADER, BIN_INDEX_ENTRY, write_bin  # noqa: E402
-from volatility3_vmssd.savedstate.partition_state import (  # noqa: E402
-    VID_SAVED_STATE_DESCRIPTOR,
-    VM_SAVE_CHUNK_HEADER,
-    ChunkId,
-    build_partition_state,
-)
+from volatility3_vmssd.savedstate.partition_state import ChunkId, build_partition_state  # noqa: E402
 from volatility3_vmssd.savedstate.writer import write_fill_vmrs  # noqa: E402
 from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter  # noqa: E402
 from volatility3_vmssd.storage.defs import (  # noqa: E402

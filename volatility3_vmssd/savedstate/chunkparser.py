@@ -36,6 +36,10 @@ from .chunks import (
 from .cpustate import PartitionState, VpState
 from .register_chunks import ARM64_CHUNKS_BY_ID, X64_CHUNKS_BY_ID, RegisterChunk
 
+#: Distinct (kind, id) notes and chunk ids counted one by one; further ones share one bucket (id -1),
+#: so a stream of 2,000,000 distinct unknown ids costs a counter, not a dict entry each.
+MAX_DISTINCT_IDS = 256
+
 
 @dataclasses.dataclass
 class _Note:
@@ -78,6 +82,9 @@ class _Parser:
     def note(self, kind: str, key: int, offset: int, message: str, error: type[FormatError] | None = None) -> None:
         """Record a repeatable finding once per (kind, key) with its first offset and a count."""
         entry = self.notes.get((kind, key))
+        if entry is None and len(self.notes) >= MAX_DISTINCT_IDS:
+            key, message = -1, f"{message} (and others of this kind with further ids)"
+            entry = self.notes.get((kind, key))
         if entry is None:
             if error is not None and self.findings.strict:
                 self.findings.add(self.path, self.base + offset, kind, message, error=error)
@@ -86,9 +93,10 @@ class _Parser:
             entry.count += 1
 
     def flush_notes(self) -> None:
-        for (kind, _), note in self.notes.items():
+        for (kind, key), note in self.notes.items():
             suffix = f" ({note.count} occurrences; first offset shown)" if note.count != 1 else ""
-            self.findings.add(self.path, self.base + note.offset, kind, f"{note.message}{suffix}")
+            group = "further-ids" if key == -1 else None  # never folded into the per-id findings' summary
+            self.findings.add(self.path, self.base + note.offset, kind, f"{note.message}{suffix}", group=group)
 
     # -- driver -----------------------------------------------------------------------------
 
@@ -137,7 +145,10 @@ class _Parser:
         while pos + VM_SAVE_CHUNK_HEADER.size <= end:
             chunk_id, length = VM_SAVE_CHUNK_HEADER.unpack_from(data, pos)
             counts = self.state.chunk_counts
-            counts[chunk_id] = counts.get(chunk_id, 0) + 1
+            if chunk_id not in counts and len(counts) >= MAX_DISTINCT_IDS:
+                counts[-1] = counts.get(-1, 0) + 1  # further distinct ids are counted together
+            else:
+                counts[chunk_id] = counts.get(chunk_id, 0) + 1
             if chunk_id == ChunkId.EPILOG:
                 saw_epilog = True
                 break
@@ -305,6 +316,11 @@ class _Parser:
 
     def _vp_marker(self, payload: memoryview, offset: int) -> None:
         (index,) = OB_SAVE_CHUNK_VP.unpack_from(payload)
+        if index >= MAX_VP_BITMAP_BYTES * 8:
+            limit = MAX_VP_BITMAP_BYTES * 8
+            self.note("vp-indices", -2, offset, f"VP marker {index} is beyond {limit} VPs; its chunks are not read")
+            self.vp, self.vtl = VpState(index), 0  # a sink, not part of the state: freed with the next marker
+            return
         vp = self.vps_by_index.get(index)
         if vp is None:
             vp = VpState(index)
