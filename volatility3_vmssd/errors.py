@@ -120,6 +120,14 @@ class Findings(list[Finding]):
         self._tallies: dict[tuple[str, str, str | None], _Tally] = {}
         self._stale = False
 
+    def verbatim(self, path: str, kind: str, group: str | None = None) -> bool:
+        """Whether the next finding of (path, kind, group) would be kept as written (or raise in strict mode).
+
+        Hot loops build a message only when it will be shown; past the kept ones they add "".
+        """
+        tally = self._tallies.get((path, kind, group))
+        return self.strict or tally is None or tally.count < self.keep
+
     def tally(self, kind: str, group: str | None = None) -> int:
         """How many findings of ``kind`` (and ``group``) were added, kept or only counted."""
         return sum(t.count for (_p, k, g), t in self._tallies.items() if k == kind and g == group)

@@ -175,15 +175,11 @@ class KeyTree:
                 continue
             zeroed[pos + crc_at : pos + crc_at + 4] = _ZERO4
             if crc32(zeroed[pos : body + vlen]) != kcrc:  # type: ignore[operator]
-                name = data[pos + _HSIZE : body].rstrip(b"\0").decode("utf-8", "replace")
-                findings.add(
-                    path,
-                    offset + pos,
-                    "crc",
-                    f"key entry {name!r} in table {index} fails its CRC-32",
-                    error=ChecksumError,
-                    group="key-entry",
-                )
+                message = ""
+                if findings.verbatim(path, "crc", "key-entry"):
+                    name = data[pos + _HSIZE : body].rstrip(b"\0").decode("utf-8", "replace")
+                    message = f"key entry {name!r} in table {index} fails its CRC-32"
+                findings.add(path, offset + pos, "crc", message, error=ChecksumError, group="key-entry")
             pos_col(pos)
             heads += zeroed[pos : pos + _HSIZE]  # columns are cut from these at C speed (_columns)
             count += 1

@@ -421,25 +421,20 @@ class HyperVStorage:
         for slot, (otype, ocrc, ooff, osize, oflags) in enumerate(OBJECT_ENTRY.iter_unpack(data[: n * esize])):
             p = slot * esize
             if crc32(zeroed[p : p + esize]) != ocrc:  # type: ignore[operator]
-                findings.add(
-                    path,
-                    base + p,
-                    "crc",
-                    f"object-table entry {slot} (type {otype}) fails its CRC-32",
-                    error=ChecksumError,
-                    group="object-entry",
-                )
+                message = ""
+                if findings.verbatim(path, "crc", "object-entry"):
+                    message = f"object-table entry {slot} (type {otype}) fails its CRC-32"
+                findings.add(path, base + p, "crc", message, error=ChecksumError, group="object-entry")
             if otype == empty:
                 continue
             if otype != free and ooff + osize > end_of_file:
-                findings.add(
-                    path,
-                    base + p,
-                    "truncated",
-                    f"object-table entry {slot} ({_object_name(otype)}, {osize} bytes at {ooff:#x})"
-                    f" reaches past the end of the file ({end_of_file:#x})",
-                    group="object-entry",
-                )
+                message = ""
+                if findings.verbatim(path, "truncated", "object-entry"):
+                    message = (
+                        f"object-table entry {slot} ({_object_name(otype)}, {osize} bytes at {ooff:#x})"
+                        f" reaches past the end of the file ({end_of_file:#x})"
+                    )
+                findings.add(path, base + p, "truncated", message, group="object-entry")
             if otype == chained:
                 queue.append((ooff, osize or None))
             for column, v in zip(add, (table_off, slot, otype, ooff, osize, oflags), strict=True):
