@@ -129,6 +129,7 @@ class KeyTree:
         crc_at = KEY_ENTRY_CRC_OFFSET
         pos = KEY_TABLE_HEADER.size
         count = 0
+        bad: list[int] = []  # entries whose CRC fails, reported together after the loop
         while pos + _HSIZE <= n:
             ktype, kflags, ksize, _pt, _po, kcrc, _seq, nsize = unpack(data, pos)
             if ksize == 0:
@@ -175,15 +176,19 @@ class KeyTree:
                 continue
             zeroed[pos + crc_at : pos + crc_at + 4] = _ZERO4
             if crc32(zeroed[pos : body + vlen]) != kcrc:  # type: ignore[operator]
-                message = ""
-                if findings.verbatim(path, "crc", "key-entry"):
-                    name = data[pos + _HSIZE : body].rstrip(b"\0").decode("utf-8", "replace")
-                    message = f"key entry {name!r} in table {index} fails its CRC-32"
-                findings.add(path, offset + pos, "crc", message, error=ChecksumError, group="key-entry")
+                bad.append(pos)
             pos_col(pos)
             heads += zeroed[pos : pos + _HSIZE]  # columns are cut from these at C speed (_columns)
             count += 1
             pos = end
+        if bad:
+
+            def message(j: int) -> str:
+                q = bad[j]
+                name = data[q + _HSIZE : q + _HSIZE + data[q + _HSIZE - 1]].rstrip(b"\0").decode("utf-8", "replace")
+                return f"key entry {name!r} in table {index} fails its CRC-32"
+
+            findings.add_all(path, "crc", [offset + q for q in bad], message, error=ChecksumError, group="key-entry")
         return count
 
     def _columns(self) -> None:

@@ -410,6 +410,8 @@ class HyperVStorage:
         path, findings, end_of_file = self.path, self.findings, self.virtual_size
         base = table_off + OBJECT_TABLE_HEADER.size
         empty, free, chained = int(ObjectType.EMPTY), int(ObjectType.FREE), int(ObjectType.OBJECT_TABLE)
+        known = max(ObjectType)
+        bad: list[int] = []  # slots whose CRC fails, reported together below
         add = (
             objects.table_offset.append,
             objects.slot.append,
@@ -421,10 +423,9 @@ class HyperVStorage:
         for slot, (otype, ocrc, ooff, osize, oflags) in enumerate(OBJECT_ENTRY.iter_unpack(data[: n * esize])):
             p = slot * esize
             if crc32(zeroed[p : p + esize]) != ocrc:  # type: ignore[operator]
-                message = ""
-                if findings.verbatim(path, "crc", "object-entry"):
-                    message = f"object-table entry {slot} (type {otype}) fails its CRC-32"
-                findings.add(path, base + p, "crc", message, error=ChecksumError, group="object-entry")
+                bad.append(slot)
+                if otype > known:  # a damaged entry of no known type: garbage, counted and not kept
+                    continue
             if otype == empty:
                 continue
             if otype != free and ooff + osize > end_of_file:
@@ -439,6 +440,16 @@ class HyperVStorage:
                 queue.append((ooff, osize or None))
             for column, v in zip(add, (table_off, slot, otype, ooff, osize, oflags), strict=True):
                 column(v)
+        if bad:
+            types = data[0 : n * esize : esize]
+            findings.add_all(
+                path,
+                "crc",
+                [base + slot * esize for slot in bad],
+                lambda j: f"object-table entry {bad[j]} (type {types[bad[j]]}) fails its CRC-32",
+                error=ChecksumError,
+                group="object-entry",
+            )
 
     # ------------------------------------------------------------------ key tables
     def _load_keys(self) -> None:
