@@ -432,6 +432,18 @@ def main() -> int:
             f"scan took {t:.1f} s",
         )
 
+    from open_large import described  # the open-cost rows (issue 17), measured in a child process
+
+    big = described(64 if args.quick else 1024)
+    detail = f"{big.get('cpu_seconds')} s CPU, {big.get('peak_rss_mb')} MB peak RSS, {big.get('crash', 'opened')}"
+    row(
+        f"open + summary of {big['described_gib']} GiB described (child)",
+        float(big.get("seconds", -1)),  # type: ignore[arg-type]
+        "s",
+        big["target"],
+        bool(big["met"]),
+        detail,
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"harness peak RSS {peak:.0f} MiB")
     result = {"decoder": xpress.active_decoder(), "decode_threads": xpress.decode_threads(), "rows": rows}
