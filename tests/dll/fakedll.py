@@ -23,7 +23,7 @@ from volatility3_vmssd.savedstate.registers import (
     SegmentRegister,
     TableRegister,
 )
-from volatility3_vmssd.storage.writer import commit_replay_log
+from volatility3_vmssd.storage import commit_replay_log
 
 
 def _signed(hr: int) -> int:

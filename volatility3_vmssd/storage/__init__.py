@@ -1,9 +1,9 @@
 """The HyperVStorage key-value container: one reader, one writer, the replay log (spec §1)."""
 
 from .defs import KeyType, ObjectType
-from .journal import ReplayLogInfo, commit_replay_log
+from .journal import ReplayLogInfo
 from .keytree import Key, NumberedKeys
-from .reader import FileHeader, HyperVStorage, StorageObject, is_hyperv_storage
+from .reader import FileHeader, HyperVStorage, StorageObject, commit_replay_log, is_hyperv_storage
 from .writer import HyperVStorageWriter, TypedValue, uint
 
 __all__ = [

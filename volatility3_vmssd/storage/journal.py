@@ -2,8 +2,8 @@
 
 Hyper-V writes changed pages into the replay log first; a file saved while that log is pending
 holds its current bytes in the log, not in place.  The reader applies the pending entries in
-memory (the evidence is never written); :func:`commit_replay_log` writes a committed copy and
-changes nothing in the log header but the pending count and the CRC (docs/container-format.md).
+memory (the evidence is never written); :func:`commit` writes a committed copy and changes nothing
+in the log header but the pending count and the CRC (docs/container-format.md).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 import zlib
 from bisect import bisect_right
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ChecksumError, FormatError, VmssdError
 from .defs import (
@@ -30,6 +30,15 @@ from .defs import (
 if TYPE_CHECKING:
     from ..errors import Findings
     from .defs import FileHeaderFields
+
+
+class _Opened(Protocol):
+    """What :func:`commit` needs of an opened container (``reader.HyperVStorage``)."""
+
+    path: str
+    replay_log: ReplayLogInfo | None
+    overlay: Overlay | None
+
 
 #: Entries kept as :class:`ReplayLogEntry` objects; more are still checked (and pending ones applied)
 #: but only counted, so a header claiming 2**32 entries costs no memory per entry.
@@ -251,21 +260,19 @@ def _flatten(overlay: list[tuple[int, bytes]]) -> list[tuple[int, bytearray]]:
     return pieces
 
 
-def commit_replay_log(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
-    """Write a copy of ``src`` with its pending journal applied; ``src`` is only read.
+def commit(storage: _Opened, dst: str | os.PathLike[str]) -> int:
+    """Write a copy of the opened ``storage``'s file with its pending journal applied; returns the entries applied.
 
-    Returns the number of entries applied.  The committed copy keeps the entries as stale leftovers
-    and its log header as it was except for the pending count (0) and the CRC: what a clean Hyper-V
-    commit leaves behind.
+    The copy keeps the entries as stale leftovers and its log header as it was except for the
+    pending count (0) and the CRC: what a clean Hyper-V commit leaves behind.  ``dst`` is written
+    through ``dst.partial`` and renamed into place; the source is only read.  Opening is the
+    caller's (``reader.commit_replay_log``), so this module does not import the reader.
     """
-    from .reader import HyperVStorage
-
-    ssrc, sdst = os.fspath(src), os.fspath(dst)
+    ssrc, sdst = storage.path, os.fspath(dst)
     if os.path.exists(sdst) and os.path.samefile(ssrc, sdst):
         raise VmssdError(f"refusing to write the committed copy over its input {ssrc}")
-    with HyperVStorage.open(ssrc, strict=True) as storage:
-        log = storage.replay_log
-        overlay = storage.overlay.entries if storage.overlay is not None else []
+    log = storage.replay_log
+    overlay = storage.overlay.entries if storage.overlay is not None else []
     tmp = sdst + ".partial"
     try:
         shutil.copyfile(ssrc, tmp)

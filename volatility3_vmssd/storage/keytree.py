@@ -17,9 +17,9 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import compress, groupby, islice, repeat
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..errors import ChecksumError, FormatError, NotFoundError, TruncatedError
+from ..errors import ChecksumError, Findings, FormatError, NotFoundError, TruncatedError
 from .defs import (
     FILE_OBJECT_POINTER,
     FIXED_VALUE_SIZES,
@@ -33,8 +33,17 @@ from .defs import (
     KeyType,
 )
 
-if TYPE_CHECKING:
-    from .reader import HyperVStorage
+
+class _Container(Protocol):
+    """What the key tree needs of its container (``reader.HyperVStorage``), without importing it."""
+
+    path: str
+    findings: Findings
+
+    def read_at(self, offset: int, size: int) -> bytes: ...
+
+    def note_truncation(self, offset: int, message: str) -> None: ...
+
 
 Value = int | float | str | bytes | bool | None
 
@@ -80,7 +89,7 @@ class KeyTree:
     the last entry.  Each node with children gets a :class:`_ChildIndex` for lookups by name.
     """
 
-    def __init__(self, storage: HyperVStorage) -> None:
+    def __init__(self, storage: _Container) -> None:
         self.storage = storage
         self.tables: list[bytes] = []  # key-table bytes, in table-index order
         self.table_index: list[int] = []  # the TableIndex of each
@@ -422,7 +431,7 @@ class _ChildIndex:
     a bisect or a dict hit, and the ``RamBlock<n>`` listing the RAM map needs is a stem's arrays.
     """
 
-    __slots__ = ("other", "shadowed", "stems", "tree")
+    __slots__ = ("_numbered", "other", "shadowed", "stems", "tree")
 
     def __init__(self, tree: KeyTree, g: array[int]) -> None:
         self.tree = tree
@@ -458,6 +467,7 @@ class _ChildIndex:
         self.stems = stems
         self.other = other
         self.shadowed: list[int] = []
+        self._numbered: dict[tuple[str, bool], NumberedKeys] = {}  # the tree is immutable once linked
         for stem, (numbers, ids) in list(stems.items()):
             if any(map(operator.gt, numbers, islice(numbers, 1, None))):
                 order = sorted(range(len(numbers)), key=numbers.__getitem__)  # stable: sibling order kept
@@ -529,6 +539,12 @@ class _ChildIndex:
 
     def numbered(self, stem: str, nodes: bool) -> NumberedKeys:
         """``<stem><n>`` children (exact stem), plus literal ``<stem>/<n>/`` and leading-zero names."""
+        cached = self._numbered.get((stem, nodes))
+        if cached is None:
+            cached = self._numbered[(stem, nodes)] = self._build_numbered(stem, nodes)
+        return cached
+
+    def _build_numbered(self, stem: str, nodes: bool) -> NumberedKeys:
         tree = self.tree
         node = int(KeyType.NODE)
         types = tree.type

@@ -46,7 +46,7 @@ from .defs import (
     crc32_skipping,
     sequence_newer,
 )
-from .journal import Overlay, ReplayLogEntry, ReplayLogInfo, load_replay_log
+from .journal import Overlay, ReplayLogEntry, ReplayLogInfo, commit, load_replay_log
 from .keytree import Key, KeyTree, NumberedKeys, decode_utf16
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "ReplayLogEntry",
     "ReplayLogInfo",
     "StorageObject",
+    "commit_replay_log",
     "decode_utf16",
     "is_hyperv_storage",
 ]
@@ -567,6 +568,16 @@ def _object_name(otype: int, upper: bool = False) -> str:
     except ValueError:
         return f"TYPE_{otype}" if upper else f"type {otype}"
     return name if upper else name.lower()
+
+
+def commit_replay_log(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
+    """Write a copy of ``src`` with its pending journal applied (``journal.commit``); ``src`` is only read.
+
+    Returns the number of entries applied; refuses to write over ``src``.  ``src`` is opened in
+    strict mode: a journal that does not verify is not committed.
+    """
+    with HyperVStorage.open(src, strict=True) as storage:
+        return commit(storage, dst)
 
 
 def is_hyperv_storage(prefix: bytes) -> bool:

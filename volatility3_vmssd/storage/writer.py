@@ -58,9 +58,8 @@ from .defs import (
     align_up,
     seal,
 )
-from .journal import commit_replay_log
 
-__all__ = ["HyperVStorageWriter", "TypedValue", "commit_replay_log", "encode_value", "uint"]
+__all__ = ["HyperVStorageWriter", "TypedValue", "encode_value", "uint"]
 
 ROOT_TABLE_BYTES = 0x1000
 REPLAY_LOG_HEADER_BYTES = 0x1000
