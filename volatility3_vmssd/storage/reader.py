@@ -412,7 +412,7 @@ class HyperVStorage:
         base = table_off + OBJECT_TABLE_HEADER.size
         empty, free, chained = int(ObjectType.EMPTY), int(ObjectType.FREE), int(ObjectType.OBJECT_TABLE)
         known = max(ObjectType)
-        bad: list[int] = []  # slots whose CRC fails, reported together below
+        bad = array("I")  # slots whose CRC fails, reported together below
         add = (
             objects.table_offset.append,
             objects.slot.append,
@@ -446,7 +446,7 @@ class HyperVStorage:
             findings.add_all(
                 path,
                 "crc",
-                [base + slot * esize for slot in bad],
+                _EntryOffsets(bad, base, esize),
                 lambda j: f"object-table entry {bad[j]} (type {types[bad[j]]}) fails its CRC-32",
                 error=ChecksumError,
                 group="object-entry",
@@ -548,6 +548,19 @@ class HyperVStorage:
         for otype in set(types):
             counts[_object_name(otype, upper=True)] = types.count(otype)
         return counts
+
+
+class _EntryOffsets(Sequence[int]):
+    """File offsets of the given slots of one table, computed on access (millions cost one array)."""
+
+    def __init__(self, slots: array[int], base: int, size: int) -> None:
+        self.slots, self.base, self.size = slots, base, size
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, j):  # type: ignore[no-untyped-def]
+        return self.base + self.slots[j] * self.size
 
 
 def _overlaps(spans: list[tuple[int, int]], span: tuple[int, int]) -> bool:
