@@ -225,7 +225,7 @@ def report(results: list[dict[str, object]], scale: float) -> None:
     print(
         f"resource attacks at scale {scale} (limits: {TIME_LIMIT_S} s, {RSS_LIMIT_MB} MB peak RSS, measured in a child)"
     )
-    head = f"{'input':<46}{'file MB':>9}{'wall s':>8}{'cpu s':>7}{'RSS MB':>8}{'findings':>10}  outcome"
+    head = f"{'input':<46}{'file MB':>9}{'wall s':>8}{'cpu s':>7}{'RSS MB':>8} {'findings':>10}  outcome"
     print(head)
     print("-" * len(head))
     for r in results:
@@ -233,7 +233,7 @@ def report(results: list[dict[str, object]], scale: float) -> None:
         kept = f"{r.get('findings_kept', '-')}/{r.get('findings_total', '-')}"
         print(
             f"{r['input']:<46}{int(r['file_bytes']) / 1e6:>9.1f}{r.get('seconds', 0):>8}{r.get('cpu_seconds', 0):>7}"  # type: ignore[call-overload]
-            f"{r.get('peak_rss_mb', 0):>8}{kept:>10}  {'ok' if r['within_limits'] else 'OVER'}: {outcome}"
+            f"{r.get('peak_rss_mb', 0):>8} {kept:>10}  {'ok' if r['within_limits'] else 'OVER'}: {outcome}"
         )
 
 
