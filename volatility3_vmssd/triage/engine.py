@@ -124,6 +124,7 @@ def run_triage(opts: TriageOptions, stream: TextIO | None = None) -> TriageRepor
     _require_dask()
     stream = sys.stderr if stream is None else stream
     out = OutDir(opts.out)
+    out.log("run", None, paths=[os.path.abspath(p) for p in opts.paths], pid=os.getpid())
     found = discover(opts.paths)
     if found.missing:
         raise VmssdError(f"not found: {', '.join(found.missing)}")

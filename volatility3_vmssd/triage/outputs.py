@@ -73,7 +73,8 @@ class OutDir:
     def save(self, tid: str, result: dict[str, Any]) -> None:
         atomic_write(self.tasks / f"{tid}.json", json.dumps(result))
 
-    def log(self, event: str, tid: str, **fields: Any) -> None:
+    def log(self, event: str, tid: str | None, **fields: Any) -> None:
+        """Append one event: "run" (a run starts), "submitted", "computed", "resumed" or "lost"."""
         line = json.dumps({"time": time.time(), "event": event, "task": tid, **fields})
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
