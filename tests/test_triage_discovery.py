@@ -6,6 +6,8 @@ The host tree comes from tests/triage_tree.py (every saved state written by the 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,25 @@ def test_task_ids_change_with_the_file_and_results_are_written_whole(tmp_path: P
     assert out.load(first) == {"status": "ok", "rows": [{"a": 1}]}
     atomic_write(tmp_path / "out" / "x.txt", "whole")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tasks", "x.txt"]  # no temporary left
+
+
+def test_without_dask_triage_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from volatility3_vmssd.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    assert main(["triage", "--out", str(tmp_path / "out"), str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'volatility3-vmssd[triage]'" in err and err.count("\n") == 1
+
+
+def test_the_single_file_path_does_not_import_dask() -> None:
+    code = (
+        "import sys; from volatility3_vmssd.cli.main import main; rc = main(['info', sys.argv[1]]);"
+        " assert rc == 0; bad = [m for m in ('dask', 'distributed') if m in sys.modules]; assert not bad, bad"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo))  # this checkout's code, not an installed copy
+    sample = repo / "tests" / "data" / "sample.vmrs"
+    cmd = [sys.executable, "-c", code, str(sample)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=repo, env=env)
+    assert done.returncode == 0, done.stderr
