@@ -74,11 +74,21 @@ def run(folder: Path, out: Path, workers: int, plugins: str) -> tuple[float, dic
     if done.returncode != 0:
         raise SystemExit(f"vmssd triage failed:\n{done.stdout}\n{done.stderr[-3000:]}")
     statuses: dict[str, int] = {}
+    busy = 0.0
     for line in (out / "tasks.log").read_text().splitlines():
         event = json.loads(line)
         if event["event"] == "computed":
             statuses[event["status"]] = statuses.get(event["status"], 0) + 1
-    return elapsed, statuses
+            busy += event["seconds"]
+    return elapsed, {"tasks": statuses, "task_seconds": round(busy, 1), "load_after": _load()}
+
+
+def _load() -> str:
+    """The 1-minute load average: other processes on the machine skew both runs, and it says by how much."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
 
 
 def main() -> None:
@@ -91,6 +101,7 @@ def main() -> None:
         folder = Path(tmp, "host")
         build(folder, args.states, args.mib)
         tasks = args.states * len(args.plugins.split(","))
+        print(f"load average before: {_load()}")
         one, st1 = run(folder, Path(tmp, "out1"), 1, args.plugins)
         two, st2 = run(folder, Path(tmp, "out2"), 2, args.plugins)
     print(f"{args.states} saved states of {args.mib} MiB, {tasks} tasks ({args.plugins}); {os.cpu_count()} CPUs")
