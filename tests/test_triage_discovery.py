@@ -138,3 +138,24 @@ def test_the_single_file_path_does_not_import_dask() -> None:
     cmd = [sys.executable, "-c", code, str(sample)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=repo, env=env)
     assert done.returncode == 0, done.stderr
+
+
+def test_progress_counts_tasks_by_status_and_draws_only_when_asked() -> None:
+    import io
+
+    from volatility3_vmssd.triage.progress import TaskProgress
+
+    stream = io.StringIO()
+    bar = TaskProgress(stream=stream, enabled=True, interval=0)
+    bar.add(3)
+    bar.done("ok")
+    bar.done("failed")
+    assert "2/3 tasks (failed 1, ok 1)" in bar.line()
+    bar.close()
+    assert stream.getvalue().endswith("\n") and "\r" in stream.getvalue()
+    quiet = io.StringIO()
+    muted = TaskProgress(stream=quiet)  # a StringIO is not a terminal
+    muted.add(1)
+    muted.done("ok")
+    muted.close()
+    assert quiet.getvalue() == ""

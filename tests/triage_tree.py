@@ -16,7 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent / "volatility"))
 from vol_helpers import MIB, long_mode_vp, mixed_image, state_json, write_pair, write_vmrs
 
-from volatility3_vmssd.savedstate.partition_state import encode_guest_os_id
+from volatility3_vmssd.savedstate.guestos import encode_guest_os_id
 from volatility3_vmssd.storage.writer import write_storage
 
 WINDOWS_ID = encode_guest_os_id(os_id=4, vendor_id=1, major=10, build_number=20348)

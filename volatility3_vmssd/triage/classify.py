@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import VmssdError
 from ..locate import open_saved_state
+from ..savedstate.guestos import GuestOsMicrosoftId, GuestOsOpenSourceId, GuestOsVendor
 from .discovery import SavedStateFile
 
 __all__ = ["CLASSES", "DAMAGE_KINDS", "Classification", "classify"]
@@ -76,8 +77,8 @@ def _os_family(info: Any) -> str | None:
     if info is None or not getattr(info, "value", 0):
         return None
     if info.is_open_source:
-        return "linux" if info.os_id == 1 else None
-    if info.vendor_id == 1 and info.os_id == 4:
+        return "linux" if info.os_id == GuestOsOpenSourceId.LINUX else None
+    if info.vendor_id == GuestOsVendor.MICROSOFT and info.os_id == GuestOsMicrosoftId.WINDOWS_NT:
         return "windows"
     return None
 
