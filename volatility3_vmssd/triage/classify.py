@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import VmssdError
-from ..locate import open_saved_state
+from ..provider import open_saved_state
 from ..savedstate.guestos import GuestOsMicrosoftId, GuestOsOpenSourceId, GuestOsVendor
 from .discovery import SavedStateFile
 
@@ -126,26 +126,29 @@ def _expected_content(f: SavedStateFile) -> str:
 
 
 def _from_provider(f: SavedStateFile, provider: Any) -> Classification:
-    findings = provider.findings()
+    summary = provider.summary()  # reads no guest RAM
     has_memory = provider.has_saved_memory()
     if f.signature == "bin":
         content = "legacy-pair" if f.partner else "bin-without-vsv"
     else:
         content = "saved-memory" if has_memory else "no-memory"
-    page_size, chunks = provider.get_guest_physical_memory_chunks()
     info = None
-    with contextlib.suppress(VmssdError):  # no CPU state (a .bin alone): the guest OS stays unknown
-        info = provider.get_guest_os_info()
-    damaged = [x for x in findings if x.kind in DAMAGE_KINDS]
+    if provider.has_cpu_state():
+        with contextlib.suppress(VmssdError):
+            info = provider.get_guest_os_info(0)
+    damaged = [x for x in provider.findings() if x.kind in DAMAGE_KINDS]
+    note = None
+    if not has_memory:  # the folder tells a checkpoint's missing memory from a running VM's
+        note = _no_memory_note(f) if f.state == "checkpoint" else provider.memory_absence() or _no_memory_note(f)
     return Classification(
         cls="damaged" if damaged else content,
         content=content,
         analyse=has_memory,
-        kind=provider.kind,
-        vp_count=provider.vp_count(),
-        ram_bytes=sum(c.page_count for c in chunks) * page_size,
-        guest_os=None if info is None else info.description,
+        kind=summary.file_kind,
+        vp_count=summary.vp_count,
+        ram_bytes=summary.ram_bytes,
+        guest_os=summary.guest_os,
         os_family=_os_family(info),
-        findings=[str(x) for x in findings],
-        note=None if has_memory else _no_memory_note(f),
+        findings=list(summary.findings),
+        note=note,
     )

@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..savedstate.legacy_bin import BIN_SIGNATURE
-from ..storage.defs import FILE_SIGNATURE
-from .vmconfig import VmConfig, read_vm_config
+from ..files import find_partner, find_vmcx, read_head, signature_kind
+from .identity import VmConfig, read_vm_config
 
 __all__ = ["HYPERV_EXTENSIONS", "Discovery", "SavedStateFile", "discover", "sniff"]
 
@@ -31,17 +30,9 @@ _CURRENT_FOLDER = "virtual machines"
 
 
 def sniff(path: str | os.PathLike[str]) -> str:
-    """'storage' (HyperVStorage: .vmrs, .vmcx, modern .vsv), 'bin' (legacy memory file), 'empty',
-    'unreadable' or 'other', from the first four bytes."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        return "unreadable"
-    if len(head) < 4:
-        return "empty" if not head else "other"
-    sig = int.from_bytes(head, "little")
-    return {FILE_SIGNATURE: "storage", BIN_SIGNATURE: "bin"}.get(sig, "other")
+    """'storage' (HyperVStorage: .vmrs, .vmcx, modern .vsv), 'bin' (legacy memory file) or 'other'
+    (including empty and unreadable files), from the first bytes (:mod:`volatility3_vmssd.files`)."""
+    return signature_kind(read_head(path)) or "other"
 
 
 @dataclasses.dataclass
@@ -109,20 +100,13 @@ def _walk(inputs: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[Path, bool
                 yield p, True
 
 
-def _stem_key(path: Path) -> tuple[str, str]:
-    return os.path.normcase(str(path.parent)), path.stem.casefold()
-
-
-def _config_candidates(f: SavedStateFile) -> Iterable[Path]:
-    """Where the ``.vmcx`` of a saved state may be: beside it, beside its legacy folder, or in the
-    sibling ``Virtual Machines``/``Snapshots`` folder of a copied evidence set."""
+def _config_candidates(f: SavedStateFile) -> Iterator[Path | None]:
+    """The ``.vmcx`` of a saved state: beside it or in the sibling ``Virtual Machines``/``Snapshots``
+    folder (:func:`~volatility3_vmssd.files.find_vmcx`), or beside its legacy ``<ID>/`` folder."""
     p = Path(f.path)
-    yield p.with_suffix(".vmcx")
+    yield find_vmcx(p)
     if _GUID.match(p.parent.name):  # legacy <ID>/<ID>.bin: the configuration sits beside the folder
-        yield p.parent.parent / (p.parent.name + ".vmcx")
-    for other in ("Virtual Machines", "Snapshots"):
-        for folder in (p.parent.parent / other, p.parent.parent.parent / other):
-            yield folder / (p.stem + ".vmcx")
+        yield find_partner(p.parent, [".vmcx"])[0]
 
 
 def discover(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
@@ -142,12 +126,13 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
             continue
         found.append(SavedStateFile(os.fspath(path), signature, role, folder_state=_folder_state(path)))
 
-    # Pair each .bin with the .vsv of the same base name in the same folder (any case).
-    vsvs = {_stem_key(Path(f.path)): f for f in found if f.role == "vsv"}
+    # Pair each .bin with its .vsv (the one pairing rule: same folder, same base name, any case).
+    by_path = {os.path.normcase(os.path.abspath(f.path)): f for f in found}
     paired: set[int] = set()
     for f in found:
         if f.role == "bin":
-            vsv = vsvs.get(_stem_key(Path(f.path)))
+            vsv_path = find_partner(f.path, [".vsv"])[0]
+            vsv = None if vsv_path is None else by_path.get(os.path.normcase(os.path.abspath(vsv_path)))
             if vsv is not None and id(vsv) not in paired:
                 f.partner = vsv.path
                 paired.add(id(vsv))
@@ -156,13 +141,12 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
     # The VM each file belongs to, from its .vmcx (read once each).
     configs: dict[str, VmConfig] = {}
 
-    def config_at(p: Path) -> VmConfig | None:
+    def config_at(p: Path | None) -> VmConfig | None:
+        if p is None:
+            return None
         key = os.path.normcase(os.path.abspath(p))
         if key not in configs:
-            match = _existing_case_insensitive(p)
-            if match is None:
-                return None
-            configs[key] = read_vm_config(match)
+            configs[key] = read_vm_config(p)
         return configs[key]
 
     for f in files:
@@ -174,20 +158,6 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
     for f in files:
         _assign_vm(f, names)
     return Discovery(files, skipped, missing)
-
-
-def _existing_case_insensitive(p: Path) -> Path | None:
-    if p.is_file():
-        return p
-    try:
-        names = os.listdir(p.parent)
-    except OSError:
-        return None
-    wanted = p.name.casefold()
-    for name in sorted(names):
-        if name.casefold() == wanted and (p.parent / name).is_file():
-            return p.parent / name
-    return None
 
 
 def _assign_vm(f: SavedStateFile, names: dict[str, str]) -> None:

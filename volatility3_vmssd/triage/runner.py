@@ -149,7 +149,7 @@ def _run(spec: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     from volatility3.framework import plugins as vol_plugins
     from volatility3.framework.automagic import stacker
 
-    from ..volatility.paths import path_to_url
+    from ..files import path_to_url
 
     plugin = resolve_plugin(spec["plugin"], framework.list_plugins())
     ctx = contexts.Context()

@@ -1,6 +1,7 @@
-"""What a VM's configuration file (``<GUID>.vmcx``) says about which VM a saved state belongs to.
+"""Which VM a saved state belongs to, from the VM's configuration file (``<GUID>.vmcx``).
 
-A saved state carries no VM name or ID; the ``.vmcx`` beside it does.  Only keys seen in a real
+A saved state carries no VM name or ID; the ``.vmcx`` beside it does (:mod:`volatility3_vmssd.vmconfig`
+reads its settings for ``hyperv.info``; this adds what grouping needs).  Only keys seen in a real
 ``.vmcx`` (configuration version 9.0, see docs/triage.md) are read: ``properties/name``,
 ``properties/global_id`` (the ID of this configuration: the VM's, or a checkpoint's own),
 ``settings/global/logical_id`` (the VM the configuration belongs to; a checkpoint keeps its VM's
@@ -14,11 +15,13 @@ import os
 
 from ..errors import VmssdError
 from ..storage import HyperVStorage
+from ..vmconfig import VMCX_FIELDS
 
 __all__ = ["VmConfig", "read_vm_config"]
 
-_NAME = "/configuration/properties/name"
-_GLOBAL_ID = "/configuration/properties/global_id"
+_KEYS = {label: key for label, key, _ in VMCX_FIELDS}
+_NAME = _KEYS["VM name"]
+_GLOBAL_ID = _KEYS["VM ID"]
 _LOGICAL_ID = "/configuration/settings/global/logical_id"
 _TYPE_ID = "/configuration/properties/type_id"
 
