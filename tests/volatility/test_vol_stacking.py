@@ -201,6 +201,17 @@ def test_vtl_option_is_kept_in_the_layer_config(tmp_path: Path, guest: bytearray
     assert layer.build_configuration()["vtl"] == 1
 
 
+@pytest.mark.parametrize("blocks", [0, 3])
+def test_cache_blocks_option_bounds_the_layers_block_cache(tmp_path: Path, state: dict, blocks: int) -> None:
+    """--hyperv-cache-blocks reaches the provider the layer opens (vmssd triage bounds each worker with it)."""
+    path = write_vmrs(tmp_path / "cache.vmrs", mixed_image(8 * MIB, seed=9), state)
+    layer = our_layer(path, hyperv_cache_blocks=blocks)
+    assert layer is not None
+    assert layer.provider.get_memory_block_cache_limit() == blocks
+    default = our_layer(path)
+    assert default is not None and default.provider.get_memory_block_cache_limit() not in (0, 3)
+
+
 # ------------------------------------------------------------------------------------ foreign files
 
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import VmssdError
-from . import apply_log, convert, create, info, keys, memmap, read, registers, verify
+from . import apply_log, convert, create, info, keys, memmap, read, registers, triage, verify
 
-COMMANDS = [info, keys, registers, memmap, read, convert, apply_log, verify, create]
+COMMANDS = [info, keys, registers, memmap, read, convert, apply_log, verify, create, triage]
 
 
 def build_parser() -> argparse.ArgumentParser:

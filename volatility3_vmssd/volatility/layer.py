@@ -26,6 +26,7 @@ from ..errors import UnmappedAddressError, VmssdError
 from ..files import signature_kind, url_to_path
 from ..interface import SavedState
 from ..provider import open_saved_state
+from .options import option
 
 vollog = logging.getLogger(__name__)
 
@@ -169,8 +170,15 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
             raise exceptions.LayerException(self.name, f"{memory_path} is not a Hyper-V saved-state file")
         try:
             # The stacker already chose the partner (or chose none): the layer never looks for one.
+            # --hyperv-cache-blocks is global, so that stacking's cloned context bounds its copy too.
+            limit = option(self.context, "hyperv_cache_blocks")
+            cache: dict[str, int] = {} if limit is None else {"cache_limit": int(limit)}
             provider = open_saved_state(
-                memory_path, vsv=vsv_path, partner=False, backend=self.config.get("backend", None) or "native"
+                memory_path,
+                vsv=vsv_path,
+                partner=False,
+                backend=self.config.get("backend", None) or "native",
+                **cache,
             )
         except (OSError, VmssdError) as exc:
             raise exceptions.LayerException(self.name, f"cannot open {memory_path}: {exc}") from exc

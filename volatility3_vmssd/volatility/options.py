@@ -18,7 +18,8 @@ OPTIONS_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PAT
 
 
 class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
-    """Holds --hyperv-vsv-location, --hyperv-backend and --hyperv-vtl for the Hyper-V stackers; does nothing."""
+    """Holds --hyperv-vsv-location, --hyperv-backend, --hyperv-vtl and --hyperv-cache-blocks for the Hyper-V
+    stackers and layer; does nothing."""
 
     priority = 0
     exclusion_list: list[str] = []
@@ -53,6 +54,11 @@ class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
                 name="hyperv_vtl",
                 description="Hyper-V: read registers and CR3 of this virtual trust level on every VP instead of"
                 " the active one",
+                optional=True,
+            ),
+            requirements.IntRequirement(
+                name="hyperv_cache_blocks",
+                description="Hyper-V: keep at most this many decoded 1 MiB blocks per opened saved state (default 256)",
                 optional=True,
             ),
         ]
