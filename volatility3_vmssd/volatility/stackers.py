@@ -93,11 +93,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         except NoSavedMemoryError as exc:
             if exc.has_ram_map or path.suffix.lower() == ".vsv":
                 return cls._stack_vsv(context, layer_name, path, vtl)
-            vollog.log(
-                constants.LOGLEVEL_VV,
-                f"HyperVSavedStateStacker: {path.name} is a HyperVStorage file without saved memory"
-                " (a .vmcx, or the runtime state of a VM that was not saved); not stacking",
-            )
+            vollog.warning(f"{path}: {exc.explanation}")
             return None
         vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {path.name} is a .vmrs with saved RAM")
         return layer
