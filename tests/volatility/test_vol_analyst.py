@@ -98,3 +98,25 @@ def test_hyperv_plugins_run_only_the_hyperv_stackers(states, cache: Path) -> Non
     proc = run_vol(["-vvvv", "-f", str(states["vmrs"]), "banners.Banners"], cache=cache)
     tried = {line.rsplit(" ", 1)[-1] for line in proc.stderr.splitlines() if "Attempting to stack using" in line}
     assert {"HyperVSavedStateStacker", "WindowsIntelStacker", "LinuxIntelStacker"} <= tried, tried
+
+
+def test_a_cut_copy_is_reported_once_at_normal_verbosity(tmp_path: Path, cache: Path) -> None:
+    import random
+
+    state = state_json([vp_registers("long", 0x10000)])
+    full = write_vmrs(tmp_path / "full.vmrs", random.Random(3).randbytes(8 * MIB), state)  # raw pages: 1 MiB values
+    cut = tmp_path / "cut.vmrs"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 6 // 10])
+    from volatility3_vmssd import SavedStateProvider
+
+    with SavedStateProvider.load_vmrs(cut) as p:
+        damage = p.ramblock_damage()
+    assert damage.used == 8 and damage.missing >= 3, damage
+    proc = run_vol(["-q", "-f", str(cut), "banners.Banners"], cache=cache)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "is truncated or damaged" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert f"{cut} is truncated or damaged: {damage.missing} of the 8 RamBlocks" in warnings[0]
+    assert f"up to {damage.missing} MiB of guest RAM cannot be read" in warnings[0]
+    proc = run_vol(["-q", "-f", str(full), "banners.Banners"], cache=cache)
+    assert proc.returncode == 0 and "truncated" not in proc.stderr
