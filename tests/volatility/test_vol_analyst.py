@@ -120,3 +120,29 @@ def test_a_cut_copy_is_reported_once_at_normal_verbosity(tmp_path: Path, cache: 
     assert f"up to {damage.missing} MiB of guest RAM cannot be read" in warnings[0]
     proc = run_vol(["-q", "-f", str(full), "banners.Banners"], cache=cache)
     assert proc.returncode == 0 and "truncated" not in proc.stderr
+
+
+def test_vsv_location_that_is_wrong_is_refused_in_one_line(states, cache: Path, tmp_path: Path) -> None:
+    pair_bin = states["alone"].parent / "pair" / "p.bin"
+    vmcx = tmp_path / "vm.vmcx"
+    from volatility3_vmssd.storage import HyperVStorageWriter
+
+    with HyperVStorageWriter(vmcx) as w:
+        w.set("/configuration/properties/name", "Test VM")
+    cases = {
+        tmp_path / "nowhere.vsv": f"{tmp_path / 'nowhere.vsv'} does not exist",
+        states["random"]: f"{states['random']} is not the .vsv of {pair_bin}: it is not a HyperVStorage file",
+        vmcx: f"{vmcx} is not the .vsv of {pair_bin}: it is a VM configuration (.vmcx)",
+    }
+    for vsv, why in cases.items():
+        proc = run_vol(["-q", "-f", str(pair_bin), "--hyperv-vsv-location", str(vsv), "hyperv.registers"], cache=cache)
+        line = unmet_line(proc)
+        assert line.startswith(f"Unsatisfied requirement plugins.Registers.primary: --hyperv-vsv-location: {why}"), line
+        assert f"ERROR    volatility3_vmssd.volatility.stackers: --hyperv-vsv-location: {why}" in proc.stderr
+    renamed = tmp_path / "renamed.vsv"
+    shutil.copyfile(pair_bin.with_suffix(".vsv"), renamed)
+    proc = run_vol(
+        ["-q", "-f", str(pair_bin), "--hyperv-vsv-location", renamed.as_uri(), "hyperv.registers", "--vp", "1"],
+        cache=cache,
+    )
+    assert proc.returncode == 0 and "\n1\t0\tTrue\tcr3\t0x20000\t" in proc.stdout, proc.stderr

@@ -22,8 +22,9 @@ from volatility3.framework import constants, interfaces
 from volatility3.framework.configuration import requirements
 
 from ..files import url_to_path
-from .diagnose import why_not_a_saved_state
+from .diagnose import vsv_problem, why_not_a_saved_state
 from .layer import HyperVSavedStateLayer
+from .options import option
 
 vollog = logging.getLogger(__name__)
 
@@ -85,10 +86,16 @@ def _unmet(requirement: interfaces.configuration.RequirementInterface, path: str
 LOCATION_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PATH, "LayerStacker", "single_location")
 
 
-def _explain_location(location: str | None) -> str:
+def _explain_location(context: interfaces.context.ContextInterface, location: str | None) -> str:
     local = url_to_path(location) if location else None
     if local is None:
         return f"{location} is not a local file" if location else "no file given (use -f)"
+    override = option(context, "hyperv_vsv_location")
+    vsv = url_to_path(override) if override else None
+    if override and local.suffix.lower() != ".vsv":
+        problem = f"{override} is not a local file" if vsv is None else vsv_problem(local, vsv)
+        if problem is not None:
+            return f"--hyperv-vsv-location: {problem}"
     return why_not_a_saved_state(local)
 
 
@@ -106,11 +113,11 @@ class SavedStateLayerRequirement(requirements.TranslationLayerRequirement):
         if unmet:
             if isinstance(layer_name, str) and layer_name in context.layers:
                 return unmet  # the base class's own reason (OS or architecture)
-            return _unmet(self, path, _explain_location(context.config.get(LOCATION_PATH, None)))
+            return _unmet(self, path, _explain_location(context, context.config.get(LOCATION_PATH, None)))
         if not isinstance(layer_name, str):
             return {}  # optional and not given
         if find_saved_state_layer(context, layer_name) is None:
-            return _unmet(self, path, _explain_location(input_location(context, layer_name)))
+            return _unmet(self, path, _explain_location(context, input_location(context, layer_name)))
         return {}
 
 
