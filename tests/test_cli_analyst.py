@@ -201,3 +201,20 @@ def test_create_mistakes_are_one_line_errors(guest_vmrs: Path, tmp_path: Path) -
     r = vmssd("create", "--memory", ram, "--registers", regs, "-o", out)
     assert (r.returncode, r.stderr) == (1, f"vmssd create: error: {out} exists (use --force to overwrite it)\n")
     assert not Path(f"{out}.partial").exists()
+
+
+def test_progress_bar_never_cuts_a_word() -> None:
+    from volatility3_vmssd.cli.progress import ProgressBar
+
+    bar = ProgressBar(256 * MIB, label="convert raw", enabled=False)
+    bar.start -= 2
+    bar.done = 100 * MIB
+    now = bar.start + 2
+    words = set(bar.line(now, width=200).replace("[", " ").replace("]", " ").split())
+    for width in range(4, 121):
+        line = bar.line(now, width=width)
+        assert len(line) <= width, (width, line)
+        assert "%" in line, (width, line)
+        for word in line.split():
+            assert word in words or set(word) <= set("[#.]"), (width, line)
+    assert "ETA" in bar.line(now, width=79) and "[" in bar.line(now, width=79)
