@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from shared_data import REPO
 
-from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd import open_saved_state
 from volatility3_vmssd.errors import VmssdError
 
 CLI = [sys.executable, "-m", "volatility3_vmssd.cli.main"]
@@ -57,7 +57,7 @@ def test_convert_allow_missing_writes_and_records_the_ranges(half_guest: Path, t
     assert doc["format"] == "vmssd-missing/1" and doc["image"] == out.name and doc["image_format"] == fmt
     ranges = doc["ranges"]
     assert ranges and doc["missing_bytes"] == sum(m["size"] for m in ranges)
-    with SavedStateProvider.load_vmrs(half_guest) as p:
+    with open_saved_state(half_guest) as p:
         page, chunks = p.get_guest_physical_memory_chunks()
         ends = {c.guest_physical_start_page_index * page + c.page_count * page for c in chunks}
         readable = 0

@@ -107,9 +107,9 @@ def test_a_cut_copy_is_reported_once_at_normal_verbosity(tmp_path: Path, cache: 
     full = write_vmrs(tmp_path / "full.vmrs", random.Random(3).randbytes(8 * MIB), state)  # raw pages: 1 MiB values
     cut = tmp_path / "cut.vmrs"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size * 6 // 10])
-    from volatility3_vmssd import SavedStateProvider
+    from volatility3_vmssd import open_saved_state
 
-    with SavedStateProvider.load_vmrs(cut) as p:
+    with open_saved_state(cut) as p:
         damage = p.ramblock_damage()
     assert damage.used == 8 and damage.missing >= 3, damage
     proc = run_vol(["-q", "-f", str(cut), "banners.Banners"], cache=cache)

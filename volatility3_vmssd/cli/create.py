@@ -11,7 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import FormatError, VmssdError
-from ..locate import sniff
+from ..files import sniff
 from ..savedstate.cpujson import state_from_json
 from ..savedstate.images import MemoryImage
 from ..savedstate.partition_state import PartitionState, build_partition_state
@@ -131,8 +131,8 @@ def check_memory_input(path: str) -> None:
         if head.startswith(magic):
             raise FormatError(path, 0, f"{name}-compressed; decompress it first ({command} {os.path.basename(path)})")
     kind = sniff(path)
-    if kind != "unknown":
-        what = "a HyperVStorage container (.vmrs, .vmcx, .vsv)" if kind == "hvs" else "a legacy Hyper-V .bin"
+    if kind is not None:
+        what = "a HyperVStorage container (.vmrs, .vmcx, .vsv)" if kind == "storage" else "a legacy Hyper-V .bin"
         raise FormatError(
             path,
             0,
