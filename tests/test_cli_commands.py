@@ -388,7 +388,18 @@ def test_convert_16_gib_in_bounded_memory_to_a_sparse_file(large_vmrs: Path, tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_convert_leaves_nothing_behind(large_vmrs: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "terminated by SIGTERM"),
+        (signal.SIGHUP, 129, "SIGHUP"),
+    ],
+)
+def test_signals_during_convert_leave_nothing_behind(
+    large_vmrs: Path, tmp_path: Path, signum: int, code: int, said: str
+) -> None:
+    """Ctrl-C, and SIGTERM/SIGHUP as ``timeout`` or a job scheduler send them: exit 128 + N, no file left."""
     out = tmp_path / "large.elf"
     partial = tmp_path / "large.elf.partial"
     proc = subprocess.Popen(
@@ -404,10 +415,10 @@ def test_ctrl_c_during_convert_leaves_nothing_behind(large_vmrs: Path, tmp_path:
         assert time.monotonic() < deadline, "convert never created its .partial file"
         time.sleep(0.02)
     time.sleep(0.3)  # well into the copy
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert proc.returncode == code, stderr
+    assert said in stderr and "Traceback" not in stderr
     assert not partial.exists() and not out.exists()
 
 

@@ -1,5 +1,9 @@
 """Streaming writers for the memory images ``vmssd convert`` produces: flat raw, LiME and ELF64 core.
 
+They sit above the provider and use only its public interface.  What cannot be read (a RamBlock
+that is absent, a page record stream cut short) is written as zeros *and recorded*
+(:class:`CheckedReader`): the caller decides whether such an image may be kept, and lists the ranges.
+
 Every writer takes the backed guest-physical ranges and a padded read function, reads at most
 :data:`READ_SIZE` bytes at a time and never holds more, so memory use does not grow with the guest.
 All-zero stretches of :data:`SPARSE_MIN` bytes or more are skipped with a seek instead of written
@@ -59,15 +63,38 @@ Read = Callable[[int, int], bytes]
 Progress = Callable[[int], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class MissingRange:
+    """Guest-physical bytes ``[gpa, gpa + size)`` inside a backed chunk that could not be read."""
+
+    gpa: int
+    size: int
+    reason: str  # the provider's message for the first page of the range
+
+    def __str__(self) -> str:
+        return f"GPA {self.gpa:#x}-{self.gpa + self.size - 1:#x} ({self.size:,} bytes): {self.reason}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"gpa": self.gpa, "size": self.size, "reason": self.reason}
+
+
 @dataclasses.dataclass
 class ExportReport:
-    """What a writer produced: ``size`` bytes of file, ``stored`` of them actually written (not seeked)."""
+    """What a writer produced: ``size`` bytes of file, ``stored`` of them actually written (not seeked).
+
+    ``missing`` lists the ranges written as zeros because the saved state could not provide them.
+    """
 
     format: str
     ranges: int
     ram_bytes: int
     size: int = 0
     stored: int = 0
+    missing: list[MissingRange] = dataclasses.field(default_factory=list)
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(m.size for m in self.missing)
 
 
 class SparseWriter:
@@ -284,6 +311,55 @@ def write_elf(
 # ------------------------------------------------------------------------------------------ provider glue
 
 
+MISSING_PROBE = 0x1000
+"""After a failed read, the next read starts at the next boundary of this size (a guest page)."""
+
+
+class CheckedReader:
+    """A padded read over a provider that records what it had to zero-fill instead of hiding it.
+
+    Reads go to the provider's unpadded :meth:`read_guest_physical_address`, which stops short at
+    missing data and raises when a read starts on it; each such page is zero-filled and added to
+    :attr:`missing` (adjacent pages merge into one range).
+    """
+
+    def __init__(self, provider: SavedState) -> None:
+        self._read = provider.read_guest_physical_address
+        self.missing: list[MissingRange] = []
+
+    def __call__(self, gpa: int, size: int) -> bytes:
+        try:
+            data = self._read(gpa, size)
+        except VmssdError:
+            data = b""
+        if len(data) == size:
+            return data  # the common case: one call, no copy
+        out = bytearray(data)
+        pos, end = gpa + len(data), gpa + size
+        while pos < end:
+            try:
+                data = self._read(pos, end - pos)
+                reason = ""
+            except VmssdError as exc:
+                data, reason = b"", str(exc)
+            if data:
+                out += data
+                pos += len(data)
+                continue
+            step = min(end, (pos // MISSING_PROBE + 1) * MISSING_PROBE) - pos
+            self._record(pos, step, reason or "the saved state returned no data")
+            out += bytes(step)
+            pos += step
+        return bytes(out)
+
+    def _record(self, gpa: int, size: int, reason: str) -> None:
+        last = self.missing[-1] if self.missing else None
+        if last is not None and last.gpa + last.size == gpa:
+            self.missing[-1] = MissingRange(last.gpa, last.size + size, last.reason)
+        else:
+            self.missing.append(MissingRange(gpa, size, reason))
+
+
 def provider_ranges(provider: SavedState) -> list[tuple[int, int]]:
     """``(gpa, length)`` per GPA chunk, in GPA order (the ranges every format writes)."""
     page_size, chunks = provider.get_guest_physical_memory_chunks()
@@ -292,11 +368,12 @@ def provider_ranges(provider: SavedState) -> list[tuple[int, int]]:
 
 def provider_notes(provider: SavedState) -> tuple[int, bytes]:
     """``(e_machine, PT_NOTE contents)``: one NT_PRSTATUS per VP from its active VTL's registers."""
-    if not provider.has_cpu_state() or not provider.vp_count():
+    count = provider.vp_count() if provider.has_cpu_state() else 0
+    if not count:
         return EM_X86_64, b""
     arm = provider.get_architecture(0) == Architecture.ARMV8
     notes = []
-    for i in range(provider.vp_count()):
+    for i in range(count):
         regs = provider.get_registers(i)
         desc = prstatus_aarch64(i, regs) if arm else prstatus_x86_64(i, regs)
         notes.append(elf_note(b"CORE", NT_PRSTATUS, desc))
@@ -304,17 +381,23 @@ def provider_notes(provider: SavedState) -> tuple[int, bytes]:
 
 
 def export(provider: SavedState, out: BinaryIO, fmt: str, *, progress: Progress | None = None) -> ExportReport:
-    """Write the saved state's RAM to ``out`` as ``fmt`` (raw, lime or elf), streaming."""
+    """Write the saved state's RAM to ``out`` as ``fmt`` (raw, lime or elf), streaming.
+
+    Unreadable ranges are zero-filled and listed in the report's ``missing``.
+    """
     ranges = provider_ranges(provider)
-    read = provider.read_guest_physical_address_padded
+    read = CheckedReader(provider)
     if fmt == "raw":
-        return write_raw(out, ranges, read, progress=progress)
-    if fmt == "lime":
-        return write_lime(out, ranges, read, progress=progress)
-    if fmt == "elf":
+        report = write_raw(out, ranges, read, progress=progress)
+    elif fmt == "lime":
+        report = write_lime(out, ranges, read, progress=progress)
+    elif fmt == "elf":
         machine, notes = provider_notes(provider)
-        return write_elf(out, ranges, read, machine=machine, notes=notes, progress=progress)
-    raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+        report = write_elf(out, ranges, read, machine=machine, notes=notes, progress=progress)
+    else:
+        raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    report.missing = read.missing
+    return report
 
 
 # ------------------------------------------------------------------------------------------ safe outputs

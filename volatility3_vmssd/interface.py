@@ -28,7 +28,7 @@ from .savedstate.cpumode import CR4_LA57, arm64_paging_levels, x86_levels
 from .savedstate.guestos import GuestOsInfo
 from .savedstate.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
 
-__all__ = ["SUMMARY_LABELS", "GpaMemoryChunk", "SavedState", "Summary", "VpTrustLevels"]
+__all__ = ["SUMMARY_LABELS", "GpaMemoryChunk", "RamBlockDamage", "SavedState", "Summary", "VpTrustLevels"]
 
 
 class GpaMemoryChunk(NamedTuple):
@@ -36,6 +36,18 @@ class GpaMemoryChunk(NamedTuple):
 
     guest_physical_start_page_index: int
     page_count: int
+
+
+class RamBlockDamage(NamedTuple):
+    """RamBlocks (1 MiB of raw saved memory each) the RAM map uses, and how many the file cannot provide."""
+
+    used: int
+    absent: int  # no RamBlock at all
+    cut: int  # present, but its value reaches past the end of its file
+
+    @property
+    def missing(self) -> int:
+        return self.absent + self.cut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +353,19 @@ class SavedState(abc.ABC):
     @abc.abstractmethod
     def is_backed(self, gpa: int, length: int = 1) -> bool:
         """Whether every byte of the range is backed by saved RAM that the file holds; reads no RAM."""
+
+    def ramblock_damage(self) -> RamBlockDamage:
+        """What a cut or damaged copy lacks, from the index alone (nothing is read or decoded).
+
+        Pages of an absent RamBlock cannot be read; those of a cut one may be, up to the cut.  This
+        counts absent ones from :meth:`memory_map`; a backend that sees the file counts cut ones too.
+        """
+        used = absent = 0
+        for run in self.memory_map():
+            blocks = run["last_ramblock"] - run["first_ramblock"] + 1
+            used += blocks
+            absent += max(0, blocks - run["ramblocks_present"])
+        return RamBlockDamage(used, absent, 0)
 
     def memory_absence(self) -> str | None:
         """Why :meth:`has_saved_memory` is False, and what to collect instead (None when it is True)."""

@@ -17,7 +17,7 @@ from typing import Any
 from .codecs import xpress
 from .errors import Finding, Findings, NotFoundError
 from .files import signature_kind
-from .interface import GpaMemoryChunk, SavedState
+from .interface import GpaMemoryChunk, RamBlockDamage, SavedState
 from .savedstate import vmrs
 from .savedstate.cpumode import CR4_PSE, architecture, paging_levels, paging_mode
 from .savedstate.cpustate import PartitionState, VpState
@@ -357,6 +357,24 @@ class SavedStateProvider(SavedState):
                 }
             )
         return out
+
+    def ramblock_damage(self) -> RamBlockDamage:
+        """As the interface's, plus the present RamBlocks whose value the file cuts short."""
+        base = super().ramblock_damage()
+        source = self._memory.source
+        try:
+            file_size: int | None = os.path.getsize(source.path)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            file_size = None
+        if file_size is None:
+            return base
+        spans = [(r["first_ramblock"], r["last_ramblock"]) for r in self.memory_map()]
+        cut = 0
+        for n in source.block_numbers():
+            loc = source.block_location(n)
+            if loc is not None and loc[0] + loc[1] > file_size and any(a <= n <= b for a, b in spans):
+                cut += 1
+        return base._replace(cut=cut)
 
     # ------------------------------------------------------------------ summary
     def memory_absence(self) -> str | None:

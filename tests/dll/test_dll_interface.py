@@ -60,6 +60,7 @@ CALLS: dict[str, list[tuple[Any, ...]]] = {
     "gpa_bounds": [()],
     "trust_levels": [()],
     "memory_absence": [()],
+    "ramblock_damage": [()],
 }
 #: not compared value for value: they change state, differ by design, or are compared below
 SKIP = {

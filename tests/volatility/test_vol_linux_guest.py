@@ -59,7 +59,7 @@ def test_vsv_given_with_f_works_like_the_bin(linux_vol: VolRuns) -> None:
 def test_vsv_location_option_on_the_command_line(linux_vol: VolRuns) -> None:
     result = linux_vol.get("override:hyperv.info")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = dict(line.split("\t", 1) for line in output_rows(result.stdout) if "\t" in line)
+    rows = {v[0]: v[1] for v in (line.split("\t") for line in output_rows(result.stdout)) if len(v) > 1}
     assert rows["File kind"] == "legacy .bin + .vsv"
     assert rows["Virtual processors"] == "2"
     assert "No .vsv found" not in result.stderr

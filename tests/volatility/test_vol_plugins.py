@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -115,7 +114,7 @@ def test_listed_once_under_short_names(plugin_classes: dict[str, type]) -> None:
 
 def test_info(plugin_classes: dict[str, type], saved_states: dict[str, Path], monkeypatch) -> None:
     plugin, rows = run_plugin(plugin_classes["info"], saved_states["vmrs"])
-    info = dict(rows)
+    info = {r[0]: r[1] for r in rows}
     assert info["File kind"] == ".vmrs"
     assert info["Virtual processors"] == "2"
     assert info["VM version"] == "9.0"
@@ -128,15 +127,19 @@ def test_info(plugin_classes: dict[str, type], saved_states: dict[str, Path], mo
     assert info["VM memory (startup)"] == "4 MiB" and info["VM processors"] == "2"
     assert info["VM dynamic memory"] == "no"
     rendered = as_json(plugin, monkeypatch)
-    assert {"Variable": "VM name", "Value": "Test VM", "__children": []} in rendered
+    assert {"Variable": "VM name", "Value": "Test VM", "Number": None, "__children": []} in rendered
+    numbers = {row["Variable"]: row["Number"] for row in rendered}
+    assert numbers["Virtual processors"] == 2 and numbers["GPA chunks"] == 2
+    assert numbers["Guest RAM"] == 4 * MIB - 0x60000 and numbers["Kernel DTB"] == ROOT_DEFAULT
+    assert info["Findings"] == "none" and numbers["Findings"] == 0
 
 
 def test_info_on_legacy_pair(plugin_classes: dict[str, type], saved_states: dict[str, Path]) -> None:
     for given in ("bin", "vsv"):
         _, rows = run_plugin(plugin_classes["info"], saved_states[given])
-        info = dict(rows)
+        info = {r[0]: r[1] for r in rows}
         assert info["File kind"] == "legacy .bin + .vsv"
-        assert [v for k, v in rows if k == "File"] == [str(saved_states["bin"]), str(saved_states["vsv"])]
+        assert [r[1] for r in rows if r[0] == "File"] == [str(saved_states["bin"]), str(saved_states["vsv"])]
 
 
 def test_info_reads_the_real_vmcx(plugin_classes, saved_states, tmp_path: Path) -> None:
@@ -145,7 +148,7 @@ def test_info_reads_the_real_vmcx(plugin_classes, saved_states, tmp_path: Path) 
     shutil.copyfile(saved_states["vmrs"], vmrs)
     shutil.copyfile(source, tmp_path / "282874FC.vmcx")
     _, rows = run_plugin(plugin_classes["info"], vmrs)
-    info = dict(rows)
+    info = {r[0]: r[1] for r in rows}
     assert info["VM name"] == "Other Location"
     assert info["VM ID"] == "282874FC-59D6-4F30-BC04-5FDD909C82E0"
     assert info["VM configuration version"] == "9.0"
@@ -186,23 +189,47 @@ def test_memmap(plugin_classes, saved_states, monkeypatch) -> None:
     assert len(as_json(plugin, monkeypatch)) == 2
 
 
-def test_not_a_saved_state(plugin_classes, tmp_path: Path, caplog) -> None:
+def unmet(cls: type, path: Path, **config: Any) -> dict[str, str]:
+    """What Volatility would print for ``cls`` on ``path``: unsatisfied config paths and their descriptions."""
+    ctx, names = stack(path)
+    config_path = f"plugins.{cls.__name__}"
+    ctx.config["automagic.LayerStacker.single_location"] = path.resolve().as_uri()
+    for name in names:  # as LayerStacker.find_suitable_requirements: the first layer (top first) that satisfies it
+        ctx.config[f"{config_path}.primary"] = name
+        if not cls.get_requirements()[0].unsatisfied(ctx, config_path):
+            break
+    else:
+        del ctx.config[f"{config_path}.primary"]
+    for key, value in config.items():
+        ctx.config[f"{config_path}.{key}"] = value
+    return {k: v.description for k, v in cls.unsatisfied(ctx, config_path).items()}
+
+
+def test_not_a_saved_state_is_an_unmet_requirement_saying_why(plugin_classes, tmp_path: Path) -> None:
     raw = tmp_path / "plain.raw"
-    raw.write_bytes(bytes(MIB))
-    with caplog.at_level(logging.ERROR):
-        _, rows = run_plugin(plugin_classes["info"], raw)
-    assert rows == []
-    assert "is not a Hyper-V saved state" in caplog.text and raw.as_uri() in caplog.text
+    raw.write_bytes(b"\x11" * MIB)
+    assert unmet(plugin_classes["info"], raw) == {
+        "plugins.Info.primary": f"{raw} is not a Hyper-V saved state: it begins with 11111111, not the signature of"
+        " a HyperVStorage file (.vmrs, .vmcx, .vsv: 0x01282014) or of a legacy .bin (0x02182003)"
+    }
 
 
-def test_bin_alone_has_no_registers(plugin_classes, saved_states, tmp_path: Path, caplog) -> None:
+def test_bin_alone_has_no_registers(plugin_classes, saved_states, tmp_path: Path) -> None:
     alone = tmp_path / "alone.bin"
     shutil.copyfile(saved_states["bin"], alone)
-    with caplog.at_level(logging.ERROR):
-        _, rows = run_plugin(plugin_classes["registers"], alone)
-    assert rows == [] and "no CPU state" in caplog.text
+    for name in ("registers", "pagingmode"):
+        (why,) = unmet(plugin_classes[name], alone).values()
+        assert why.startswith(f"{alone} has no CPU state (a legacy .bin without its .vsv)")
+    assert unmet(plugin_classes["info"], alone) == {}
     _, info = run_plugin(plugin_classes["info"], alone)
-    assert dict(info)["File kind"].startswith("legacy .bin alone")
+    assert info[0][:2] == ("File kind", "legacy .bin alone (memory only, no CPU state)")
+
+
+def test_a_vp_that_does_not_exist_is_an_unmet_requirement(plugin_classes, saved_states) -> None:
+    assert unmet(plugin_classes["registers"], saved_states["vmrs"], vp=1) == {}
+    assert unmet(plugin_classes["registers"], saved_states["vmrs"], vp=7) == {
+        "plugins.Registers.saved_state": "--vp 7: this saved state has 2 VP(s) (VPs 0-1)"
+    }
 
 
 def test_plugin_dir_helper() -> None:

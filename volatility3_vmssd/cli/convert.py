@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Iterable
 
 from ..errors import VmssdError
-from ..exporters import FORMATS, export, partial_output, provider_ranges, same_file
+from ..exporters import FORMATS, ExportReport, export, partial_output, provider_ranges, same_file
 from ..provider import open_saved_state
 from .progress import ProgressBar, human_duration, human_size
+
+MISSING_SUFFIX = ".missing.json"
+"""The sidecar ``--allow-missing`` writes beside OUT: the GPA ranges written as zeros, and why."""
+SHOWN_RANGES = 10
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,7 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " GPA chunk) or elf (an ELF64 core: one PT_LOAD per chunk with p_paddr = GPA, and one"
             " NT_PRSTATUS note per VP so gdb and crash see the CPUs). Volatility opens all three."
             " Streams 16 MiB at a time: memory use does not grow with the guest. Writes OUT.partial"
-            " and renames it when done; on an error or Ctrl-C the partial file is removed."
+            " and renames it when done; on an error, Ctrl-C, SIGTERM or SIGHUP the partial file is removed."
+            " RAM that the saved state declares but cannot provide (a cut copy, a missing RamBlock) is an"
+            " error naming the ranges: nothing is written unless --allow-missing is given, which writes"
+            " them as zeros and lists them in OUT.missing.json."
         ),
         epilog=(
             "examples:\n"
@@ -41,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help=f"keep the image when some RAM cannot be read: those ranges are zeros, listed in OUT{MISSING_SUFFIX}",
+    )
     p.set_defaults(func=run)
 
 
@@ -55,12 +68,45 @@ def check_output(output: str, inputs: Iterable[str], *, force: bool) -> None:
         raise VmssdError(f"{output} exists (use --force to overwrite it)")
 
 
+def _missing_summary(source: str, report: ExportReport) -> str:
+    return (
+        f"{source}: {len(report.missing)} range(s), {report.missing_bytes:,} bytes of the"
+        f" {report.ram_bytes:,} bytes of RAM could not be read"
+    )
+
+
+def _show_missing(report: ExportReport) -> None:
+    for missing in report.missing[:SHOWN_RANGES]:
+        print(f"  missing {missing}", file=sys.stderr)
+    if len(report.missing) > SHOWN_RANGES:
+        print(f"  ... and {len(report.missing) - SHOWN_RANGES} more range(s)", file=sys.stderr)
+
+
+def write_missing_sidecar(path: str, source: list[str], report: ExportReport) -> None:
+    """``OUT.missing.json``: which GPA ranges of OUT are zeros because the saved state lacked them."""
+    doc = {
+        "format": "vmssd-missing/1",
+        "image": os.path.basename(path),
+        "image_format": report.format,
+        "source": source,
+        "missing_bytes": report.missing_bytes,
+        "ranges": [m.to_json() for m in report.missing],
+    }
+    with partial_output(path + MISSING_SUFFIX) as out:
+        out.write(json.dumps(doc, indent=2).encode() + b"\n")
+
+
 def run(args: argparse.Namespace) -> int:
     given = [args.file] + ([args.vsv] if args.vsv else [])
     check_output(args.output, given, force=args.force)
+    sidecar = args.output + MISSING_SUFFIX
+    if os.path.lexists(sidecar) and not args.force:
+        raise VmssdError(f"{sidecar} exists (use --force to overwrite it)")
     with open_saved_state(args.file, vsv=args.vsv) as provider:
         check_output(args.output, provider.paths, force=args.force)
-        provider.set_memory_block_cache_limit(0)  # one pass: a cache would only hold memory
+        provider.set_memory_block_cache_limit(
+            4
+        )  # one pass; a few blocks so that probing a cut block page by page does not decode it again per page
         total = sum(n for _, n in provider_ranges(provider))
         if not total:
             raise VmssdError(f"{args.file}: no saved guest memory to convert")
@@ -68,7 +114,20 @@ def run(args: argparse.Namespace) -> int:
         bar = ProgressBar(total, label=f"convert {args.format}", enabled=None if not args.quiet else False)
         with bar, partial_output(args.output) as out:
             report = export(provider, out, args.format, progress=bar.update)
+            if report.missing and not args.allow_missing:
+                bar.close()
+                _show_missing(report)
+                raise VmssdError(
+                    f"{_missing_summary(args.file, report)}; {args.output} not written (--allow-missing writes it"
+                    f" with those ranges zero-filled and lists them in {sidecar})"
+                )
+        if report.missing:
+            write_missing_sidecar(args.output, list(provider.paths), report)
         elapsed = time.monotonic() - start
+    if report.missing:
+        print(f"vmssd convert: warning: {_missing_summary(args.file, report)}; zeros there", file=sys.stderr)
+        _show_missing(report)
+        print(f"  all missing ranges are listed in {sidecar}", file=sys.stderr)
     if not args.quiet:
         rate = human_size(report.ram_bytes / elapsed) if elapsed > 0 else "-"
         print(

@@ -6,11 +6,29 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
-from ..errors import FormatError
+from ..errors import FormatError, VmssdError
+from ..files import sniff
 from ..savedstate.cpujson import state_from_json
 from ..savedstate.images import MemoryImage
-from ..savedstate.writer import LEGACY_VM_VERSION, VMRS_VM_VERSION, write_bin_vsv, write_vmrs
+from ..savedstate.partition_state import PartitionState, build_partition_state
+from ..savedstate.rammap import BLOCK_SIZE, PAGE_SIZE, build_layout
+from ..savedstate.writer import LEGACY_VM_VERSION, VMRS_VM_VERSION, plan_ranges, write_bin_vsv, write_vmrs
+from .convert import check_output
+from .progress import ProgressBar
+
+#: Leading bytes of compressed files people hand over as memory images (a guest.elf.xz, a ram.raw.gz).
+COMPRESSED = (
+    (b"\xfd7zXZ\x00", "xz", "xz -dk"),
+    (b"\x1f\x8b", "gzip", "gunzip -k"),
+    (b"BZh", "bzip2", "bunzip2 -k"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstd -d"),
+    (b"PK\x03\x04", "zip", "unzip"),
+    (b"7z\xbc\xaf\x27\x1c", "7z", "7z x"),
+)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -37,8 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="build a .vmrs (or a legacy .bin + .vsv) from a memory dump and a registers JSON",
         description=(
             "Build a Hyper-V saved state from guest memory (a raw image, a LiME file, or an ELF core with"
-            " physical addresses in PT_LOAD) and CPU registers (JSON, see docs/create.md), using fill, XPRESS"
-            " and raw page records as Hyper-V does. Holes (MMIO ranges) are left unbacked."
+            " physical addresses in PT_LOAD; uncompressed) and CPU registers (a JSON file: 'vmssd registers"
+            " --json' writes one from any saved state; the schema is docs/create.md in the source"
+            " repository), using fill, XPRESS and raw page records as Hyper-V does. Holes (MMIO ranges) are"
+            " left unbacked. Writes OUT.partial (and VSV.partial) and renames them when done; on an error,"
+            " Ctrl-C, SIGTERM or SIGHUP they are removed, and the encoding workers end with this process."
         ),
         epilog=(
             "examples:\n"
@@ -49,7 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--memory", required=True, help="guest memory: raw, LiME or ELF core")
-    p.add_argument("--memory-format", choices=["auto", "raw", "lime", "elf"], default="auto")
+    p.add_argument(
+        "--memory-format",
+        choices=["auto", "raw", "lime", "elf"],
+        default="auto",
+        help="how to read --memory (default auto: ELF and LiME by their magic, anything else raw)",
+    )
     p.add_argument("--registers", required=True, help="registers JSON (vmssd-registers/1 or hvtest-registers/1)")
     p.add_argument("-o", "--output", required=True, help="the .vmrs (or, with --legacy, the .bin) to write")
     p.add_argument("--legacy", action="store_true", help="write a legacy .bin + .vsv pair instead of a .vmrs")
@@ -73,46 +99,115 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes for page encoding")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     p.set_defaults(func=run)
 
 
+def read_registers(path: str, vendor: str | None) -> PartitionState:
+    """The registers JSON as a partition state, every problem reported against ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, exc.start, "not a registers JSON file (binary data, not UTF-8 text)") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FormatError(path, exc.pos, f"not valid JSON: {exc.msg}") from None
+    try:
+        state = state_from_json(doc, vendor=vendor)
+        build_partition_state(state)  # a name no chunk layout holds (a misspelt register) fails here, not mid-write
+    except FormatError as exc:
+        raise FormatError(path, exc.offset, exc.expected) from None
+    except ValueError as exc:
+        raise FormatError(path, None, f"registers JSON: {exc} (not a register the saved state holds)") from None
+    return state
+
+
+def check_memory_input(path: str) -> None:
+    """Refuse inputs that are not memory images: compressed files and Hyper-V files (their bytes are not RAM)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, name, command in COMPRESSED:
+        if head.startswith(magic):
+            raise FormatError(path, 0, f"{name}-compressed; decompress it first ({command} {os.path.basename(path)})")
+    kind = sniff(path)
+    if kind is not None:
+        what = "a HyperVStorage container (.vmrs, .vmcx, .vsv)" if kind == "storage" else "a legacy Hyper-V .bin"
+        raise FormatError(
+            path,
+            0,
+            f"{what}, not a memory image; to rebuild a saved state from it, first write its RAM with"
+            " 'vmssd convert FILE -o ram.elf --format elf' and give that",
+        )
+
+
+@contextmanager
+def renamed_outputs(*finals: str) -> Iterator[list[str]]:
+    """Temporary names for ``finals``, renamed to them when the block completes, removed on any failure."""
+    temps = [f + ".partial" for f in finals]
+    try:
+        yield temps
+        for tmp, final in zip(temps, finals, strict=True):
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
+def _ram_to_encode(image: MemoryImage, holes: list[tuple[int, int]]) -> int:
+    """Bytes the writer will encode (whole RamBlocks), for the progress bar's total."""
+    records = build_layout([(r.gpa, r.length) for r in plan_ranges(image, holes)])
+    return sum(-(-rec.page_count_total * PAGE_SIZE // BLOCK_SIZE) for rec in records) * BLOCK_SIZE
+
+
 def run(args: argparse.Namespace) -> int:
-    if os.path.abspath(args.output) == os.path.abspath(args.memory):
-        raise FormatError(args.output, None, "the output must not be the input memory file")
-    with open(args.registers, encoding="utf-8") as fh:
-        try:
-            doc = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise FormatError(args.registers, exc.pos, f"not valid JSON: {exc.msg}") from None
-    state = state_from_json(doc, vendor=args.vendor)
+    vsv = (args.vsv or os.path.splitext(args.output)[0] + ".vsv") if args.legacy else None
+    outputs = [args.output] + ([vsv] if vsv else [])
+    if vsv is not None and os.path.abspath(vsv) == os.path.abspath(args.output):
+        raise VmssdError(f"the .vsv and the .bin must be two files ({vsv})")
+    for out in outputs:
+        check_output(out, [args.memory, args.registers], force=args.force)
+    state = read_registers(args.registers, args.vendor)
+    check_memory_input(args.memory)
     with MemoryImage.open(args.memory, args.memory_format) as image:
+        holes = args.hole  # [start, end) pairs, as the writer takes them
+        total = _ram_to_encode(image, holes)
+        bar = ProgressBar(total, label="create", enabled=False if args.quiet else None)
         common = {
-            "holes": args.hole,
+            "holes": holes,
             "compress": not args.no_compress,
             "raw_blocks": args.raw_blocks,
             "jobs": args.jobs,
-            "overwrite": args.force,
+            "overwrite": True,
         }
-        if args.legacy:
-            vsv = args.vsv or os.path.splitext(args.output)[0] + ".vsv"
-            report = write_bin_vsv(
-                args.output, vsv, image, state, vm_version=args.vm_version or LEGACY_VM_VERSION, **common
-            )
-            written = f"{args.output} + {vsv}"
-        else:
-            report = write_vmrs(
-                args.output,
-                image,
-                state,
-                vm_version=args.vm_version or VMRS_VM_VERSION,
-                saved_state_type=None if args.raw_blocks else "Normal",
-                alignment=args.alignment,
-                **common,
-            )
-            written = args.output
-    print(
-        f"wrote {written}: {len(state.vps)} VP(s), {len(report.records)} GPA range(s),"
-        f" {report.ram_bytes:,} bytes of RAM in {report.blocks} RamBlocks ({report.stored_bytes:,} bytes stored)",
-        file=sys.stderr,
-    )
+        with bar, renamed_outputs(*outputs) as temps:
+            if args.legacy:
+                report = write_bin_vsv(
+                    temps[0],
+                    temps[1],
+                    image,
+                    state,
+                    vm_version=args.vm_version or LEGACY_VM_VERSION,
+                    progress=bar.update,
+                    **common,
+                )
+            else:
+                report = write_vmrs(
+                    temps[0],
+                    image,
+                    state,
+                    vm_version=args.vm_version or VMRS_VM_VERSION,
+                    saved_state_type=None if args.raw_blocks else "Normal",
+                    alignment=args.alignment,
+                    progress=bar.update,
+                    **common,
+                )
+    if not args.quiet:
+        print(
+            f"wrote {' + '.join(outputs)}: {len(state.vps)} VP(s), {len(report.records)} GPA range(s),"
+            f" {report.ram_bytes:,} bytes of RAM in {report.blocks} RamBlocks ({report.stored_bytes:,} bytes stored)",
+            file=sys.stderr,
+        )
     return 0

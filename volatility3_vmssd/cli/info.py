@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         epilog="examples:\n  vmssd info vm.vmrs\n  vmssd info --json vm.bin --vsv other-name.vsv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("file")
+    p.add_argument("file", help="the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin); or a .vmcx")
     p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(

@@ -1,21 +1,61 @@
 """``vmssd``: the command line.  Each subcommand lives in its own module of this package.
 
-Exit codes: 0 ok, 1 runtime failure (one line on stderr; the traceback with ``-v``), 2 usage.
+Exit codes: 0 ok, 1 runtime failure (one line on stderr; the traceback with ``-v``), 2 usage,
+130 Ctrl-C, 128 + N for signal N (143 SIGTERM, 129 SIGHUP).  Every output is written under a
+temporary name and renamed when complete, so an interrupted command leaves nothing behind: SIGTERM
+and SIGHUP (sent by ``timeout``, job schedulers, a closed terminal) clean up as Ctrl-C does.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from types import FrameType
 
 from .. import __version__
 from ..errors import VmssdError
 from . import apply_log, convert, create, info, keys, memmap, read, registers, triage, verify
 
 COMMANDS = [info, keys, registers, memmap, read, convert, apply_log, verify, create, triage]
+CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be, so every cleanup that handles Ctrl-C runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Terminated` in the main thread for the duration."""
+    previous = {}
+    for signum in CLEANUP_SIGNALS:
+        with suppress(ValueError, OSError):  # not the main thread, or not allowed here
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions wrapped to the terminal; epilogs (the examples) kept line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Read Hyper-V saved states (.vmrs, legacy .bin + .vsv) and HyperVStorage containers"
             " (.vmrs, .vmcx) without Microsoft's DLL. Evidence files are only ever opened read-only."
         ),
+        epilog="Run 'vmssd COMMAND --help' for the options and examples of a command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail; tracebacks on errors")
+    verbose_help = "more detail; tracebacks on errors (before or after COMMAND)"
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
+        # SUPPRESS: a sub-command that is not given -v keeps the count given before it
+        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
     return parser
 
 
@@ -39,7 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with cleanup_on_signals():
+            return int(args.func(args) or 0)
+    except Terminated as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"vmssd: terminated by {name}; partial outputs removed", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("vmssd: interrupted", file=sys.stderr)
         return 130

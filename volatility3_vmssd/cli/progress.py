@@ -70,21 +70,40 @@ class ProgressBar:
             self._last = now
             self._draw(now)
 
-    def line(self, now: float | None = None) -> str:
-        """The text of the bar as it would be drawn now (fits the terminal width)."""
+    def line(self, now: float | None = None, width: int | None = None) -> str:
+        """The text of the bar as it would be drawn now, fitted to ``width`` (default: the terminal).
+
+        On a narrow terminal whole pieces are left out (the bar first, then the ETA, the rate, the
+        sizes, the label), never cut in the middle of a word.
+        """
         now = time.monotonic() if now is None else now
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
         frac = min(self.done / self.total, 1.0) if self.total else 1.0
         left = (self.total - self.done) / rate if rate > 0 and self.done else None
-        eta = "ETA --:--" if left is None else f"ETA {human_duration(left)}"
-        info = f" {frac * 100:3.0f}% {human_size(self.done)}/{human_size(self.total)}  {human_size(rate)}/s  {eta}"
-        width = shutil.get_terminal_size((80, 24)).columns - 1
-        label = f"{self.label} " if self.label else ""
-        bar_width = max(0, min(40, width - len(label) - len(info) - 2))
-        filled = int(frac * bar_width)
-        bar = f"[{'#' * filled}{'.' * (bar_width - filled)}]" if bar_width >= 10 else ""
-        return (label + bar + info)[:width]
+        if width is None:
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+        pieces = {
+            "label": self.label,
+            "percent": f"{frac * 100:3.0f}%",
+            "sizes": f"{human_size(self.done)}/{human_size(self.total)}",
+            "rate": f"{human_size(rate)}/s",
+            "eta": "ETA --:--" if left is None else f"ETA {human_duration(left)}",
+        }
+        order = ["label", "percent", "sizes", "rate", "eta"]
+        for drop in ("eta", "rate", "sizes", "label", None):
+            text = "  ".join(pieces[k] for k in order if pieces[k])
+            cells = min(40, width - len(text) - 3)  # "[" + cells + "] " beside the text
+            if cells >= 10:
+                filled = int(frac * cells)
+                head = f"{pieces['label']} " if pieces["label"] else ""
+                rest = "  ".join(pieces[k] for k in order[1:] if pieces[k])
+                return f"{head}[{'#' * filled}{'.' * (cells - filled)}] {rest}"
+            if len(text) <= width:
+                return text
+            if drop is not None:
+                order.remove(drop)
+        return pieces["percent"].strip()[: max(width, 0)]
 
     def _draw(self, now: float) -> None:
         self.stream.write("\r" + self.line(now) + "\x1b[K")

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         epilog="examples:\n  vmssd verify vm.vmrs\n  vmssd verify --samples 500 --json vm.bin --vsv vm.vsv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("file")
+    p.add_argument("file", help="the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin)")
     p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
     p.add_argument("--dll", help="path of vmsavedstatedumpprovider.dll (default: discovered)")
     p.add_argument(

@@ -13,8 +13,14 @@ with a bounded number of blocks in flight, so memory use does not grow with the 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
 import dataclasses
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import FormatError
@@ -72,6 +78,28 @@ def _encode(item: tuple[int, bytes, bool]) -> tuple[int, bytes]:
     return n, encode_block(data, compress=compress)
 
 
+def _worker_init(parent: int) -> None:
+    """Encoding workers leave signals to the parent and end with it, even when it is killed (SIGKILL).
+
+    Ctrl-C reaches the whole process group: the parent stops and cleans up, so a worker's own
+    KeyboardInterrupt traceback is noise.  On Linux the kernel kills the worker with its parent
+    (PR_SET_PDEATHSIG); elsewhere a thread notices the parent is gone within a second.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vmssd-parent-watch", daemon=True).start()
+
+
 def encoded_blocks(
     image: MemoryImage,
     records: list[RamMemoryBlockRecord],
@@ -99,7 +127,9 @@ def encoded_blocks(
                 progress(BLOCK_SIZE)
             yield out
         return
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),)
+    ) as pool:
         pending: list[concurrent.futures.Future[tuple[int, bytes]]] = []
         for item in inputs:
             pending.append(pool.submit(_encode, item))

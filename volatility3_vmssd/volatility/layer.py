@@ -51,6 +51,26 @@ class NoSavedMemoryError(exceptions.LayerException):
         self.explanation = explanation
 
 
+_WARNED: set[tuple[str, ...]] = set()  # layers are rebuilt several times per run: warn once per file set
+
+
+def _warn_if_damaged(provider: SavedState) -> None:
+    """Say once, at normal verbosity, that a saved state lacks RAM: plugins would otherwise just find less."""
+    damage = provider.ramblock_damage()
+    key = tuple(provider.paths)
+    if not damage.missing or key in _WARNED:
+        return
+    _WARNED.add(key)
+    parts = [f"{n} absent" for n in [damage.absent] if n] + [
+        f"{n} cut short by the end of the file" for n in [damage.cut] if n
+    ]
+    vollog.warning(
+        f"{' + '.join(provider.paths)} is truncated or damaged: {damage.missing} of the {damage.used} RamBlocks"
+        f" (1 MiB each) its RAM map uses are missing ({', '.join(parts)}): up to {damage.missing} MiB of guest RAM"
+        " cannot be read, so results may be incomplete ('vmssd convert' lists the exact ranges)"
+    )
+
+
 class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
     """Guest-physical memory of a Hyper-V saved state (.vmrs, or a legacy .bin with its .vsv)."""
 
@@ -77,6 +97,7 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
             self._provider = None
             raise NoSavedMemoryError(name, has_map, why)
         self._minimum, self._maximum = bounds
+        _warn_if_damaged(provider)
         self._metadata.update(
             {
                 "hyperv_file_kind": provider.kind,

@@ -36,10 +36,12 @@ class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [
-            requirements.URIRequirement(
+            # A string, not a URIRequirement: vol raises a bare FileNotFoundError (a traceback) for a URI
+            # option naming a missing file; the stacker says which file is wrong and why instead.
+            requirements.StringRequirement(
                 name="hyperv_vsv_location",
-                description="Hyper-V: the .vsv of a legacy .bin saved state, when it is not beside the .bin"
-                " with the same base name",
+                description="Hyper-V: the .vsv of a legacy .bin saved state (a path or a file: URL), when it is"
+                " not beside the .bin with the same base name",
                 optional=True,
             ),
             requirements.ChoiceRequirement(

@@ -12,16 +12,18 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from volatility3.framework import interfaces, renderers
+from volatility3.framework import exceptions, interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
 from ..errors import VmssdError
+from ..interface import SUMMARY_LABELS
 from ..savedstate.cpumode import architecture, paging_mode
 from ..savedstate.registers import SegmentRegister, TableRegister
 from ..vmconfig import find_vm_config
 from .kernel import kernel_candidates, validate_candidate
 from .layer import HyperVSavedStateLayer
+from .plugin_requirements import SavedStateContents, SavedStateLayerRequirement, find_saved_state_layer
 
 vollog = logging.getLogger(__name__)
 
@@ -34,79 +36,50 @@ __all__ = [
 ]
 
 
-def find_saved_state_layer(
-    context: interfaces.context.ContextInterface, layer_name: str
-) -> HyperVSavedStateLayer | None:
-    """Our layer at or below ``layer_name`` (breadth first through ``dependencies``).
-
-    The ``primary`` requirement may be satisfied by an Intel layer stacked on top of ours, and a
-    context may hold several stacks, so walk down from the one the plugin was given.
-    """
-    queue, seen = [layer_name], set()
-    while queue:
-        name = queue.pop(0)
-        if name in seen or name not in context.layers:
-            continue
-        seen.add(name)
-        layer = context.layers[name]
-        if isinstance(layer, HyperVSavedStateLayer):
-            return layer
-        queue.extend(getattr(layer, "dependencies", []))
-    return None
-
-
-def _input_location(context: interfaces.context.ContextInterface, layer_name: str) -> str:
-    """The file under a layer, for messages (the layer name alone, such as "primary", says little)."""
-    queue = [layer_name]
-    while queue:
-        name = queue.pop(0)
-        if name not in context.layers:
-            continue
-        layer = context.layers[name]
-        location = getattr(layer, "location", None)
-        if isinstance(location, str):
-            return location
-        queue.extend(getattr(layer, "dependencies", []))
-    return f"Layer {layer_name}"
-
-
-def _primary_requirement() -> requirements.TranslationLayerRequirement:
-    return requirements.TranslationLayerRequirement(name="primary", description="Memory layer of the saved state")
+def _primary_requirement() -> SavedStateLayerRequirement:
+    return SavedStateLayerRequirement(name="primary")
 
 
 class _SavedStatePlugin:
-    """Finds our layer for the plugin, or explains why there is none."""
+    """Gives the plugin our layer; its requirements guarantee there is one (else vol fails before run)."""
 
-    def _saved_state_layer(self) -> HyperVSavedStateLayer | None:
+    def _saved_state_layer(self) -> HyperVSavedStateLayer:
         context: interfaces.context.ContextInterface = self.context  # type: ignore[attr-defined]
         primary: str = self.config["primary"]  # type: ignore[attr-defined]
         layer = find_saved_state_layer(context, primary)
-        if layer is None:
-            vollog.error(
-                f"{_input_location(context, primary)} is not a Hyper-V saved state (no HyperVSavedStateLayer under"
-                " the primary layer). hyperv.* plugins need a .vmrs with saved memory or a legacy .bin/.vsv pair;"
-                " run with -vvvv to see the stacking decisions."
-            )
+        if layer is None:  # only when a caller skipped the requirement checks
+            raise exceptions.LayerException(primary, f"{primary} is not a Hyper-V saved-state layer")
         return layer
 
 
 # ---------------------------------------------------------------------------------------------- info
 
 
+#: A row of ``hyperv.info``: label, text, and the number behind the text (None when it is not a number).
+InfoRow = tuple[str, str, int | None]
+_SUMMARY_KEYS = {label: key for key, label in SUMMARY_LABELS}
+
+
 def info_rows(layer: HyperVSavedStateLayer) -> Iterator[tuple[str, str]]:
-    """``(variable, value)`` rows of ``hyperv.info``; reads no guest RAM.
+    """``(variable, value)`` rows of ``hyperv.info``; reads no guest RAM."""
+    for label, text, _ in info_table(layer):
+        yield label, text
+
+
+def info_table(layer: HyperVSavedStateLayer) -> Iterator[InfoRow]:
+    """``(variable, text, number)`` rows of ``hyperv.info``; the number is what ``-r json`` carries.
 
     The summary rows are the ones ``vmssd info`` prints (one label table, in the provider interface);
     the layer adds what only Volatility knows: the forced VTL and the kernel page table in use.
     """
     provider = layer.provider
     summary = provider.summary()
-    rows = list(summary.rows())
+    rows = [(label, text, _number(summary, label)) for label, text in summary.rows()]
     findings = [row for row in rows if row[0] in ("Findings", "Finding")]
     yield from (row for row in rows if row[0] not in ("Findings", "Finding"))
     vtl = layer.config.get("vtl", None)
     if vtl is not None:
-        yield "Forced VTL", str(vtl)
+        yield "Forced VTL", str(vtl), int(vtl)
     meta = layer.metadata
     if meta.get("page_map_offset") is not None:
         vtl_used = meta.get("hyperv_kernel_vtl")
@@ -115,12 +88,24 @@ def info_rows(layer: HyperVSavedStateLayer) -> Iterator[tuple[str, str]]:
             f"{meta['page_map_offset']:#x} from the saved CR3 of VP {meta.get('hyperv_kernel_vp')}"
             + (f" VTL {vtl_used}" if vtl_used is not None else "")
             + f" ({meta.get('architecture')}{', PAE' if meta.get('pae') else ''}; validated)",
+            format_hints.Hex(meta["page_map_offset"]),
         )
     vmcx, settings = find_vm_config(provider.paths)
     if vmcx is not None:
-        yield "VM configuration", str(vmcx)
-        yield from settings
+        yield "VM configuration", str(vmcx), None
+        for label, text in settings:
+            yield label, text, None
     yield from findings
+
+
+def _number(summary: Any, label: str) -> int | None:
+    """The integer behind a summary row, if it has one (counts and sizes; not versions or names)."""
+    if label == "Findings":
+        return len(summary.findings)
+    value = getattr(summary, _SUMMARY_KEYS.get(label, ""), None)
+    if isinstance(value, dict):  # the replay log: its pending entries are what matters
+        value = value.get("pending")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class InfoPlugin(_SavedStatePlugin):
@@ -130,13 +115,12 @@ class InfoPlugin(_SavedStatePlugin):
 
     def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
         layer = self._saved_state_layer()
-        if layer is None:
-            return
-        for variable, value in info_rows(layer):
-            yield 0, (variable, value)
+        na = renderers.NotApplicableValue()
+        for variable, value, number in info_table(layer):
+            yield 0, (variable, value, na if number is None else number)
 
     def run(self) -> renderers.TreeGrid:
-        return renderers.TreeGrid([("Variable", str), ("Value", str)], self._generator())
+        return renderers.TreeGrid([("Variable", str), ("Value", str), ("Number", int)], self._generator())
 
 
 # ----------------------------------------------------------------------------------------- registers
@@ -158,17 +142,13 @@ class RegistersPlugin(_SavedStatePlugin):
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [
             _primary_requirement(),
+            SavedStateContents(layer="primary", cpu_state=True, vp_option="vp"),
             requirements.IntRequirement(name="vp", description="Only this virtual processor", optional=True),
         ]
 
     def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
         layer = self._saved_state_layer()
-        if layer is None:
-            return
         provider = layer.provider
-        if not provider.has_cpu_state():
-            vollog.error("This saved state has no CPU state (a legacy .bin without its .vsv): no registers")
-            return
         only = self.config.get("vp", None)  # type: ignore[attr-defined]
         for vp in range(provider.vp_count()):
             if only is not None and vp != only:
@@ -207,16 +187,11 @@ class RegistersPlugin(_SavedStatePlugin):
 class PagingModePlugin(_SavedStatePlugin):
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
-        return [_primary_requirement()]
+        return [_primary_requirement(), SavedStateContents(layer="primary", cpu_state=True)]
 
     def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
         layer = self._saved_state_layer()
-        if layer is None:
-            return
         provider = layer.provider
-        if not provider.has_cpu_state():
-            vollog.error("This saved state has no CPU state (a legacy .bin without its .vsv): no paging mode")
-            return
         context: interfaces.context.ContextInterface = self.context  # type: ignore[attr-defined]
         # Trial layers are configured where upstream's Intel stackers put theirs, never added to the context.
         scratch = interfaces.configuration.path_join("IntelHelper", f"{layer.name}_cr3_check")
@@ -294,8 +269,6 @@ class MemmapPlugin(_SavedStatePlugin):
 
     def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
         layer = self._saved_state_layer()
-        if layer is None:
-            return
         provider = layer.provider
         for rng in provider.memory_map():
             first, last, have = rng["first_ramblock"], rng["last_ramblock"], rng["ramblocks_present"]

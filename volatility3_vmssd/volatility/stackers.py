@@ -21,6 +21,7 @@ from volatility3.framework.layers import physical
 
 from ..codecs import xpress
 from ..files import find_partner, path_to_url, read_head, signature_kind, url_to_path
+from .diagnose import vsv_problem
 from .kernel import kernel_candidates, validate_candidate
 from .layer import HyperVSavedStateLayer, NoSavedMemoryError
 from .options import option
@@ -93,11 +94,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         except NoSavedMemoryError as exc:
             if exc.has_ram_map or path.suffix.lower() == ".vsv":
                 return cls._stack_vsv(context, layer_name, path, vtl)
-            vollog.log(
-                constants.LOGLEVEL_VV,
-                f"HyperVSavedStateStacker: {path.name} is a HyperVStorage file without saved memory"
-                " (a .vmcx, or the runtime state of a VM that was not saved); not stacking",
-            )
+            vollog.warning(f"{path}: {exc.explanation}")
             return None
         vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {path.name} is a .vmrs with saved RAM")
         return layer
@@ -111,12 +108,10 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         vsv: Path | None = None
         if override:
             vsv = url_to_path(override)
-            if vsv is None or not vsv.is_file():
-                vollog.warning(
-                    f"--hyperv-vsv-location {override} is not a local file; reading {path.name} without its .vsv"
-                    " (memory only, no CPU state)"
-                )
-                vsv = None
+            problem = f"{override} is not a local file" if vsv is None else vsv_problem(path, vsv)
+            if problem is not None:  # named explicitly: refuse it rather than read the .bin without CPU state
+                vollog.error(f"--hyperv-vsv-location: {problem}; {path.name} is not read")
+                return None
         else:
             vsv, looked = find_partner(path, [".vsv"])
             if vsv is None:
