@@ -218,3 +218,18 @@ def test_progress_bar_never_cuts_a_word() -> None:
         for word in line.split():
             assert word in words or set(word) <= set("[#.]"), (width, line)
     assert "ETA" in bar.line(now, width=79) and "[" in bar.line(now, width=79)
+
+
+def test_verbose_after_the_sub_command_and_wrapped_help(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.vmrs"
+    quiet = vmssd("info", missing)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    for args in (("-v", "info", missing), ("info", missing, "-v")):
+        r = vmssd(*args)
+        assert r.returncode == 1 and "Traceback" in r.stderr and r.stderr.endswith(f"{missing}'\n"), r.stderr
+    env_cols = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="60")
+    for command in ("convert", "create", "info"):
+        r = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, cwd=REPO, env=env_cols)
+        assert r.returncode == 0
+        description = r.stdout.split("\n\n")[1]  # usage, then the description paragraph
+        assert max(len(line) for line in description.splitlines()) <= 60, description
