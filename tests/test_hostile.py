@@ -31,7 +31,7 @@ from shared_data import BIOS_ROM, LINUX_GUEST, REPO, need
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.codecs import xpress
 from volatility3_vmssd.errors import KEEP_PER_KIND, Findings, VmssdError
-from volatility3_vmssd.savedstate import ramblock
+from volatility3_vmssd.savedstate import pagedecode, ramblock
 from volatility3_vmssd.savedstate.cpujson import state_from_json
 from volatility3_vmssd.savedstate.guestmemory import GuestMemory, InMemoryBlockSource
 from volatility3_vmssd.savedstate.images import MemoryImage
@@ -436,13 +436,13 @@ def test_page_reads_inside_one_variable_run_expand_it_once(monkeypatch: pytest.M
     ram = synthetic_ram(BLOCK_SIZE, seed=4)
     value = _variable_run_block(ram)
     calls = []
-    real = ramblock._xpress.decompress
+    real = pagedecode._xpress.decompress
 
     def counting(data: bytes, size: int, **kwargs: object) -> bytes:
         calls.append(size)
         return real(data, size, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ramblock._xpress, "decompress", counting)
+    monkeypatch.setattr(pagedecode._xpress, "decompress", counting)
     memory = GuestMemory(RamMap.identity(256), InMemoryBlockSource({0: value}), cache_limit=0)
     assert memory.read_gpa(0x800, BLOCK_SIZE - 0x1000) == ram[0x800 : BLOCK_SIZE - 0x800]
     assert calls == [BLOCK_SIZE]
@@ -452,9 +452,9 @@ def test_decode_pages_matches_decode_block_on_every_range() -> None:
     ram = synthetic_ram(BLOCK_SIZE, seed=6)
     for value in (_variable_run_block(ram, 0x3001), encode_block(ram), encode_block(ram)[:30_000]):
         index = ramblock.index_block(value, path="x", file_offset=None, findings=Findings())
-        block = ramblock.decode_block(value, index)
+        block = pagedecode.decode_block(value, index)
         for first, stop in ((0, 256), (0, 1), (3, 9), (100, 101), (200, 256), (255, 256), (7, 7)):
-            assert ramblock.decode_pages(value, index, first, stop) == block[first << 12 : stop << 12]
+            assert pagedecode.decode_pages(value, index, first, stop) == block[first << 12 : stop << 12]
 
 
 def test_undecodable_pages_leave_no_reference_cycles() -> None:
@@ -483,9 +483,9 @@ def test_undecodable_pages_leave_no_reference_cycles() -> None:
             for data in (bytes(pages), bytes(runs)):
                 idx = ramblock.index_block(data, path="x", file_offset=0, findings=Findings())
                 errors: list = []
-                ramblock.decode_block(data, idx, errors=errors)
+                pagedecode.decode_block(data, idx, errors=errors)
                 assert errors
-                ramblock.decode_block_pages(data, idx, errors=[])
+                pagedecode.decode_block_pages(data, idx, errors=[])
                 memory = GuestMemory(RamMap.identity(256), InMemoryBlockSource({0: data}), cache_limit=0)
                 memory.read_gpa_padded(0, BLOCK_SIZE - 1)
                 memory.read_gpa_padded(0x5000, 0x10)

@@ -683,36 +683,77 @@ def test_decompress_many_matches_decompress(monkeypatch: pytest.MonkeyPatch, thr
 @needs_pyfwnt
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bad", ["corrupt", "short", "long"])
-def test_decompress_many_gives_up_on_any_bad_stream(monkeypatch: pytest.MonkeyPatch, threads: int, bad: str) -> None:
-    """No verdict here: one stream that is not exactly out_size makes the caller take decompress()."""
+def test_decompress_many_gives_each_bad_stream_its_verdict(
+    monkeypatch: pytest.MonkeyPatch, threads: int, bad: str
+) -> None:
+    """One stream that is not exactly its size gets decompress()'s verdict in place; the others decode."""
     monkeypatch.setattr(xpress, "MIN_STREAMS_PER_THREAD", 4)
-    streams = [xpress.compress(page) for page in _batch_pages(80)]
+    pages = _batch_pages(80)
+    streams = [xpress.compress(page) for page in pages]
     page = memory_like_page(99)
     streams[57] = {
         "corrupt": b"\xff\xff\xff\xff" + bytes(8),
         "short": xpress.compress(page[:-1]),
         "long": xpress.compress(page + b"x"),
     }[bad]
-    assert xpress.decompress_many(streams, PAGE, threads=threads) is None
+    out = xpress.decompress_many(streams, PAGE, threads=threads)
+    assert isinstance(out[57], XpressError)
+    assert out[:57] + out[58:] == pages[:57] + pages[58:]
 
 
-def test_decompress_many_reports_worker_failures_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    def batch(streams: Sequence[bytes], out_size: int) -> list[bytes]:
-        if threading.current_thread() is not threading.main_thread():
-            raise MemoryError("helper failed")
-        return [bytes(out_size)] * len(streams)
+@needs_pyfwnt
+def test_decompress_many_takes_one_size_per_stream() -> None:
+    """Variable runs expand to their own sizes; a size that does not match is that stream's error."""
+    data = [memory_like_page(seed)[: 100 * (seed + 1)] for seed in range(60)]
+    streams = [xpress.compress(d) for d in data]
+    sizes = [len(d) for d in data]
+    assert xpress.decompress_many(streams, sizes, threads=2) == data
+    sizes[3] += 1
+    out = xpress.decompress_many(streams, sizes)
+    assert isinstance(out[3], XpressError) and out[4] == data[4]
+    with pytest.raises(ValueError):
+        xpress.decompress_many(streams, sizes[:-1])
+
+
+def test_decompress_many_falls_back_per_stream_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A native decoder that returns the wrong size for one stream: the pure-Python decoder decides that
+    stream, and the caller is told which one (it records the finding)."""
+    pages = _batch_pages(5)
+    streams = [xpress.compress(page) for page in pages]
+
+    def batch(streams: Sequence[bytes], sizes: object) -> list[bytes]:
+        return [bytes(PAGE - 1) if i == 2 else pages[i] for i in range(len(streams))]
 
     monkeypatch.setattr(xpress, "active_decoder", lambda: "pyfwnt")
     monkeypatch.setattr(xpress, "_native_batch", lambda name: batch)
+    monkeypatch.setattr(xpress, "_native", lambda name: lambda data, size: b"")
+    notes: list[tuple[int, str]] = []
+    assert xpress.decompress_many(streams, PAGE, on_fallback=lambda i, note: notes.append((i, note))) == pages
+    assert [i for i, _ in notes] == [2] and "pure-Python" in notes[0][1]
+
+
+def test_decompress_many_survives_worker_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper thread that fails costs its streams a second decode, not the read."""
+
+    def batch(streams: Sequence[bytes], out_size: object) -> list[bytes]:
+        if threading.current_thread() is not threading.main_thread():
+            raise MemoryError("helper failed")
+        return [bytes(8)] * len(streams)
+
+    monkeypatch.setattr(xpress, "active_decoder", lambda: "pyfwnt")
+    monkeypatch.setattr(xpress, "_native_batch", lambda name: batch)
+    monkeypatch.setattr(xpress, "_native", lambda name: lambda data, size: bytes(size))
     monkeypatch.setattr(xpress, "MIN_STREAMS_PER_THREAD", 1)
     streams = [b"x"] * 200
     assert xpress.decompress_many(streams, 8, threads=1) == [bytes(8)] * 200
-    assert xpress.decompress_many(streams, 8, threads=2) is None
+    assert xpress.decompress_many(streams, 8, threads=2) == [bytes(8)] * 200
 
 
-def test_decompress_many_leaves_the_python_decoder_to_decompress() -> None:
+def test_decompress_many_with_the_python_decoder() -> None:
     xpress.force_decoder("python")
-    assert xpress.decompress_many([xpress.compress(text_page())], PAGE) is None
+    page = text_page()
+    out = xpress.decompress_many([xpress.compress(page), b"\0\0\0\0"], PAGE)
+    assert out[0] == page and isinstance(out[1], XpressError)
 
 
 def test_decode_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:

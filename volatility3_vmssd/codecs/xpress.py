@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 _NativeDecoder = Callable[[bytes, int], bytes]
+#: Many streams, one size for all or one per stream: no checks, the caller verifies lengths.
+_Batch = Callable[[Sequence[bytes], "int | Sequence[int]"], list[bytes]]
 
 #: ``RtlDecompressBufferEx`` format code; the same number as the saved-state page format.
 COMPRESSION_FORMAT_XPRESS = 3
@@ -84,16 +86,6 @@ def decompress(
     return out
 
 
-def fast_decoder() -> Callable[[bytes, int], bytes] | None:
-    """The active native decoder itself, for hot loops (decoding a whole RamBlock).
-
-    No fallback and no checks: the caller must verify the length and, on any exception or wrong
-    length, call :func:`decompress` for the verdict.  None when the pure-Python decoder is active.
-    """
-    name = active_decoder()
-    return None if name == "python" else _native(name)
-
-
 #: Below this many streams per thread, starting a thread (about 0.1 ms) costs more than it saves.
 MIN_STREAMS_PER_THREAD = 48
 _MAX_THREADS = 4
@@ -111,8 +103,14 @@ def decode_threads() -> int:
     return max(1, min(cpus, _MAX_THREADS))
 
 
-def decompress_many(streams: Sequence[bytes], out_size: int, *, threads: int = 1) -> list[bytes] | None:
-    """Decode many streams that must each expand to exactly ``out_size`` bytes, as fast as this host can.
+def decompress_many(
+    streams: Sequence[bytes],
+    sizes: int | Sequence[int],
+    *,
+    threads: int = 1,
+    on_fallback: Callable[[int, str], None] | None = None,
+) -> list[bytes | XpressError]:
+    """Decode many streams, each to exactly its size (``sizes``: one for all, or one per stream).
 
     The hot path of whole-block reads: one C-level ``map`` over the native decoder per thread, and
     up to ``threads`` threads, because libfwnt and ctypes release the GIL while they decode.  Each
@@ -121,22 +119,41 @@ def decompress_many(streams: Sequence[bytes], out_size: int, *, threads: int = 1
     average) about 1.25x faster, and of the real Linux guest (1.7 KB) anywhere from 1.1x faster to
     1.1x slower.
 
-    There is no verdict here: None means "not all of them decoded to exactly ``out_size`` with the
-    native decoder" (or the pure-Python decoder is active), and the caller re-decodes with
-    :func:`decompress`, which explains.
+    Every stream gets the verdict of :func:`decompress`: a stream the native decoder does not expand
+    to its size is decoded again by it (so the pure-Python fallback and its ``on_fallback(i,
+    message)`` note apply here too), and a stream that does not decode at all is returned as its
+    :class:`XpressError` in place of the bytes.  This is the only place a batch chooses a decoder.
     """
+    count = len(streams)
+    uniform = isinstance(sizes, int)
+    wanted: Sequence[int] = [sizes] * count if isinstance(sizes, int) else sizes
+    if len(wanted) != count:
+        raise ValueError(f"{count} streams but {len(wanted)} sizes")
+    out: list[bytes | XpressError] = []
     name = active_decoder()
-    if name == "python":
-        return None
-    batch = _native_batch(name)
-    assert batch is not None
-    shares = max(1, min(threads, len(streams) // MIN_STREAMS_PER_THREAD))
-    try:
-        out = batch(streams, out_size) if shares == 1 else _decode_shared(batch, streams, out_size, shares)
-    except Exception:  # native wrappers raise OSError, ValueError, MemoryError, ...
-        return None
-    if out and (min(map(len, out)) != out_size or max(map(len, out)) != out_size):
-        return None
+    if name != "python" and count:
+        batch = _native_batch(name)
+        assert batch is not None
+        shares = max(1, min(threads, count // MIN_STREAMS_PER_THREAD))
+        try:
+            out = list(batch(streams, sizes) if shares == 1 else _decode_shared(batch, streams, sizes, shares))
+        except Exception:  # native wrappers raise OSError, ValueError, MemoryError, ...: decide per stream
+            out = []
+        if out:
+            lengths = list(map(len, out))
+            if (min(lengths) == max(lengths) == sizes) if uniform else lengths == list(wanted):
+                return out
+    if not out:
+        out = [b""] * count
+    for i, (stream, size) in enumerate(zip(streams, wanted, strict=True)):
+        if type(out[i]) is bytes and len(out[i]) == size:
+            continue
+        note = None if on_fallback is None else functools.partial(on_fallback, i)
+        try:
+            out[i] = decompress(stream, size, on_fallback=note)
+        except XpressError as exc:
+            exc.__traceback__ = None  # kept in a list: no frames tied to it
+            out[i] = exc
     return out
 
 
@@ -145,9 +162,7 @@ def decompress_many(streams: Sequence[bytes], out_size: int, *, threads: int = 1
 _CHUNK = 32
 
 
-def _decode_shared(
-    batch: Callable[[Sequence[bytes], int], list[bytes]], streams: Sequence[bytes], out_size: int, shares: int
-) -> list[bytes]:
+def _decode_shared(batch: _Batch, streams: Sequence[bytes], sizes: int | Sequence[int], shares: int) -> list[bytes]:
     """``batch`` over ``streams`` in chunks that ``shares`` threads (this one included) take in turn.
 
     Chunks are handed out dynamically, not split in fixed halves: a helper starts about 0.1 ms late
@@ -160,7 +175,8 @@ def _decode_shared(
     def work() -> None:
         try:
             for at in chunks:
-                out[at : at + _CHUNK] = batch(streams[at : at + _CHUNK], out_size)
+                part = sizes if isinstance(sizes, int) else sizes[at : at + _CHUNK]
+                out[at : at + _CHUNK] = batch(streams[at : at + _CHUNK], part)
         except BaseException as exc:  # re-raised in the calling thread
             failures.append(exc)
 
@@ -219,7 +235,7 @@ def _native(name: str) -> _NativeDecoder | None:
 
 
 @functools.cache
-def _native_batch(name: str) -> Callable[[Sequence[bytes], int], list[bytes]] | None:
+def _native_batch(name: str) -> _Batch | None:
     """Many streams through one native decoder, in a C-level loop where the decoder allows it."""
     if name == "pyfwnt":
         try:
@@ -228,15 +244,21 @@ def _native_batch(name: str) -> Callable[[Sequence[bytes], int], list[bytes]] | 
             return None
         lzxpress_decompress = pyfwnt.lzxpress_decompress
 
-        def batch(streams: Sequence[bytes], out_size: int) -> list[bytes]:
+        def batch(streams: Sequence[bytes], sizes: int | Sequence[int]) -> list[bytes]:
             # One spare byte, as in _load_pyfwnt: a stream that is too long must not look complete.
-            return list(map(lzxpress_decompress, streams, repeat(out_size + 1)))
+            spare = repeat(sizes + 1) if isinstance(sizes, int) else map((1).__add__, sizes)
+            return list(map(lzxpress_decompress, streams, spare))
 
         return batch
     native = _native(name)
     if native is None:
         return None
-    return lambda streams, out_size: [native(s, out_size) for s in streams]
+
+    def each(streams: Sequence[bytes], sizes: int | Sequence[int]) -> list[bytes]:
+        wanted = repeat(sizes) if isinstance(sizes, int) else sizes
+        return [native(s, n) for s, n in zip(streams, wanted, strict=False)]
+
+    return each
 
 
 def _load_pyfwnt() -> _NativeDecoder | None:

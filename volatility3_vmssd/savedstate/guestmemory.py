@@ -14,8 +14,9 @@ record stream does not produce (:class:`~.ramblock.MissingPageError`).
 
 from __future__ import annotations
 
+import os
 import threading
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
@@ -24,6 +25,14 @@ from typing import Protocol, runtime_checkable
 from ..codecs.xpress import decode_threads as usable_decode_threads
 from ..codecs.xpress import decompress_many
 from ..errors import Findings, FormatError, NotFoundError, UnmappedAddressError
+from .pagedecode import (
+    decode_block_bytes,
+    decode_block_pages,
+    decode_page,
+    decode_pages,
+    detach_error,
+    uniform_pattern,
+)
 from .ramblock import (
     BLOCK_SIZE,
     PAGE_SIZE,
@@ -33,15 +42,9 @@ from .ramblock import (
     BlockPlan,
     BlockStats,
     MissingPageError,
-    decode_block_bytes,
-    decode_block_pages,
-    decode_page,
-    decode_pages,
-    detach_error,
     index_block,
     plan_block,
     uniform_block,
-    uniform_pattern,
 )
 from .rammap import RamMap
 
@@ -52,10 +55,10 @@ DEFAULT_CACHE_LIMIT = 256  # blocks, i.e. at most 256 MiB of decoded RAM
 #: chunks that overlap, not so many that a scan of the whole guest flushes the working set.
 SCAN_RING = 32
 _BLOCK_MASK = BLOCK_SIZE - 1
-_ZERO_BLOCK = ZERO_BLOCK
-
-
-_ZERO_VIEW = memoryview(_ZERO_BLOCK)
+#: A RamBlock takes at least this many bytes of its file (one multi-fill record, no end marker):
+#: a range declaring more pages than the file could encode this way is capped (with a finding).
+MIN_STORED_BLOCK = 16
+_ZERO_VIEW = memoryview(ZERO_BLOCK)
 _ALL_PAGES = frozenset(range(PAGES_PER_BLOCK))
 _NO_BLOCKS: Mapping[int, _Block] = MappingProxyType({})
 
@@ -79,8 +82,19 @@ class BlockSource(Protocol):
         ...
 
 
+@runtime_checkable
+class SpanSource(Protocol):
+    """A :class:`BlockSource` that can also read file bytes by offset (what ``block_location`` names).
+
+    Then a large read of raw 1 MiB RamBlocks stored back to back is one read of the file, handed
+    out without a copy when it is the whole result.  Short at the end of the file.
+    """
+
+    def read_span(self, offset: int, size: int) -> bytes: ...
+
+
 class InMemoryBlockSource:
-    """A :class:`BlockSource` over a dict of values; counts reads so tests can prove laziness."""
+    """A :class:`BlockSource` over a dict of values (tests, and values already in memory)."""
 
     def __init__(
         self,
@@ -92,7 +106,6 @@ class InMemoryBlockSource:
         self.path = path
         self._blocks = dict(blocks)
         self._locations = dict(locations or {})
-        self.value_reads = 0
 
     def block_numbers(self) -> Collection[int]:
         return self._blocks.keys()
@@ -106,7 +119,6 @@ class InMemoryBlockSource:
             value = self._blocks[n]
         except KeyError:
             raise NotFoundError(f"{self.path}: RamBlock {n} is not present") from None
-        self.value_reads += 1
         return value
 
 
@@ -156,7 +168,7 @@ _ZERO_CHECK_PARTS = 256
 
 
 def _is_zero_part(part: bytes | memoryview) -> bool:
-    return part is _ZERO_BLOCK or (type(part) is memoryview and part.obj is _ZERO_BLOCK)
+    return part is ZERO_BLOCK or (type(part) is memoryview and part.obj is ZERO_BLOCK)
 
 
 def _assemble(parts: list[bytes | memoryview]) -> bytes:
@@ -207,7 +219,6 @@ class GuestMemory:
         on_fallback: Callable[..., object] | None = None,
         decode_threads: int | None = None,
     ) -> None:
-        self.ram_map = ram_map
         #: Threads a batch of XPRESS pages may be decoded on (default: the usable CPUs, at most 4).
         self.decode_threads = decode_threads if decode_threads is not None else usable_decode_threads()
         self.source = source
@@ -215,6 +226,9 @@ class GuestMemory:
         self.findings = findings if findings is not None else Findings()
         self.on_fallback = on_fallback
         self._present = frozenset(source.block_numbers())
+        #: The map cut down to the RamBlocks present (``ram_map.declared`` keeps what the file says).
+        self.ram_map, absent = ram_map.backed_by(self._present)
+        self._span_source = isinstance(source, SpanSource)
         self._cache: OrderedDict[int, _Block] = OrderedDict()  # blocks small reads use: plain LRU
         self._scan: OrderedDict[int, _Block] = OrderedDict()  # blocks only large reads used: a ring
         self._lock = threading.Lock()
@@ -225,6 +239,9 @@ class GuestMemory:
         self.blocks_indexed = 0
         self.blocks_decoded = 0
         self.pages_decoded = 0
+        #: Blocks that took the careful path (index, then page by page): damaged ones only.
+        self.blocks_careful = 0
+        self._report_absent(absent)
         self._check_blocks()
 
     def __repr__(self) -> str:
@@ -233,40 +250,36 @@ class GuestMemory:
 
     # -- open-time checks (index only) -------------------------------------------------------------
 
-    def _check_blocks(self) -> None:
-        """Compare the blocks the map needs with those present, in O(present + ranges).
+    def _report_absent(self, absent: list[tuple[str, int, int]]) -> None:
+        """Say which declared ranges no RamBlock backs (they read as holes), and which counts are absurd."""
+        if not absent:
+            return
+        total = sum(size for _, _, size in absent)
+        text = ", ".join(f"{gpa:#x}-{gpa + size - 1:#x}" for _, gpa, size in absent[:8])
+        if len(absent) > 8:
+            text += f", … ({len(absent) - 8} more ranges)"
+        message = f"{total:#x} bytes of declared RAM have no RamBlock in the file: GPA {text}; treated as holes"
+        try:
+            file_size: int | None = os.stat(self.path).st_size
+        except (OSError, ValueError):
+            file_size = None  # not a file (memory, tests): no bound to compare with
+        if file_size is not None:
+            most = (file_size // MIN_STORED_BLOCK + 1) * PAGES_PER_BLOCK
+            capped = [r for r in self.ram_map.declared if r.page_count_total > most]
+            if capped:
+                names = ", ".join(f"{r.key or 'a RamMemoryBlock'} ({r.page_count_total:#x} pages)" for r in capped[:4])
+                message += (
+                    f"; {names} declare more pages than a file of {file_size} bytes could encode (at least"
+                    f" {MIN_STORED_BLOCK} bytes per 1 MiB RamBlock), capped to what their RamBlocks hold"
+                )
+        self.findings.add(self.path, None, "missing-block", message, error=FormatError)
 
-        Never per block of the map: hostile metadata can claim petabytes.
-        """
-        spans = self.ram_map.block_ranges()
-        present = sorted(self._present)
-        missing: list[tuple[int, int]] = []
-        missing_count = 0
-        for first, count in spans:
-            stop = first + count
-            cur = first
-            i = bisect_left(present, first)
-            while i < len(present) and present[i] < stop:
-                if present[i] > cur:
-                    missing.append((cur, present[i] - 1))
-                    missing_count += present[i] - cur
-                cur = present[i] + 1
-                i += 1
-            if cur < stop:
-                missing.append((cur, stop - 1))
-                missing_count += stop - cur
-        if missing:
-            self.findings.add(
-                self.path,
-                None,
-                "missing-block",
-                f"{missing_count} RamBlock(s) that the RAM map needs are absent: {_spans_text(missing)}; "
-                "their memory reads as missing",
-                error=FormatError,
-            )
+    def _check_blocks(self) -> None:
+        """Report RamBlocks that no range of the map uses, in O(present · log ranges)."""
+        spans = self.ram_map.declared_block_ranges()
         starts = [first for first, _ in spans]
         extra = []
-        for n in present:
+        for n in sorted(self._present):
             i = bisect_right(starts, n) - 1
             if i < 0 or n >= spans[i][0] + spans[i][1]:
                 extra.append(n)
@@ -336,7 +349,13 @@ class GuestMemory:
             self.blocks_indexed += 1
         # Re-indexing after an eviction must not repeat the findings of the first time.
         findings = self.findings if first else Findings(strict=self.findings.strict)
-        return index_block(value, path=self.path, file_offset=location[0] if location else None, findings=findings)
+        return index_block(
+            value,
+            path=self.path,
+            file_offset=location[0] if location else None,
+            findings=findings,
+            needed=self.ram_map.block_extent(n),
+        )
 
     def _report_bad_pages(self, n: int, errors: list[tuple[int, FormatError]]) -> None:
         pages = sorted({page for page, _ in errors})
@@ -353,12 +372,13 @@ class GuestMemory:
         return self._load_many([n])[n]
 
     def _load_many(self, ns: Iterable[int]) -> dict[int, _Block]:
-        """Load blocks; the XPRESS pages of all the well-formed ones are decoded in one batch.
+        """Load blocks; the XPRESS parts of all the sound ones are decoded in one batch.
 
         One batch per read lets :func:`~..codecs.xpress.decompress_many` spread the pages of a
-        16 MiB scanner read over both cores (the native decoders release the GIL).  Blocks that
-        :func:`~.ramblock.plan_block` does not take, and batches that do not decode cleanly, go
-        through the careful path, which reports what is wrong with them.
+        16 MiB scanner read over both cores (the native decoders release the GIL).  Every record
+        form takes :func:`~.ramblock.plan_block`; only blocks it finds damaged, or that end before a
+        page the map uses, or whose XPRESS data does not decode, go through the careful path, which
+        reports what is wrong with them.
         """
         entries: dict[int, _Block] = {}
         planned: list[tuple[int, bytes, BlockPlan]] = []
@@ -366,14 +386,14 @@ class GuestMemory:
         for n in ns:
             value = self._value(n)
             if value is None:
-                entries[n] = _Block(_ZERO_BLOCK, None, _ALL_PAGES, absent=True)
+                entries[n] = _Block(ZERO_BLOCK, None, _ALL_PAGES, absent=True)
                 continue
             loaded += 1
             if len(value) == BLOCK_SIZE:  # raw block: nothing to index or decode
                 entries[n] = _Block(value if isinstance(value, bytes) else bytes(value), None, None)
                 continue
             plan = plan_block(value) if isinstance(value, bytes) else None
-            if plan is None:
+            if plan is None or plan.covered >> 12 < self.ram_map.block_extent(n):
                 entries[n] = self._load_careful(n, value)
                 continue
             walked += 1
@@ -387,18 +407,38 @@ class GuestMemory:
         if not planned:
             return entries
         streams = [stream for _, _, plan in planned for stream in plan.streams]
-        decoded = decompress_many(streams, PAGE_SIZE, threads=self.decode_threads) if streams else []
+        sizes = [size for _, _, plan in planned for size in plan.sizes]
+        fallbacks: dict[int, list[str]] = {}
+        decoded = (
+            decompress_many(
+                streams,
+                sizes,
+                threads=self.decode_threads,
+                on_fallback=lambda i, note: fallbacks.setdefault(i, []).append(note),
+            )
+            if streams
+            else []
+        )
         at = 0
         for n, value, plan in planned:
             count = len(plan.streams)
-            mine = decoded[at : at + count] if decoded is not None else decompress_many(plan.streams, PAGE_SIZE)
+            mine = decoded[at : at + count]
+            notes = [note for i in range(at, at + count) for note in fallbacks.get(i, ())] if fallbacks else []
             at += count
-            # A stream the native decoder does not expand cleanly: the careful path says why.
-            entries[n] = self._load_careful(n, value) if mine is None else _Block(None, plan.finish(mine), None)
+            if not all(isinstance(d, bytes) for d in mine):  # damaged XPRESS data: the careful path says where
+                entries[n] = self._load_careful(n, value)
+                continue
+            if notes:
+                self._after_decode(n, [], notes)
+            done = plan.finish(mine)  # type: ignore[arg-type]  # no errors left in mine
+            bad = frozenset(plan.missing_pages) if plan.covered < BLOCK_SIZE else None
+            entries[n] = _Block(None, done, bad) if plan.paged else _Block(done[0], None, bad)
         return entries
 
     def _load_careful(self, n: int, value: bytes | memoryview) -> _Block:
         """Index, then decode page by page: findings for damaged streams, missing and bad pages."""
+        with self._lock:
+            self.blocks_careful += 1
         index = self._index(n, value)
         errors: list[tuple[int, FormatError]] = []
         notes: list[str] = []
@@ -484,6 +524,13 @@ class GuestMemory:
                 for n in range(lo, hi):
                     if n not in cached and n not in ring:
                         wanted[n] = None
+        # Raw 1 MiB values need no decoding, so nothing is gained by batching them (and _collect
+        # reads runs of them in one file read).
+        locate = self.source.block_location
+        for n in list(wanted):
+            location = locate(n) if n in self._present else None
+            if location is not None and location[1] == BLOCK_SIZE:
+                del wanted[n]
         if len(wanted) < 2:
             return _NO_BLOCKS
         entries = self._load_many(wanted)
@@ -611,6 +658,11 @@ class GuestMemory:
         ``loaded`` holds the blocks :meth:`_prefetch` loaded for this read; ``scan`` says that the
         read is larger than a block (its blocks go to the scan ring).
         """
+        if scan and length >= BLOCK_SIZE:
+            span = self._raw_span(raw, length)
+            if span is not None:
+                parts.append(span)
+                return length, None
         got = 0
         while got < length:
             offset = raw & _BLOCK_MASK
@@ -621,6 +673,30 @@ class GuestMemory:
             got += take
             raw += take
         return got, None
+
+    def _raw_span(self, raw: int, length: int) -> bytes | None:
+        """Raw bytes [raw, raw + length) in one file read, when every block they touch is a raw 1 MiB
+        value stored right after the one before (openvmm writes nothing else); else None.
+
+        No decoding and no copy beyond the read itself: the result is handed out as it is when it
+        is the whole read.  Not cached: the next read of it is one more file read, and the cache is
+        kept for blocks that cost decoding.
+        """
+        if not self._span_source:
+            return None
+        first, last = raw >> 20, (raw + length - 1) >> 20
+        locate, present = self.source.block_location, self._present
+        start = -1
+        for n in range(first, last + 1):
+            location = locate(n) if n in present else None
+            if location is None or location[1] != BLOCK_SIZE:
+                return None
+            if n == first:
+                start = location[0]
+            elif location[0] != start + ((n - first) << 20):
+                return None
+        data = self.source.read_span(start + (raw & _BLOCK_MASK), length)  # type: ignore[attr-defined]
+        return data if len(data) == length else None  # cut short by the end of the file: the careful path
 
     # -- public reads ------------------------------------------------------------------------------
 

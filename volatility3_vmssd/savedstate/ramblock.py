@@ -11,20 +11,20 @@ starting with a u32 tag [V on the legacy .bin sample][4]:
   in a real file];
 * ``n`` in 1..4096 + ``n`` bytes: a raw page (``n == 4096``) or one XPRESS page expanding to 4096.
 
-Reading is split in two so that opening a saved state costs nothing: :func:`index_block` walks the
-record headers once (no decompression) into a compact :class:`BlockIndex`, and :func:`decode_page`
-(one page), :func:`decode_block` (into a bytearray), :func:`decode_block_bytes` and
-:func:`decode_block_pages` (the cache's forms) expand pages from it.  Writers use
-:func:`encode_block`.
+Reading has two paths.  The fast one, :func:`plan_block`, walks a sound stream once into its
+output parts and the XPRESS streams to expand in one batch (every read that loads a whole block).
+The careful one, :func:`index_block`, walks the record headers into a compact :class:`BlockIndex`
+and records findings for whatever is damaged; :mod:`.pagedecode` expands pages from it (and serves
+reads that decode only some pages).  Writers use :func:`encode_block`.
 
 Decisions where the spec is silent (all [inf]):
 
 * **Early end marker.**  The spec says the stream runs "until 1 MiB of output has been produced or
-  an end marker appears" but not what the remaining pages hold.  Every real block ends with the
-  marker after exactly 256 pages, and openvmm zero-pads the last block of every range, so a short
-  stream is treated like a truncated one: the pages it does not produce are *missing* (reads raise
-  :class:`MissingPageError`, padded reads zero-fill) and a ``truncated`` finding is recorded.
-  Guessing zeros would hide damaged evidence.
+  an end marker appears" but not what the remaining pages hold.  The pages it does not produce are
+  *missing* (reads raise :class:`MissingPageError`, padded reads zero-fill): guessing zeros would
+  hide damaged evidence.  A writer may close a range that is not a whole number of blocks this way
+  (openvmm zero-pads instead), so an end marker after every page the RAM map uses is legitimate;
+  one before a page the map uses is recorded as a ``truncated`` finding.
 * **Variable runs** may leave the output position off a page boundary.  Records written while
   the position is unaligned (runs, and page records that then straddle two pages) are not listed
   one by one: each page they touch keeps a *checkpoint* (the first such record touching it and its
@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import struct
 from array import array
-from collections.abc import Callable, Iterator
 
 from ..codecs import xpress as _xpress
 from ..errors import Findings, FormatError, TruncatedError, VmssdError
@@ -56,17 +55,11 @@ __all__ = [
     "BlockPlan",
     "BlockStats",
     "MissingPageError",
-    "decode_block",
-    "decode_block_bytes",
-    "decode_block_pages",
-    "decode_page",
-    "decode_pages",
     "encode_block",
     "fill_page",
     "index_block",
     "plan_block",
     "uniform_block",
-    "uniform_pattern",
 ]
 
 PAGE_SIZE = 4096
@@ -100,6 +93,11 @@ _FILL_CACHE_MAX = 256
 # pattern -> 4 KiB page.  Bounded by clearing: fill pages are cheap to rebuild, and dict.clear()
 # and item assignment are atomic under the GIL, so no lock is needed.
 _FILL_PAGES: dict[int, bytes] = {0: _ZERO_PAGE}
+_UNIFORM_CACHE_MAX = 8
+#: The all-zero block, shared: free guest RAM is all zero, and readers recognise it by identity.
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+# pattern -> 1 MiB block, for blocks that are one fill pattern throughout (free RAM is all zero).
+_UNIFORM_BLOCKS: dict[int, bytes] = {0: ZERO_BLOCK}
 
 
 def _cache_put(cache: dict[int, bytes], limit: int, pattern: int, value: bytes, zero: bytes) -> bytes:
@@ -118,15 +116,6 @@ def fill_page(pattern: int) -> bytes:
     if page is None:
         page = _cache_put(_FILL_PAGES, _FILL_CACHE_MAX, pattern, _PATTERN.pack(pattern) * (PAGE_SIZE // 8), _ZERO_PAGE)
     return page
-
-
-def _fill_bytes(pattern: int, start: int, stop: int) -> bytes:
-    """Bytes ``start:stop`` of an endless repetition of the 8-byte pattern (for unaligned pieces)."""
-    raw = _PATTERN.pack(pattern)
-    phase = start & 7
-    rotated = raw[phase:] + raw[:phase]
-    n = stop - start
-    return (rotated * ((n + 7) >> 3))[:n]
 
 
 class MissingPageError(VmssdError):
@@ -253,37 +242,6 @@ def _checkpoint(
     return piece_out
 
 
-def _walk(value: bytes | bytearray | memoryview, pos: int, out: int, stop: int) -> Iterator[Piece]:
-    """Re-walk records from a checkpoint until output offset ``stop``.
-
-    Only called for pages below ``BlockIndex.covered``, whose records :func:`index_block` has
-    already validated, so no bounds are rechecked beyond a guard against a mis-used index.
-    """
-    unpack_tag = RECORD_TAG.unpack_from
-    while out < stop and pos + 4 <= len(value):
-        tag = unpack_tag(value, pos)[0]
-        if tag == TAG_FILL:
-            yield out, PAGE_SIZE, KIND_FILL, _PATTERN.unpack_from(value, pos + 4)[0], 8, pos
-            pos += 12
-            out += PAGE_SIZE
-        elif 0 < tag <= PAGE_SIZE:
-            yield out, PAGE_SIZE, KIND_RAW if tag == PAGE_SIZE else KIND_XPRESS, pos + 4, tag, pos
-            pos += 4 + tag
-            out += PAGE_SIZE
-        elif tag == TAG_MULTI_FILL:
-            pattern, count = _MULTI_FILL_TAIL.unpack_from(value, pos + 4)
-            yield out, count * PAGE_SIZE, KIND_FILL, pattern, 8, pos
-            pos += 16
-            out += count * PAGE_SIZE
-        elif tag == TAG_VARIABLE_RUN:
-            usize, csize = _VARIABLE_RUN_TAIL.unpack_from(value, pos + 4)
-            yield out, usize, KIND_RAW if usize == csize else KIND_XPRESS, pos + 12, csize, pos
-            pos += 12 + csize
-            out += usize
-        else:
-            return
-
-
 def _same_records(value: bytes | bytearray | memoryview, pos: int, size: int, limit: int) -> int:
     """How many copies (1..limit) of the ``size``-byte record at ``pos`` follow back to back.
 
@@ -327,12 +285,15 @@ def index_block(
     path: str,
     file_offset: int | None,
     findings: Findings,
+    needed: int = PAGES_PER_BLOCK,
 ) -> BlockIndex:
     """Parse the record headers of one RamBlock value once, in O(len(value)), decoding nothing.
 
     ``file_offset`` is the absolute offset of the value in ``path`` (None for a value stored inline
     in a key table); findings name ``file_offset + offset of the record``.  Bad input never raises
     anything but :class:`FormatError` (strict mode); otherwise it becomes a finding and missing pages.
+    ``needed`` is how many leading pages of the block the RAM map uses: an end marker after them is
+    how a writer closes a range that is not a whole number of blocks, so it is not reported.
     """
     size = len(value)
     if size == BLOCK_SIZE:
@@ -348,6 +309,7 @@ def index_block(
     pos = 0  # offset in the value
     out = 0  # bytes of output produced so far
     problem: tuple[int, str, str, type[FormatError]] | None = None  # (record offset, kind, message, error)
+    early_end = False
 
     while out < BLOCK_SIZE:
         rec = pos
@@ -468,6 +430,7 @@ def index_block(
         elif tag == TAG_END:
             pos += 4
             stats.end_markers += 1
+            early_end = True
             problem = (
                 rec,
                 "truncated",
@@ -493,7 +456,7 @@ def index_block(
         if out & 0xFFF:
             kinds[out >> 12] = KIND_MISSING
         stats.missing_pages = PAGES_PER_BLOCK - (out >> 12)
-        if problem is not None:
+        if problem is not None and not (early_end and out >> 12 >= needed):
             rec, kind, message, error = problem
             at = file_offset + rec if file_offset is not None else None
             where = "" if file_offset is not None else f" (record at value offset {rec:#x})"
@@ -513,424 +476,177 @@ def index_block(
 
 
 class BlockPlan:
-    """A well-formed compressed block after one walk: its 256 pages, the XPRESS ones still to decode.
+    """A record stream after one fast walk: its output in order, the XPRESS parts still to decode.
 
-    ``pages[p]`` is the page (fill pages are the shared cached pattern page) or None for the XPRESS
-    page whose stream is ``streams[i]`` where ``slots[i] == p``.  ``uniform`` is the fill pattern
-    when the whole block is one pattern (free RAM), so a reader can share one 1 MiB object.
+    ``parts`` are the output pieces in order (fill pages are the shared cached pattern page, raw
+    data are slices of the value); ``parts[slots[i]]`` is None until ``streams[i]`` is expanded to
+    ``sizes[i]`` bytes (4096 for a page record, the uncompressed size for a variable run).
+    ``paged`` says every part is one whole page (no variable run), so :meth:`finish` can hand out
+    the 256 pages without building 1 MiB.  ``covered`` is the output in whole pages (less than 1 MiB
+    after an early end marker; the pages from there on are missing).  ``uniform`` is the fill
+    pattern when the whole block is one pattern (free RAM), so a reader can share one object.
     """
 
-    __slots__ = ("pages", "slots", "streams", "uniform")
+    __slots__ = ("covered", "paged", "parts", "sizes", "slots", "streams", "uniform")
 
-    def __init__(self, pages: list[bytes | None], slots: list[int], streams: list[bytes], uniform: int | None) -> None:
-        self.pages = pages
+    def __init__(
+        self,
+        parts: list[bytes | None],
+        slots: list[int],
+        streams: list[bytes],
+        sizes: list[int],
+        *,
+        covered: int,
+        paged: bool,
+        uniform: int | None,
+    ) -> None:
+        self.parts = parts
         self.slots = slots
         self.streams = streams
+        self.sizes = sizes
+        self.covered = covered
+        self.paged = paged
         self.uniform = uniform
 
+    @property
+    def missing_pages(self) -> range:
+        """Pages the stream does not produce (after an early end marker)."""
+        return range(self.covered >> 12, PAGES_PER_BLOCK)
+
     def finish(self, decoded: list[bytes]) -> list[bytes]:
-        """The 256 pages, with ``decoded[i]`` (the expansion of ``streams[i]``) in place."""
-        pages = self.pages
-        for slot, page in zip(self.slots, decoded, strict=True):
-            pages[slot] = page
-        return pages  # type: ignore[return-value]  # every None slot is filled now
+        """The block with ``decoded[i]`` (the expansion of ``streams[i]``) in place: 256 pages when
+        ``paged``, else one 1 MiB ``bytes``.  Missing pages are zeros."""
+        parts = self.parts
+        for slot, data in zip(self.slots, decoded, strict=True):
+            parts[slot] = data
+        if self.paged:
+            if len(parts) < PAGES_PER_BLOCK:
+                parts.extend([_ZERO_PAGE] * (PAGES_PER_BLOCK - len(parts)))
+            return parts  # type: ignore[return-value]  # every None slot is filled now
+        data = b"".join(parts)  # type: ignore[arg-type]
+        if len(data) != BLOCK_SIZE:  # an early end: the partly produced page is missing too
+            data = data[: self.covered] + bytes(BLOCK_SIZE - self.covered)
+        return [data]
+
+
+_END_RECORD = RECORD_TAG.pack(TAG_END)
 
 
 def plan_block(value: bytes) -> BlockPlan | None:
-    """Walk a *well-formed* record stream once, for whole-block reads: the fast path of a scan.
+    """Walk a record stream once, for whole-block reads: the fast path of every read that loads a block.
 
-    Well formed means what Hyper-V writes: exactly 256 pages of single-fill, multi-fill, raw and
-    XPRESS page records, then the end marker, then nothing.  Anything else (variable runs, early end
-    markers, truncation, unknown tags, trailing bytes) returns None, and the caller takes
-    :func:`index_block`, which records findings for it; so this walk checks only what it needs to
-    stay in bounds.  Profiles showed the two-pass form (index, then decode from the index) spending
-    as long in Python bookkeeping as pyfwnt spent decoding.
+    Takes every form the format allows: single- and multi-fill, raw and XPRESS page records,
+    variable runs (raw or XPRESS, on or off page boundaries), an end marker after 256 pages, none
+    at all, or an early one (the caller decides whether the pages it leaves out are needed).
+    Anything damaged (unknown or zero tags, records cut off or overrunning the 1 MiB, bytes after
+    the stream) returns None, and the caller takes :func:`index_block`, which records findings for
+    it; so this walk checks only what it needs to stay in bounds and to be sure the value is sound.
+    Profiles showed the two-pass form (index, then decode from the index) spending as long in
+    Python bookkeeping as pyfwnt spent decoding.
     """
     size = len(value)
-    if size == BLOCK_SIZE or not isinstance(value, bytes):
+    if size == BLOCK_SIZE or type(value) is not bytes:
         return None
     # Hot loop (one turn per record, 131k turns for 512 MiB): locals only, the common cases first.
-    pages: list[bytes | None] = []
-    append = pages.append
+    parts: list[bytes | None] = []
+    append = parts.append
     slots: list[int] = []
     add_slot = slots.append
     streams: list[bytes] = []
     add_stream = streams.append
+    runs: list[tuple[int, int]] = []  # (stream index, uncompressed size) of XPRESS variable runs
     head = SINGLE_FILL_RECORD.unpack_from  # tag and the next 8 bytes, the pattern of a fill record
+    unpack_tag = RECORD_TAG.unpack_from
     fills = _FILL_PAGES
-    raw_pages = 0
+    raw_parts = 0
+    paged = True
+    ended = False
     pos = 0
-    n = 0
-    try:
-        while n < PAGES_PER_BLOCK:
+    out = 0
+    while out < BLOCK_SIZE:
+        if pos + 12 <= size:
             tag, pattern = head(value, pos)
-            if tag < PAGE_SIZE:
-                if not tag:
-                    return None
-                end = pos + 4 + tag
-                if end > size:
-                    return None
-                add_slot(n)
-                add_stream(value[pos + 4 : end])
-                append(None)
-                pos = end
-                n += 1
-            elif tag == TAG_FILL:
-                page = fills.get(pattern) or fill_page(pattern)
-                nxt = pos + 12
-                if value[nxt : nxt + 12] != value[pos:nxt]:
-                    append(page)
-                    pos = nxt
-                    n += 1
-                else:  # Hyper-V writes one single-fill record per empty page: take the run at once
-                    run = _same_records(value, pos, 12, min(PAGES_PER_BLOCK - n, (size - pos) // 12))
-                    pages += [page] * run
-                    pos += 12 * run
-                    n += run
-            elif tag == PAGE_SIZE:
-                end = pos + 4 + PAGE_SIZE
-                if end > size:
-                    return None
-                append(value[pos + 4 : end])
-                raw_pages += 1
-                pos = end
-                n += 1
-            elif tag == TAG_MULTI_FILL:
-                count = _MULTI_FILL_TAIL.unpack_from(value, pos + 4)[1]
-                if not 0 < count <= PAGES_PER_BLOCK - n:
-                    return None
-                pages += [fills.get(pattern) or fill_page(pattern)] * count
-                pos += 16
-                n += count
-            else:
-                return None
-        if pos + 4 != size or RECORD_TAG.unpack_from(value, pos)[0] != TAG_END:
-            return None
-    except struct.error:  # a record cut off by the end of the value
-        return None
-    first = pages[0]
-    uniform = None
-    if not slots and not raw_pages and pages.count(first) == PAGES_PER_BLOCK:
-        assert first is not None
-        uniform = _PATTERN.unpack_from(first)[0]
-    return BlockPlan(pages, slots, streams, uniform)
-
-
-def detach_error(exc: FormatError) -> FormatError:
-    """``exc`` and its causes without tracebacks, before it is kept in an ``errors`` list.
-
-    Hostile-input fix: a kept traceback ties the decoder's frames (holding the list itself and 1 MiB
-    buffers) into a reference cycle that only the cyclic GC frees, so decoding damaged blocks one
-    after another held hundreds of MiB (225 MB RSS after 12,000 fuzz inputs; 100 MB without).
-    """
-    link: BaseException | None = exc
-    while link is not None:
-        link.__traceback__ = None
-        link = link.__cause__
-    return exc
-
-
-def _bad_page(index: BlockIndex, page: int, detail: str, offset: int | None = None) -> FormatError:
-    if offset is None:
-        offset = index.record_offset(page)
-    return FormatError(index.path, offset, f"RamBlock page {page}: {detail}")
-
-
-def _expand_xpress(
-    data: bytes | memoryview,
-    size: int,
-    index: BlockIndex,
-    page: int,
-    at: int | None,
-    on_fallback: Callable[..., object] | None,
-) -> bytes:
-    try:
-        out = _xpress.decompress(data, size, on_fallback=on_fallback)
-    except FormatError as exc:
-        raise _bad_page(index, page, f"XPRESS data does not decode ({exc.expected})", at) from exc
-    if len(out) != size:
-        raise _bad_page(index, page, f"XPRESS data expands to {len(out)} bytes, expected {size}", at)
-    return out
-
-
-def _piece_offset(index: BlockIndex, piece: Piece) -> int | None:
-    return None if index.file_offset is None else index.file_offset + piece[5]
-
-
-def _piece_bytes(
-    view: memoryview,
-    index: BlockIndex,
-    piece: Piece,
-    start: int,
-    stop: int,
-    on_fallback: Callable[..., object] | None,
-) -> bytes | memoryview:
-    """Output bytes ``start:stop`` (relative to the piece) of one piece."""
-    out_start, length, kind, arg, stored, _ = piece
-    if kind == KIND_FILL:
-        # The pattern's phase is relative to the record's first output byte, wherever that lands.
-        if start == 0 and stop == PAGE_SIZE:
-            return fill_page(arg)
-        return _fill_bytes(arg, start, stop)
-    if kind == KIND_RAW:
-        return view[arg + start : arg + stop]
-    data = _expand_xpress(
-        view[arg : arg + stored], length, index, out_start >> 12, _piece_offset(index, piece), on_fallback
-    )
-    return data[start:stop] if (start, stop) != (0, length) else data
-
-
-def decode_page(
-    value: bytes | bytearray | memoryview,
-    index: BlockIndex,
-    page_no: int,
-    *,
-    on_fallback: Callable[..., object] | None = None,
-) -> bytes:
-    """Decode one 4 KiB page; raises :class:`MissingPageError` or :class:`FormatError` (bad XPRESS)."""
-    if not 0 <= page_no < PAGES_PER_BLOCK:
-        raise ValueError(f"page number {page_no} outside 0..255")
-    kind = index.kinds[page_no]
-    if kind == KIND_FILL:
-        return fill_page(index.args[page_no])
-    if kind == KIND_RAW:
-        offset = index.args[page_no]
-        return bytes(value[offset : offset + PAGE_SIZE])
-    if kind == KIND_XPRESS:
-        offset = index.args[page_no]
-        return _expand_xpress(
-            memoryview(value)[offset : offset + index.lengths[page_no]],
-            PAGE_SIZE,
-            index,
-            page_no,
-            index.record_offset(page_no),
-            on_fallback,
-        )
-    if kind == KIND_PIECES and index.piece_out is not None and page_no < index.covered >> 12:
-        view = memoryview(value)
-        lo, hi = page_no << 12, (page_no + 1) << 12
-        parts: list[bytes | memoryview] = []
-        for piece in _walk(view, index.args[page_no], index.piece_out[page_no], hi):
-            start, stop = max(lo, piece[0]) - piece[0], min(hi, piece[0] + piece[1]) - piece[0]
-            if stop > start:
-                parts.append(_piece_bytes(view, index, piece, start, stop, on_fallback))
-        return b"".join(parts)
-    where = f" (absolute offset {index.file_offset:#x})" if index.file_offset is not None else ""
-    raise MissingPageError(
-        f"{index.path}: page {page_no} of the RamBlock value{where} is not produced by its record stream",
-        page_no,
-    )
-
-
-def _decode_pieces(
-    view: memoryview,
-    index: BlockIndex,
-    out: bytearray,
-    on_fallback: Callable[..., object] | None,
-    errors: list[tuple[int, FormatError]] | None,
-    first_page: int = 0,
-    end_page: int = PAGES_PER_BLOCK,
-) -> None:
-    """Write every run of KIND_PIECES pages (of ``first_page``..``end_page - 1``) into ``out``, walking
-    each run's records once; ``out`` starts at page ``first_page``."""
-    kinds, piece_out = index.kinds, index.piece_out
-    assert piece_out is not None
-    base = first_page << 12
-    last_page = min(index.covered >> 12, end_page)  # pages from covered on are missing
-    page = first_page
-    while page < last_page:
-        if kinds[page] != KIND_PIECES:
-            page += 1
-            continue
-        stop_page = page
-        while stop_page < last_page and kinds[stop_page] == KIND_PIECES:
-            stop_page += 1
-        lo, hi = page << 12, stop_page << 12
-        for piece in _walk(view, index.args[page], piece_out[page], hi):
-            start, stop = max(lo, piece[0]) - piece[0], min(hi, piece[0] + piece[1]) - piece[0]
-            if stop <= start:
-                continue
-            at = piece[0] + start
-            try:
-                out[at - base : at - base + stop - start] = _piece_bytes(view, index, piece, start, stop, on_fallback)
-            except FormatError as exc:
-                if errors is None:
-                    raise
-                detach_error(exc)
-                for bad in range(at >> 12, ((at + stop - start - 1) >> 12) + 1):
-                    errors.append((bad, exc))
-                    out[(bad << 12) - base : ((bad + 1) << 12) - base] = _ZERO_PAGE
-        page = stop_page
-
-
-def decode_pages(
-    value: bytes | bytearray | memoryview,
-    index: BlockIndex,
-    first: int,
-    stop: int,
-    *,
-    on_fallback: Callable[..., object] | None = None,
-    errors: list[tuple[int, FormatError]] | None = None,
-) -> bytes:
-    """Pages ``first``..``stop - 1`` as one ``bytes``; missing pages are zeros; errors as in :func:`decode_block`.
-
-    Hostile-input fix: pages inside one variable run share its data (up to 1 MiB), and
-    :func:`decode_page` re-expands the whole run for each of them, so reading a block page by page
-    cost 256 expansions (minutes in pure Python).  Here each run of such pages is walked once.
-    """
-    if not 0 <= first <= stop <= PAGES_PER_BLOCK:
-        raise ValueError(f"page range {first}..{stop} outside 0..{PAGES_PER_BLOCK}")
-    out = bytearray((stop - first) << 12)
-    kinds = index.kinds
-    for page in range(first, stop):
-        kind = kinds[page]
-        if kind in (KIND_MISSING, KIND_PIECES):
-            continue  # missing pages stay zero; pieces are decoded below, one walk per run
-        lo = (page - first) << 12
-        try:
-            out[lo : lo + PAGE_SIZE] = decode_page(value, index, page, on_fallback=on_fallback)
-        except FormatError as exc:
-            if errors is None:
-                raise
-            errors.append((page, detach_error(exc)))
-    if index.piece_out is not None:
-        _decode_pieces(memoryview(value), index, out, on_fallback, errors, first, stop)
-    return bytes(out)
-
-
-def decode_block(
-    value: bytes | bytearray | memoryview,
-    index: BlockIndex,
-    out: bytearray | None = None,
-    *,
-    on_fallback: Callable[..., object] | None = None,
-    errors: list[tuple[int, FormatError]] | None = None,
-) -> bytearray:
-    """Decode all 256 pages in one pass into ``out`` (a new 1 MiB bytearray by default).
-
-    Missing pages (``index.missing_pages``) are zero-filled.  A page whose XPRESS data does not
-    decode raises :class:`FormatError`, unless ``errors`` is given: then it is zero-filled and
-    ``(page, error)`` is appended, so one bad page does not cost the other 255.
-    """
-    fresh = out is None
-    if out is None:
-        out = bytearray(BLOCK_SIZE)
-    elif len(out) != BLOCK_SIZE:
-        raise ValueError(f"output buffer must be {BLOCK_SIZE} bytes, not {len(out)}")
-    view = memoryview(value)
-    if index.raw:
-        out[:] = view
-        return out
-    kinds, args, lengths = index.kinds, index.args, index.lengths
-    decompress = _xpress.decompress
-    for page in range(PAGES_PER_BLOCK):
-        kind = kinds[page]
-        lo = page << 12
-        if kind == KIND_FILL:
-            pattern = args[page]
-            if pattern or not fresh:  # a new bytearray is already zero
-                out[lo : lo + PAGE_SIZE] = fill_page(pattern)
-        elif kind == KIND_XPRESS:
-            offset = args[page]
-            try:
-                data = decompress(view[offset : offset + lengths[page]], PAGE_SIZE, on_fallback=on_fallback)
-            except FormatError as exc:
-                err = _bad_page(index, page, f"XPRESS data does not decode ({exc.expected})")
-                err.__cause__ = exc
-            else:
-                if len(data) == PAGE_SIZE:
-                    out[lo : lo + PAGE_SIZE] = data
-                    continue
-                err = _bad_page(index, page, f"XPRESS data expands to {len(data)} bytes, expected 4096")
-            if errors is None:
-                raise err
-            errors.append((page, detach_error(err)))
-            if not fresh:
-                out[lo : lo + PAGE_SIZE] = _ZERO_PAGE
-        elif kind == KIND_RAW:
-            offset = args[page]
-            out[lo : lo + PAGE_SIZE] = view[offset : offset + PAGE_SIZE]
-        elif kind == KIND_MISSING and not fresh:
-            out[lo : lo + PAGE_SIZE] = _ZERO_PAGE
-    if index.piece_out is not None:
-        _decode_pieces(view, index, out, on_fallback, errors)
-    return out
-
-
-_UNIFORM_CACHE_MAX = 8
-# pattern -> 1 MiB block, for blocks that are one fill pattern throughout (free RAM is all zero).
-#: The all-zero block, shared: free guest RAM is all zero, and readers recognise it by identity.
-ZERO_BLOCK = bytes(BLOCK_SIZE)
-_UNIFORM_BLOCKS: dict[int, bytes] = {0: ZERO_BLOCK}
-
-
-def uniform_pattern(index: BlockIndex) -> int | None:
-    """The fill pattern if every page of the block is the same fill, else None (cheap: C-level scans)."""
-    if index.raw or index.kinds != _ALL_FILL_KINDS:
-        return None
-    args = index.args
-    pattern = args[0]
-    return pattern if args.count(pattern) == PAGES_PER_BLOCK else None
-
-
-def decode_block_pages(
-    value: bytes | bytearray | memoryview,
-    index: BlockIndex,
-    *,
-    on_fallback: Callable[..., object] | None = None,
-    errors: list[tuple[int, FormatError]] | None = None,
-) -> list[bytes]:
-    """Decode all 256 pages as separate ``bytes`` objects (the form :class:`GuestMemory` caches).
-
-    Fill pages are the shared cached pattern page and missing pages a shared zero page, so a
-    mostly-empty block costs a 2 KiB list instead of a fresh 1 MiB buffer that the kernel must
-    fault in; reads then copy each byte once, straight into their result.  Error handling is as
-    in :func:`decode_block`.
-    """
-    if index.raw or index.piece_out is not None:  # rare in compressed form: take the general path
-        block = bytes(decode_block(value, index, on_fallback=on_fallback, errors=errors))
-        return [block[lo : lo + PAGE_SIZE] for lo in range(0, BLOCK_SIZE, PAGE_SIZE)]
-    view = memoryview(value)
-    src = value if isinstance(value, bytes) else bytes(value)
-    kinds, args, lengths = index.kinds, index.args, index.lengths
-    decompress = _xpress.decompress
-    fast = _xpress.fast_decoder()  # the hot path: straight to pyfwnt, verdicts from decompress()
-    pages: list[bytes] = []
-    append = pages.append
-    for page in range(PAGES_PER_BLOCK):
-        kind = kinds[page]
-        if kind == KIND_FILL:
-            append(fill_page(args[page]))
-        elif kind == KIND_XPRESS:
-            offset = args[page]
-            if fast is not None:
-                try:
-                    data = fast(src[offset : offset + lengths[page]], PAGE_SIZE)
-                except Exception:  # any native complaint: decompress() below decides
-                    data = b""
-                if len(data) == PAGE_SIZE:
-                    append(data)
-                    continue
-            try:
-                data = decompress(view[offset : offset + lengths[page]], PAGE_SIZE, on_fallback=on_fallback)
-            except FormatError as exc:
-                err = _bad_page(index, page, f"XPRESS data does not decode ({exc.expected})")
-                err.__cause__ = exc
-            else:
-                if len(data) == PAGE_SIZE:
-                    append(data)
-                    continue
-                err = _bad_page(index, page, f"XPRESS data expands to {len(data)} bytes, expected 4096")
-            if errors is None:
-                raise err
-            errors.append((page, detach_error(err)))
-            append(_ZERO_PAGE)
-        elif kind == KIND_RAW:
-            offset = args[page]
-            append(bytes(view[offset : offset + PAGE_SIZE]))
+        elif pos + 4 <= size:
+            tag, pattern = unpack_tag(value, pos)[0], -1
         else:
-            append(_ZERO_PAGE)
-    return pages
+            return None  # cut off before 1 MiB and without an end marker
+        if tag < PAGE_SIZE:
+            if not tag:
+                return None
+            end = pos + 4 + tag
+            if end > size:
+                return None
+            add_slot(len(parts))
+            add_stream(value[pos + 4 : end])
+            append(None)
+            pos = end
+            out += PAGE_SIZE
+        elif tag == TAG_FILL:
+            if pattern < 0:
+                return None
+            page = fills.get(pattern) or fill_page(pattern)
+            nxt = pos + 12
+            if value[nxt : nxt + 12] != value[pos:nxt]:
+                append(page)
+                pos = nxt
+                out += PAGE_SIZE
+            else:  # Hyper-V writes one single-fill record per empty page: take the run at once
+                run = _same_records(value, pos, 12, min((BLOCK_SIZE - out) >> 12, (size - pos) // 12))
+                parts += [page] * run
+                pos += 12 * run
+                out += PAGE_SIZE * run
+        elif tag == PAGE_SIZE:
+            end = pos + 4 + PAGE_SIZE
+            if end > size:
+                return None
+            append(value[pos + 4 : end])
+            raw_parts += 1
+            pos = end
+            out += PAGE_SIZE
+        elif tag == TAG_MULTI_FILL:
+            if pos + 16 > size:
+                return None
+            count = _MULTI_FILL_TAIL.unpack_from(value, pos + 4)[1]
+            if not 0 < count <= (BLOCK_SIZE - out) >> 12:
+                return None
+            parts += [fills.get(pattern) or fill_page(pattern)] * count
+            pos += 16
+            out += count * PAGE_SIZE
+        elif tag == TAG_VARIABLE_RUN:
+            if pos + 12 > size:
+                return None
+            usize, csize = _VARIABLE_RUN_TAIL.unpack_from(value, pos + 4)
+            end = pos + 12 + csize
+            if not 0 < usize <= BLOCK_SIZE - out or not csize or end > size:
+                return None
+            if usize == csize:
+                append(value[pos + 12 : end])
+                raw_parts += 1
+            else:
+                runs.append((len(streams), usize))
+                add_slot(len(parts))
+                add_stream(value[pos + 12 : end])
+                append(None)
+            paged = False
+            pos = end
+            out += usize
+        elif tag == TAG_END:
+            ended = True
+            break
+        else:
+            return None
+    if out > BLOCK_SIZE:  # a page record that starts less than a page before the end
+        return None
+    if pos != size and (pos + 4 != size or value[pos:] != _END_RECORD):
+        return None  # bytes after the stream: the careful path reports them
+    covered = out & ~0xFFF if ended else BLOCK_SIZE
+    sizes = [PAGE_SIZE] * len(streams)
+    for i, usize in runs:
+        sizes[i] = usize
+    uniform = None
+    if paged and not slots and not raw_parts and covered == BLOCK_SIZE and parts.count(parts[0]) == PAGES_PER_BLOCK:
+        uniform = _PATTERN.unpack_from(parts[0])[0]  # type: ignore[arg-type]
+    return BlockPlan(parts, slots, streams, sizes, covered=covered, paged=paged, uniform=uniform)
 
 
 def uniform_block(pattern: int) -> bytes:
@@ -943,48 +659,40 @@ def uniform_block(pattern: int) -> bytes:
     return block
 
 
-def decode_block_bytes(
-    value: bytes | bytearray | memoryview,
-    index: BlockIndex,
-    *,
-    on_fallback: Callable[..., object] | None = None,
-    errors: list[tuple[int, FormatError]] | None = None,
-) -> bytes:
-    """Like :func:`decode_block` but immutable ``bytes``, built with one copy.
-
-    A block that is one fill pattern throughout is the shared :func:`uniform_block`.
-    """
-    if index.raw:
-        return value if isinstance(value, bytes) else bytes(value)
-    pattern = uniform_pattern(index)
-    if pattern is not None:
-        return uniform_block(pattern)
-    if index.piece_out is not None:
-        return bytes(decode_block(value, index, on_fallback=on_fallback, errors=errors))
-    return b"".join(decode_block_pages(value, index, on_fallback=on_fallback, errors=errors))
-
-
 def encode_block(
     data: bytes | bytearray | memoryview,
     *,
     compress: bool = True,
     use_variable_runs: bool = False,
     end_marker: bool = True,
+    pages: int = PAGES_PER_BLOCK,
+    single_fills: bool = False,
+    alternate: bool = False,
 ) -> bytes:
     """Encode 1 MiB of RAM the way Hyper-V does: fills, XPRESS pages, raw pages, end marker.
 
     Runs of pages made of one repeated 8-byte pattern become one single- or multi-fill record;
-    other pages are XPRESS records when that is shorter than 4096 bytes, else raw records.
-    ``use_variable_runs`` writes runs of non-fill pages as 0xFFFFFFFC records of at most 0xFFF
-    bytes instead (never seen in a real file; for tests).  When the records would not be shorter
-    than 1 MiB, the raw 1 MiB is returned, because a value of exactly 1 MiB *means* raw (§3.2).
+    other pages are XPRESS records when that is shorter than 4096 bytes, else raw records.  When
+    the records would not be shorter than 1 MiB, the raw 1 MiB is returned, because a value of
+    exactly 1 MiB *means* raw (§3.2).  The other legitimate forms, for tests and benchmarks:
+
+    * ``use_variable_runs``: runs of non-fill pages as 0xFFFFFFFC records of at most 0xFFF bytes
+      (never seen in a real file), which leave the output off page boundaries;
+    * ``single_fills``: one single-fill record per fill page, as Hyper-V writes empty pages;
+    * ``alternate``: switch form at every span (variable runs / page records, single / multi
+      fills), so that one block mixes them;
+    * ``pages`` < 256: only the first ``pages`` pages, then the end marker: how a range that is not
+      a whole number of blocks may end (the data after them is ignored).
     """
     buf = bytes(data)
     if len(buf) != BLOCK_SIZE:
         raise ValueError(f"a RamBlock holds exactly {BLOCK_SIZE} bytes, not {len(buf)}")
+    if not 0 <= pages <= PAGES_PER_BLOCK or (pages < PAGES_PER_BLOCK and not end_marker):
+        raise ValueError(f"pages must be 0..{PAGES_PER_BLOCK}, and fewer than all need the end marker")
     parts: list[bytes] = []
     compressor = _xpress.compress if compress else None
     fill_pages: dict[bytes, bytes] = {}
+    spans = 0  # spans and fill runs written so far, for ``alternate``
 
     def fill_of(page_start: int) -> bytes | None:
         head = buf[page_start : page_start + 8]
@@ -999,7 +707,7 @@ def encode_block(
         return head if buf[page_start : page_start + PAGE_SIZE] == full else None
 
     def emit_span(first: int, stop: int) -> None:
-        if use_variable_runs:
+        if use_variable_runs and not (alternate and spans & 1):
             span = buf[first << 12 : stop << 12]
             for at in range(0, len(span), VARIABLE_RUN_MAX):
                 chunk = span[at : at + VARIABLE_RUN_MAX]
@@ -1021,26 +729,28 @@ def encode_block(
 
     page = 0
     span_start = 0
-    while page < PAGES_PER_BLOCK:
+    while page < pages:
         head = fill_of(page << 12)
         if head is None:
             page += 1
             continue
         if span_start < page:
             emit_span(span_start, page)
+            spans += 1
         full = fill_pages[head]
         stop = page + 1
-        while stop < PAGES_PER_BLOCK and buf[stop << 12 : (stop + 1) << 12] == full:
+        while stop < pages and buf[stop << 12 : (stop + 1) << 12] == full:
             stop += 1
         pattern = _PATTERN.unpack(head)[0]
-        if stop - page == 1:
-            parts.append(SINGLE_FILL_RECORD.pack(TAG_FILL, pattern))
+        if stop - page == 1 or single_fills != (alternate and bool(spans & 1)):
+            parts.extend([SINGLE_FILL_RECORD.pack(TAG_FILL, pattern)] * (stop - page))
         else:
             parts.append(MULTI_FILL_RECORD.pack(TAG_MULTI_FILL, pattern, stop - page))
+        spans += 1
         page = span_start = stop
-    if span_start < PAGES_PER_BLOCK:
-        emit_span(span_start, PAGES_PER_BLOCK)
+    if span_start < pages:
+        emit_span(span_start, pages)
     if end_marker:
         parts.append(RECORD_TAG.pack(TAG_END))
     encoded = b"".join(parts)
-    return buf if len(encoded) >= BLOCK_SIZE else encoded
+    return buf if len(encoded) >= BLOCK_SIZE and pages == PAGES_PER_BLOCK else encoded

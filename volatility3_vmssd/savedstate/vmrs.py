@@ -44,6 +44,11 @@ class VmrsBlockSource:
     def __init__(self, storage: HyperVStorage, keys: Mapping[int, Key]) -> None:
         self.path = storage.path
         self._keys = keys
+        self._storage = storage
+
+    def read_span(self, offset: int, size: int) -> bytes:
+        """File bytes as the committed journal leaves them: a run of raw RamBlocks in one read."""
+        return self._storage.read_at(offset, size)
 
     def block_numbers(self) -> Collection[int]:
         return self._keys.keys()
