@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-from collections.abc import Iterator
 from typing import BinaryIO
 
 from ..errors import FormatError, UnmappedAddressError
@@ -112,11 +111,6 @@ class MemoryImage:
         if not hit and size:
             raise UnmappedAddressError(f"{self.path}: GPA {gpa:#x} is not in the image", gpa)
         return bytes(out)
-
-    def iter_ranges(self, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
-        for r in self.ranges:
-            for off in range(0, r.length, chunk):
-                yield r.gpa + off, self.read(r.gpa + off, min(chunk, r.length - off))
 
 
 def _lime_ranges(fh: BinaryIO, path: str, size: int) -> list[MemoryRange]:
