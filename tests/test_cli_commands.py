@@ -176,9 +176,9 @@ def test_memmap_text_and_json() -> None:
     ranges = json.loads(vmssd("memmap", "--json", SAMPLE).stdout)
     assert ranges == [
         {"gpa_start": 0, "size": 0xA0000, "raw_offset": 0, "first_ramblock": 0, "last_ramblock": 0}
-        | {"ramblocks_present": 1},
+        | {"ramblocks_present": 1, "flags": 0},
         {"gpa_start": 0x100000, "size": 0x700000, "raw_offset": 0x100000, "first_ramblock": 1, "last_ramblock": 7}
-        | {"ramblocks_present": 7},
+        | {"ramblocks_present": 7, "flags": 0},
     ]
 
 

@@ -344,7 +344,9 @@ class SavedState(abc.ABC):
     @abc.abstractmethod
     def memory_map(self) -> list[dict[str, Any]]:
         """Per GPA run stored contiguously: ``gpa_start``, ``size``, ``raw_offset``, ``first_ramblock``,
-        ``last_ramblock`` and ``ramblocks_present`` (how many of those RamBlocks the file holds)."""
+        ``last_ramblock``, ``ramblocks_present`` (how many of those RamBlocks the file holds) and
+        ``flags``, the RamMemoryBlock Flags (IsHotAdded 1, IsSgx 2, IsVtl2Mb 4, IsSpecificPurpose 8;
+        None when the backend cannot see them)."""
 
     @abc.abstractmethod
     def backed_runs(self, gpa: int, length: int) -> Iterator[tuple[int, int, int]]:

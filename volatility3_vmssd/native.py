@@ -354,6 +354,7 @@ class SavedStateProvider(SavedState):
                     "first_ramblock": first,
                     "last_ramblock": last,
                     "ramblocks_present": sum(1 for n in range(first, last + 1) if n in present),
+                    "flags": rec.flags,
                 }
             )
         return out

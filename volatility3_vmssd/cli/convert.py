@@ -124,10 +124,13 @@ def run(args: argparse.Namespace) -> int:
         if report.missing:
             write_missing_sidecar(args.output, list(provider.paths), report)
         elapsed = time.monotonic() - start
+        absent = [f for f in provider.findings() if f.kind == "missing-block"]  # declared, no RamBlock: holes
     if report.missing:
         print(f"vmssd convert: warning: {_missing_summary(args.file, report)}; zeros there", file=sys.stderr)
         _show_missing(report)
         print(f"  all missing ranges are listed in {sidecar}", file=sys.stderr)
+    for finding in absent:
+        print(f"vmssd convert: note: {finding}", file=sys.stderr)
     if not args.quiet:
         rate = human_size(report.ram_bytes / elapsed) if elapsed > 0 else "-"
         print(

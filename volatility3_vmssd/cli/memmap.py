@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..provider import open_saved_state
+from ..savedstate.rammap import flag_names
 from .progress import human_size
 
 
@@ -17,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=(
             "List the guest-physical ranges a saved state backs (one per RamMemoryBlock record, in GPA"
             " order), the holes between them, each range's offset in raw saved memory (the RamBlocks"
-            " concatenated, as `vmssd read --raw-offset` reads it) and the RamBlock numbers it uses."
-            " Ends are inclusive. Reads no RAM."
+            " concatenated, as `vmssd read --raw-offset` reads it), the RamBlock numbers it uses and its"
+            " flags (IsHotAdded, IsSgx, IsVtl2Mb, IsSpecificPurpose). Ends are inclusive. Reads no RAM."
         ),
         epilog="examples:\n  vmssd memmap vm.vmrs\n  vmssd memmap --json vm.bin --vsv vm.vsv | jq '.[].gpa_start'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--json",
         action="store_true",
-        help="a JSON list: gpa_start, size, raw_offset, first_ramblock, last_ramblock per range",
+        help="a JSON list: gpa_start, size, raw_offset, first_ramblock, last_ramblock, flags per range",
     )
     p.set_defaults(func=run)
 
@@ -56,16 +57,18 @@ def run(args: argparse.Namespace) -> int:
         print()
         return 0
     out = sys.stdout
-    out.write(f"{'GPA start':<18}  {'GPA end':<18}  {'size':>10}  {'raw offset':<18}  RamBlocks\n")
+    out.write(f"{'GPA start':<18}  {'GPA end':<18}  {'size':>10}  {'raw offset':<18}  {'RamBlocks':<12}  flags\n")
     pos = 0
     for r in ranges:
         start, size = r["gpa_start"], r["size"]
         if start > pos:
             out.write(f"{pos:#018x}  {start - 1:#018x}  {human_size(start - pos):>10}  {'-':<18}  (hole)\n")
-        out.write(
+        flags = " ".join(flag_names(r.get("flags", 0)))
+        line = (
             f"{start:#018x}  {start + size - 1:#018x}  {human_size(size):>10}  {r['raw_offset']:#018x}"
-            f"  {_blocks(r['first_ramblock'], r['last_ramblock'])}\n"
+            f"  {_blocks(r['first_ramblock'], r['last_ramblock']):<12}  {flags}"
         )
+        out.write(line.rstrip() + "\n")
         pos = max(pos, start + size)
     total = sum(r["size"] for r in ranges)
     blocks = _count_blocks([(r["first_ramblock"], r["last_ramblock"]) for r in ranges])

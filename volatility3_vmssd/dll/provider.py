@@ -578,6 +578,7 @@ class DllSavedStateProvider(SavedState):
                     "first_ramblock": first,
                     "last_ramblock": last,
                     "ramblocks_present": last - first + 1,
+                    "flags": None,  # the DLL does not expose the RamMemoryBlock flags
                 }
             )
         return out

@@ -27,6 +27,7 @@ __all__ = [
     "RamMap",
     "RamMemoryBlockRecord",
     "build_layout",
+    "flag_names",
     "layout_ram",
 ]
 
@@ -45,6 +46,21 @@ FLAG_HOT_ADDED = 0x1
 FLAG_SGX = 0x2
 FLAG_VTL2_MB = 0x4
 FLAG_SPECIFIC_PURPOSE = 0x8
+#: The flag names of spec §3.1, lowest bit first.
+FLAG_NAMES = (
+    (FLAG_HOT_ADDED, "IsHotAdded"),
+    (FLAG_SGX, "IsSgx"),
+    (FLAG_VTL2_MB, "IsVtl2Mb"),
+    (FLAG_SPECIFIC_PURPOSE, "IsSpecificPurpose"),
+)
+
+
+def flag_names(flags: int) -> list[str]:
+    """``["IsHotAdded", ...]`` for a RamMemoryBlock's Flags; unknown bits as ``"0x..."``."""
+    names = [name for bit, name in FLAG_NAMES if flags & bit]
+    rest = flags & ~sum(bit for bit, _ in FLAG_NAMES)
+    return [*names, f"{rest:#x}"] if rest else names
+
 
 # A GPA page number must fit a 64-bit address; anything above is corrupt.
 _MAX_PAGE = 1 << (64 - PAGE_SHIFT)

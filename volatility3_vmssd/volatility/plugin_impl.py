@@ -19,6 +19,7 @@ from volatility3.framework.renderers import format_hints
 from ..errors import VmssdError
 from ..interface import SUMMARY_LABELS
 from ..savedstate.cpumode import architecture, paging_mode
+from ..savedstate.rammap import flag_names
 from ..savedstate.registers import SegmentRegister, TableRegister
 from ..vmconfig import find_vm_config
 from .kernel import kernel_candidates, validate_candidate
@@ -282,6 +283,7 @@ class MemmapPlugin(_SavedStatePlugin):
                     first,
                     last,
                     f"{have}/{last - first + 1}",
+                    " ".join(flag_names(rng.get("flags", 0))),
                 ),
             )
 
@@ -295,6 +297,7 @@ class MemmapPlugin(_SavedStatePlugin):
                 ("First RamBlock", int),
                 ("Last RamBlock", int),
                 ("RamBlocks present", str),
+                ("Flags", str),
             ],
             self._generator(),
         )
