@@ -137,6 +137,16 @@ class RamMemoryBlockRecord:
         return bool(self.flags & FLAG_SPECIFIC_PURPOSE)
 
 
+def _disjoint(spans: Iterable[tuple[int, int]]) -> bool:
+    """Whether ``(start, count)`` spans overlap nowhere (one sort, then neighbours)."""
+    end = -1
+    for start, count in sorted(spans):
+        if start < end:
+            return False
+        end = start + count
+    return True
+
+
 class _Intervals:
     """Disjoint ``[start, end)`` intervals in sorted chunks of bounded length.
 
@@ -200,41 +210,25 @@ class RamMap:
     ) -> None:
         self.findings = findings if findings is not None else Findings()
         self.path = os.fspath(path)
-        gpa_held, raw_held = _Intervals(), _Intervals()
-        accepted: list[RamMemoryBlockRecord] = []
+        sound: list[RamMemoryBlockRecord] = []
         for number, record in enumerate(records):
             name = record.key or f"RamMemoryBlock #{number}"
             count, gpa, mbp = record.page_count_total, record.gpa_index_start, record.mbp_index_start
             if count == 0:
                 self.findings.add(self.path, None, "ram-map", f"{name} covers no pages; ignored")
-                continue
-            if gpa + count > _MAX_PAGE or mbp + count > _MAX_PAGE:
+            elif gpa + count > _MAX_PAGE or mbp + count > _MAX_PAGE:
                 self.findings.add(
                     self.path, None, "ram-map", f"{name} runs past the 64-bit address space; ignored", error=FormatError
                 )
-                continue
-            if gpa_held.overlaps(gpa, gpa + count):
-                self.findings.add(
-                    self.path,
-                    None,
-                    "ram-map",
-                    f"{name} (GPA pages {gpa:#x}+{count:#x}) overlaps an earlier range; the earlier one wins",
-                    error=FormatError,
-                )
-                continue
-            if raw_held.overlaps(mbp, mbp + count):
-                self.findings.add(
-                    self.path,
-                    None,
-                    "ram-map",
-                    f"{name} (raw pages {mbp:#x}+{count:#x}) overlaps an earlier range in raw memory; "
-                    "the earlier one wins",
-                    error=FormatError,
-                )
-                continue
-            gpa_held.add(gpa, gpa + count)
-            raw_held.add(mbp, mbp + count)
-            accepted.append(record)
+            else:
+                sound.append(record if record.key else dataclasses.replace(record, key=name))
+        # The usual case, checked with two sorts: no range overlaps another, so all are kept.
+        if _disjoint((r.gpa_index_start, r.page_count_total) for r in sound) and _disjoint(
+            (r.mbp_index_start, r.page_count_total) for r in sound
+        ):
+            accepted = sound
+        else:
+            accepted = self._first_wins(sound)
         accepted.sort(key=lambda r: r.gpa_index_start)
         self.records: tuple[RamMemoryBlockRecord, ...] = tuple(accepted)
         #: The ranges the file declares (before :meth:`backed_by` keeps only what its RamBlocks hold).
@@ -267,6 +261,35 @@ class RamMap:
         self.raw_size = self.raw_block_count * BLOCK_SIZE
         self._raw_ranges = raw_ranges
         self._raw_starts = [start for start, _ in raw_ranges]
+
+    def _first_wins(self, records: list[RamMemoryBlockRecord]) -> list[RamMemoryBlockRecord]:
+        """Overlapping records are corrupt: the first in record order wins, later ones are dropped."""
+        gpa_held, raw_held = _Intervals(), _Intervals()
+        accepted: list[RamMemoryBlockRecord] = []
+        for record in records:
+            count, gpa, mbp = record.page_count_total, record.gpa_index_start, record.mbp_index_start
+            if gpa_held.overlaps(gpa, gpa + count):
+                self.findings.add(
+                    self.path,
+                    None,
+                    "ram-map",
+                    f"{record.key} (GPA pages {gpa:#x}+{count:#x}) overlaps an earlier range; the earlier one wins",
+                    error=FormatError,
+                )
+            elif raw_held.overlaps(mbp, mbp + count):
+                self.findings.add(
+                    self.path,
+                    None,
+                    "ram-map",
+                    f"{record.key} (raw pages {mbp:#x}+{count:#x}) overlaps an earlier range in raw memory; "
+                    "the earlier one wins",
+                    error=FormatError,
+                )
+            else:
+                gpa_held.add(gpa, gpa + count)
+                raw_held.add(mbp, mbp + count)
+                accepted.append(record)
+        return accepted
 
     @classmethod
     def identity(
@@ -373,6 +396,10 @@ class RamMap:
         absent: list[tuple[str, int, int]] = []
         for record in self.records:
             start, end = record.mbp_index_start, record.mbp_index_start + record.page_count_total
+            first, last = start // PAGES_PER_BLOCK, (end - 1) // PAGES_PER_BLOCK
+            if bisect_right(blocks, last) - bisect_left(blocks, first) == last - first + 1:
+                pieces.append(record)  # every RamBlock it needs is present (the usual case)
+                continue
             name = record.key or "RamMemoryBlock"
             i = bisect_left(blocks, start // PAGES_PER_BLOCK)
             cur = start  # raw page up to which the record is accounted for
