@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         start, size = r["gpa_start"], r["size"]
         if start > pos:
             out.write(f"{pos:#018x}  {start - 1:#018x}  {human_size(start - pos):>10}  {'-':<18}  (hole)\n")
-        flags = " ".join(flag_names(r.get("flags", 0)))
+        known = r.get("flags")  # None: the backend does not expose them (the DLL)
+        flags = "?" if known is None else " ".join(flag_names(known))
         line = (
             f"{start:#018x}  {start + size - 1:#018x}  {human_size(size):>10}  {r['raw_offset']:#018x}"
             f"  {_blocks(r['first_ramblock'], r['last_ramblock']):<12}  {flags}"

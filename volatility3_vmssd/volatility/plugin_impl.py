@@ -283,7 +283,7 @@ class MemmapPlugin(_SavedStatePlugin):
                     first,
                     last,
                     f"{have}/{last - first + 1}",
-                    " ".join(flag_names(rng.get("flags", 0))),
+                    "?" if rng.get("flags") is None else " ".join(flag_names(rng["flags"])),
                 ),
             )
 
