@@ -283,7 +283,8 @@ def test_declared_ram_is_bounded_by_its_ramblocks(tmp_path: Path) -> None:
         assert p.memory.ram_map.maximum_gpa == MIB - 1
         assert p.get_guest_raw_saved_memory_size() == MIB
         assert p.memory_map() == [
-            {"gpa_start": 0, "size": MIB, "raw_offset": 0, "first_ramblock": 0, "last_ramblock": 0, "flags": 0}
+            {"gpa_start": 0, "size": MIB, "raw_offset": 0, "first_ramblock": 0, "last_ramblock": 0}
+            | {"ramblocks_present": 1, "flags": 0}
         ]
         [finding] = [f for f in p.findings() if f.kind == "missing-block"]
         assert f"GPA 0x100000-{(1 << 52) - 1:#x}" in finding.message and "capped" in finding.message
