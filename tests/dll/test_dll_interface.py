@@ -129,6 +129,10 @@ def test_both_backends_give_the_same_answers(kind: str, states: dict[str, list[P
                     # The DLL does not say how large the mapping page is: it answers up to the 4 KiB page end.
                     assert got_dll[0] == got_native[0] and 0 < got_dll[1] <= got_native[1], name
                     continue
+                if name == "memory_map" and isinstance(got_dll, list):
+                    # The DLL does not expose the RamMemoryBlock flags (None): everything else must agree.
+                    assert all(row["flags"] is None for row in got_dll), name
+                    got_native = [{**row, "flags": None} for row in got_native]
                 if name in DLL_CANNOT:
                     assert got_dll[0] == "raised" and UnsupportedError.__name__ in got_dll[1], name
                     continue
