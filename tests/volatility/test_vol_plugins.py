@@ -183,8 +183,8 @@ def test_pagingmode(plugin_classes, saved_states, monkeypatch) -> None:
 def test_memmap(plugin_classes, saved_states, monkeypatch) -> None:
     plugin, rows = run_plugin(plugin_classes["memmap"], saved_states["vmrs"])
     assert rows == [
-        (0, 0x9FFFF, 0xA0000, 0, 0, 0, "1/1"),
-        (0x100000, 4 * MIB - 1, 3 * MIB, MIB, 1, 3, "3/3"),
+        (0, 0x9FFFF, 0xA0000, 0, 0, 0, "1/1", ""),  # no RamMemoryBlock flags set
+        (0x100000, 4 * MIB - 1, 3 * MIB, MIB, 1, 3, "3/3", ""),
     ]
     assert len(as_json(plugin, monkeypatch)) == 2
 
