@@ -1,7 +1,7 @@
 """XPRESS ([MS-XCA] plain LZ77, ``COMPRESSION_FORMAT_XPRESS`` = 3): the page codec of Hyper-V RamBlocks.
 
-Not LZNT1 (format 2) and not XPRESS Huffman (format 4): spec §3.2 verified the format on every
-compressed page of a real ``.bin``.  :func:`decompress` uses the fastest decoder this host has:
+Not LZNT1 (format 2) and not XPRESS Huffman (format 4): the format was verified on every compressed
+page of a real ``.bin`` (docs/format.md#ramblock-values).  :func:`decompress` uses the fastest decoder this host has:
 
 * ``pyfwnt`` (libfwnt-python), about 20-30x faster than pure Python;
 * ``ntdll`` (``RtlDecompressBufferEx`` through ctypes), on Windows without pyfwnt;

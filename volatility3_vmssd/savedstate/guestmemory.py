@@ -2,13 +2,13 @@
 
 This is what the provider and the Volatility layer read through.  Opening costs nothing beyond
 listing the block numbers: no value is read, indexed or decoded until a read touches it.  A read
-decodes each 1 MiB block it touches in one pass (spec §3.2 says pages decode independently, but
+decodes each 1 MiB block it touches in one pass (docs/format.md#ramblock-values: pages decode independently, but
 Volatility's scanners read 16 MiB at a time and page walks hit the same blocks again and again) and
 keeps decoded blocks in an LRU bounded by a block count, as the DLL's ``SetMemoryBlockCacheLimit``
 does.  With the limit at 0 nothing is kept and only the pages a read needs are decoded.
 
 Missing data has two causes, both reported when seen and both treated like holes by padded reads:
-a RamBlock the map needs but the file lacks (spec §7.4, "sparse numbering"), and pages a damaged
+a RamBlock the map needs but the file lacks (docs/format.md#quirks, "sparse numbering"), and pages a damaged
 record stream does not produce (:class:`~.ramblock.MissingPageError`).
 """
 
@@ -551,7 +551,7 @@ class GuestMemory:
         errors: list[tuple[int, FormatError]] = []
         notes: list[str] = []
         if index.piece_out is not None and last > first:
-            # Hostile-input fix: pages inside one variable run share its (up to 1 MiB) data, so
+            # Bounded on purpose: pages inside one variable run share its (up to 1 MiB) data, so
             # decoding them one by one re-expanded the whole run per page (256 x 0.6 s in pure
             # Python for a 1 MiB run).  decode_pages walks each run once.
             data = decode_pages(value, index, first, last + 1, on_fallback=notes.append, errors=errors)

@@ -94,7 +94,7 @@ def _walk(value: bytes | bytearray | memoryview, pos: int, out: int, stop: int) 
 def detach_error(exc: FormatError) -> FormatError:
     """``exc`` and its causes without tracebacks, before it is kept in an ``errors`` list.
 
-    Hostile-input fix: a kept traceback ties the decoder's frames (holding the list itself and 1 MiB
+    Bounded on purpose: a kept traceback ties the decoder's frames (holding the list itself and 1 MiB
     buffers) into a reference cycle that only the cyclic GC frees, so decoding damaged blocks one
     after another held hundreds of MiB (225 MB RSS after 12,000 fuzz inputs; 100 MB without).
     """
@@ -256,7 +256,7 @@ def decode_pages(
 ) -> bytes:
     """Pages ``first``..``stop - 1`` as one ``bytes``; missing pages are zeros; errors as in :func:`decode_block`.
 
-    Hostile-input fix: pages inside one variable run share its data (up to 1 MiB), and
+    Bounded on purpose: pages inside one variable run share its data (up to 1 MiB), and
     :func:`decode_page` re-expands the whole run for each of them, so reading a block page by page
     cost 256 expansions (minutes in pure Python).  Here each run of such pages is walked once.
     """

@@ -1,4 +1,4 @@
-"""RamBlock values: 1 MiB of saved guest RAM as raw bytes or as a page-record stream (spec §3.2).
+"""RamBlock values: 1 MiB of saved guest RAM as raw bytes or as a page-record stream (docs/format.md#ramblock-values).
 
 A value of exactly 1,048,576 bytes is raw memory.  Anything else is a stream of records, each
 starting with a u32 tag [V on the legacy .bin sample][4]:
@@ -17,7 +17,7 @@ The careful one, :func:`index_block`, walks the record headers into a compact :c
 and records findings for whatever is damaged; :mod:`.pagedecode` expands pages from it (and serves
 reads that decode only some pages).  Writers use :func:`encode_block`.
 
-Decisions where the spec is silent (all [inf]):
+Decisions where the format is silent (all inferred, docs/format.md#ramblock-values):
 
 * **Early end marker.**  The spec says the stream runs "until 1 MiB of output has been produced or
   an end marker appears" but not what the remaining pages hold.  The pages it does not produce are
@@ -64,13 +64,13 @@ __all__ = [
 
 PAGE_SIZE = 4096
 PAGES_PER_BLOCK = 256
-BLOCK_SIZE = PAGE_SIZE * PAGES_PER_BLOCK  # 1 MiB; a value of exactly this size is raw [V]
+BLOCK_SIZE = PAGE_SIZE * PAGES_PER_BLOCK  # 1 MiB; a value of exactly this size is raw (seen on the real sample)
 
 TAG_END = 0xFFFFFFFF
 TAG_FILL = 0xFFFFFFFE
 TAG_MULTI_FILL = 0xFFFFFFFD
 TAG_VARIABLE_RUN = 0xFFFFFFFC
-#: VMkatz's observed upper bound for one variable run [1?]; only the writer uses it.
+#: VMkatz's observed upper bound for one variable run (one source); only the writer uses it.
 VARIABLE_RUN_MAX = 0xFFF
 
 RECORD_TAG = struct.Struct("<I")
@@ -674,7 +674,7 @@ def encode_block(
     Runs of pages made of one repeated 8-byte pattern become one single- or multi-fill record;
     other pages are XPRESS records when that is shorter than 4096 bytes, else raw records.  When
     the records would not be shorter than 1 MiB, the raw 1 MiB is returned, because a value of
-    exactly 1 MiB *means* raw (§3.2).  The other legitimate forms, for tests and benchmarks:
+    exactly 1 MiB *means* raw (docs/format.md#ramblock-values).  The other legitimate forms, for tests and benchmarks:
 
     * ``use_variable_runs``: runs of non-fill pages as 0xFFFFFFFC records of at most 0xFFF bytes
       (never seen in a real file), which leave the output off page boundaries;

@@ -1,4 +1,4 @@
-"""Guest-physical → raw-saved-memory mapping from RamMemoryBlock records (spec §3.1).
+"""Guest-physical → raw-saved-memory mapping from RamMemoryBlock records (docs/format.md#ram-map).
 
 Each RamMemoryBlock record says: the ``PageCountTotal`` pages starting at GPA page
 ``GpaIndexStart`` are stored from raw page ``MbpIndexStart`` on, where raw saved memory is the
@@ -7,9 +7,9 @@ Any other GPA is unbacked (an MMIO hole).  The mapping always uses ``MbpIndexSta
 running total: openvmm starts every range on a fresh 1 MiB block [1 + inf], so cumulative page
 counts would be wrong for any range that is not a multiple of 1 MiB.
 
-Field semantics were never seen in a real .vmrs ([1] openvmm + [inf], consistent with the DLL
+Field semantics were never seen in a real .vmrs (openvmm's writer, and our inference, consistent with the DLL
 API); a legacy .bin has no metadata here and is mapped with :meth:`RamMap.identity`, which
-reproduces the DLL's bytes at GPA 0xC0FFE on the real sample [V].
+reproduces the DLL's bytes at GPA 0xC0FFE on the real sample (seen on the real sample).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ FLAG_HOT_ADDED = 0x1
 FLAG_SGX = 0x2
 FLAG_VTL2_MB = 0x4
 FLAG_SPECIFIC_PURPOSE = 0x8
-#: The flag names of spec §3.1, lowest bit first.
+#: The flag names of docs/format.md#ram-map, lowest bit first.
 FLAG_NAMES = (
     (FLAG_HOT_ADDED, "IsHotAdded"),
     (FLAG_SGX, "IsSgx"),
@@ -255,8 +255,8 @@ class RamMap:
         raw_ranges = sorted((r.mbp_index_start, r.mbp_index_start + r.page_count_total) for r in accepted)
         raw_pages = max((end for _, end in raw_ranges), default=0)
         #: Raw saved memory in whole 1 MiB blocks: raw memory *is* the concatenation of RamBlocks,
-        #: and writers pad the last block of a range [inf].  Equal to the pages-only size whenever
-        #: ranges end on block boundaries, as on the real .bin (64,512 pages = 252 MiB) [V].
+        #: and writers pad the last block of a range (inferred).  Equal to the pages-only size whenever
+        #: ranges end on block boundaries, as on the real .bin (64,512 pages = 252 MiB) (seen on the real sample).
         self.raw_block_count = -(-raw_pages // PAGES_PER_BLOCK)
         self.raw_size = self.raw_block_count * BLOCK_SIZE
         self._raw_ranges = raw_ranges
@@ -295,7 +295,7 @@ class RamMap:
     def identity(
         cls, page_count: int, *, findings: Findings | None = None, path: str | os.PathLike[str] = "<memory>"
     ) -> RamMap:
-        """One chunk from GPA 0, raw page = GPA page: the legacy .bin without its .vsv metadata [V]."""
+        """One chunk from GPA 0, raw page = GPA page: the legacy .bin without its .vsv (right for the real sample)."""
         record = RamMemoryBlockRecord(page_count, 0, 0, key="identity")
         return cls([record], findings=findings, path=path)
 
