@@ -1,4 +1,4 @@
-"""The legacy ``.bin`` saved-memory file (VM version ≤ 5.0, spec §5.1): reader and writer.
+"""The legacy ``.bin`` saved-memory file (VM version ≤ 5.0, docs/format.md#legacy-bin-vsv): reader and writer.
 
 Not a flat memory image but a small key/value container [V on one real file]::
 
@@ -7,7 +7,7 @@ Not a flat memory image but a small key/value container [V on one real file]::
     ...     index table: capacity x 24-byte entries (unused slots all zero)
     ...     name table: NUL-terminated ASCII names ``RamBlock/<n>/``; the file ends with it
 
-Each value is a RamBlock in the §3.2 page-record format.  The two bytes after the name length
+Each value is a RamBlock (docs/format.md#ramblock-values).  The two bytes after the name length
 (1 and 1 in every entry of the sample) and the header's third u32 (1) are not understood; they
 are kept and written back unchanged.  Slack after a value's used size is *not* zero in the sample
 (it holds stale bytes), so readers must honour the used size.
@@ -33,14 +33,15 @@ __all__ = ["BIN_HEADER", "BIN_INDEX_ENTRY", "BIN_SIGNATURE", "BinEntry", "BinFil
 
 BIN_SIGNATURE = 0x02182003
 #: Signature, VmVersion, Unknown (1), IndexCapacity, IndexTableOffset, NameTableOffset,
-#: NameTableSize, NameBytesUsed [V].
+#: NameTableSize, NameBytesUsed (seen on the real sample).
 BIN_HEADER = struct.Struct("<IIIIQQII")
-#: NameOffset, NameLength (with NUL), Type? (1), Flags? (1), AllocatedSize, UsedSize, FileOffset [V].
+#: NameOffset, NameLength (with NUL), Type? (1), Flags? (1), AllocatedSize, UsedSize, FileOffset (seen on the
+#: real sample).
 BIN_INDEX_ENTRY = struct.Struct("<IHBBIIQ")
 BIN_DATA_START = 0x1000
 BIN_ALIGNMENT = 0x1000
 #: The sample has 1024 slots and 16 name-table bytes per slot (0x4000); the writer keeps both
-#: ratios, growing the capacity in steps of 1024 [inf].
+#: ratios, growing the capacity in steps of 1024 (inferred).
 BIN_CAPACITY_STEP = 1024
 BIN_NAME_BYTES_PER_SLOT = 16
 #: 4 Mi slots = 4 TiB of RAM; anything larger is treated as corrupt rather than allocated.
@@ -154,8 +155,8 @@ class BinFile:
     # -- convenience ------------------------------------------------------------------------------
 
     def identity_map(self) -> RamMap:
-        """GPA = block x 1 MiB + offset over blocks 0..max: right for the real sample [V]; a .vsv
-        would carry the real RamMemoryBlock metadata (unavailable, §5.2)."""
+        """GPA = block x 1 MiB + offset over blocks 0..max: right for the real sample; a .vsv
+        would carry the real RamMemoryBlock metadata (unavailable: docs/format.md#legacy-bin-vsv)."""
         count = (max(self.blocks) + 1) * PAGES_PER_BLOCK if self.blocks else 0
         return RamMap.identity(count, findings=self.findings, path=self.path) if count else RamMap([], path=self.path)
 

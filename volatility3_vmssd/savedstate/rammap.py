@@ -91,7 +91,7 @@ class RamMemoryBlockRecord:
     ) -> RamMemoryBlockRecord:
         """Parse one record; an unknown SavedStateVersion raises :class:`UnsupportedError`.
 
-        Legacy (VM version ≤ 5.0) records have another, undocumented size [1], so the caller can
+        Legacy (VM version ≤ 5.0) records have another, undocumented size (one source, openvmm), so the caller can
         catch UnsupportedError and fall back (for example to an identity map).  Trailing bytes
         after the 48 are ignored.
         """

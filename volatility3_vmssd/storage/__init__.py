@@ -1,4 +1,4 @@
-"""The HyperVStorage key-value container: one reader, one writer, the replay log (spec §1)."""
+"""The HyperVStorage key-value container: one reader, one writer, the replay log (docs/container-format.md)."""
 
 from .defs import KeyType, ObjectType
 from .journal import ReplayLogInfo

@@ -1,7 +1,7 @@
-"""On-disk layouts of the HyperVStorage container, declared once (spec §1).
+"""On-disk layouts of the HyperVStorage container, declared once (docs/container-format.md).
 
 Every structure is little-endian and packed.  Confidence marks refer to
-``shared/spec/hyperv-saved-state-format.md``: [V] means verified against a real Hyper-V file.
+docs/format.md#evidence: "verified" means seen in a real Hyper-V file, "one source" means one reader says so.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import enum
 import struct
 import zlib
 
-FILE_SIGNATURE = 0x01282014  # [V]
-OBJECT_TABLE_SIGNATURE = 0x01110001  # [V]
-KEY_TABLE_SIGNATURE = 0x0002  # [V]
-REPLAY_LOG_SIGNATURE = 0x01110003  # [V]
+FILE_SIGNATURE = 0x01282014  # verified
+OBJECT_TABLE_SIGNATURE = 0x01110001  # verified
+KEY_TABLE_SIGNATURE = 0x0002  # verified
+REPLAY_LOG_SIGNATURE = 0x01110003  # verified
 
-FORMAT_VERSION_CURRENT = 0x0400  # [V] both real samples; older layouts are undocumented
+FORMAT_VERSION_CURRENT = 0x0400  # verified on both real samples; older layouts are undocumented
 
 HEADER_COPY_OFFSETS = (0x0000, 0x1000)
 HEADER_PAGE_SIZE = 0x1000
-ROOT_OBJECT_TABLE_OFFSET = 0x2000  # fixed, not taken from any header field [V]
+ROOT_OBJECT_TABLE_OFFSET = 0x2000  # fixed, not taken from any header field (verified)
 
 MIN_ALIGNMENT = 0x1000
 MAX_ALIGNMENT = 0x10000
@@ -29,32 +29,32 @@ MAX_ALIGNMENT = 0x10000
 FILE_OBJECT_THRESHOLD = 2048
 
 # Signature, Checksum, Sequence, FormatVersion, DataVersion, Flags, DataAlignmentInBytes,
-# ReplayLogOffsetInBytes, ReplayLogSizeInBytes, ReplayLogHeaderSizeInBytes (46 bytes) [V]
+# ReplayLogOffsetInBytes, ReplayLogSizeInBytes, ReplayLogHeaderSizeInBytes (46 bytes) (verified)
 FILE_HEADER = struct.Struct("<IIHIIIIQQI")
 FILE_HEADER_CRC_OFFSET = 4
 
-# Signature, EntriesCount [V]
+# Signature, EntriesCount (verified)
 OBJECT_TABLE_HEADER = struct.Struct("<II")
-# ObjectType, Checksum, FileOffset, Size, Flags (18 bytes) [V]
+# ObjectType, Checksum, FileOffset, Size, Flags (18 bytes) (verified)
 OBJECT_ENTRY = struct.Struct("<BIQIB")
 OBJECT_ENTRY_CRC_OFFSET = 1
 OBJECT_FLAG_ALLOCATED = 0x01
 
-# Signature, TableIndex, Sequence, Checksum (10 bytes); CRC covers these 10 bytes only [V]
+# Signature, TableIndex, Sequence, Checksum (10 bytes); CRC covers these 10 bytes only (verified)
 KEY_TABLE_HEADER = struct.Struct("<HHHI")
 KEY_TABLE_HEADER_CRC_OFFSET = 6
 
 # Type, Flags, SizeInBytes, ParentNodeTable, ParentNodeOffset, Checksum, InsertionSequence,
-# NameSize (21 bytes) [V]
+# NameSize (21 bytes) (verified)
 KEY_ENTRY_HEADER = struct.Struct("<BBIHIIIB")
 KEY_ENTRY_CRC_OFFSET = 12
 KEY_FLAG_FILE_OBJECT = 0x01
-KEY_FLAG_SUBCOMPONENT = 0x02  # [V] seen on some String keys; meaning from one source
-KEY_FLAG_CHANGE_TRACKING = 0x04  # [1]
+KEY_FLAG_SUBCOMPONENT = 0x02  # verified: seen on some String keys; meaning from one source
+KEY_FLAG_CHANGE_TRACKING = 0x04  # one source
 
-# u32 SizeInBytes + u64 FileOffset: the inline value of a key whose data is a file object [V]
+# u32 SizeInBytes + u64 FileOffset: the inline value of a key whose data is a file object (verified)
 FILE_OBJECT_POINTER = struct.Struct("<IQ")
-# u64 ChangeTrackingSequence + u32 NextInsertionSequence [V]
+# u64 ChangeTrackingSequence + u32 NextInsertionSequence (verified)
 NODE_VALUE = struct.Struct("<QI")
 LENGTH_PREFIX = struct.Struct("<I")
 
@@ -64,7 +64,7 @@ LENGTH_PREFIX = struct.Struct("<I")
 REPLAY_LOG_HEADER = struct.Struct("<IIIBIBQII")
 REPLAY_LOG_HEADER_CRC_OFFSET = 4
 # DestinationOffset, DestinationSize, OffsetInsideLog, EntryChecksum, DataChecksum (28 bytes).
-# [V] on both samples; openvmm's struct (checksum first) is contradicted by the real files.
+# Verified on both samples; openvmm's struct (checksum first) is contradicted by the real files.
 REPLAY_LOG_ENTRY = struct.Struct("<QIQII")
 REPLAY_LOG_ENTRY_CRC_OFFSET = 20
 
@@ -75,9 +75,9 @@ class ObjectType(enum.IntEnum):
     KEY_TABLE = 2
     FILE_OBJECT = 3
     FREE = 4
-    HEADER = 5  # [1?] dissect
-    REPLAY_LOG = 6  # [1?]
-    CHANGE_TRACKING_BUFFER = 7  # [1?]
+    HEADER = 5  # one source (dissect)
+    REPLAY_LOG = 6  # one source
+    CHANGE_TRACKING_BUFFER = 7  # one source
 
 
 class KeyType(enum.IntEnum):

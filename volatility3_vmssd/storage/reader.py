@@ -1,6 +1,6 @@
 """Reader for the HyperVStorage key-value container (``.vmrs``, ``.vmcx``, modern ``.vsv``).
 
-What this reader does that the public ones do not (spec §6, §7): it walks *every* chained object
+What this reader does that the public ones do not (docs/format.md#quirks): it walks *every* chained object
 table from the fixed root at 0x2000, applies the pending replay log in memory before any table is
 parsed (and ignores stale log entries), keeps the newest copy of each key table, resolves parents
 only after all tables are loaded, and never reads a file object until its value is asked for.
