@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared_data import REPO
+from shared_data import REAL, REPO, need
 
 SAMPLE = REPO / "tests" / "data" / "sample.vmrs"
 
@@ -73,3 +73,16 @@ def test_create_refuses_to_overwrite_and_writes_a_pair(tmp_path: Path) -> None:
     bad.write_text("{not json")
     r = vmssd("create", "--memory", str(raw), "--registers", str(bad), "-o", str(tmp_path / "x.vmrs"))
     assert r.returncode == 1 and "not valid JSON" in r.stderr
+
+
+def test_info_on_a_vmcx_says_what_it_is_and_shows_its_settings() -> None:
+    """A .vmcx is not called a .vmrs, and its own VM settings are shown (what hyperv.info shows of a .vmcx)."""
+    vmcx = need(REAL / "test.vmcx")
+    r = vmssd("info", str(vmcx))
+    assert r.returncode == 0, r.stderr
+    rows = {line[:22].strip(): line[23:] for line in r.stdout.splitlines() if not line.startswith(" ")}
+    assert rows["File kind"] == "HyperVStorage container without saved memory"
+    assert rows["Saved memory"].startswith("the file holds no saved guest memory")
+    assert rows["VM configuration"] == str(vmcx) and rows["VM name"] == "Other Location"
+    doc = json.loads(vmssd("info", "--json", str(vmcx)).stdout)
+    assert doc["file_kind"] == "vmrs" and doc["vm_configuration"]["VM name"] == "Other Location"

@@ -171,6 +171,8 @@ def _label_text(summary: Summary, key: str) -> str | None:
     if value is None:
         return None
     if key == "file_kind":
+        if value == "vmrs" and summary.memory is not None:  # a .vmcx, a runtime state: not a saved state
+            return "HyperVStorage container without saved memory"
         return FILE_KIND_TEXT.get(value, str(value))
     if key in ("ram_bytes", "raw_saved_memory_bytes"):
         return _size(value)

@@ -77,9 +77,12 @@ def read_vm_config(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 
 def find_vm_config(paths: Iterable[str | os.PathLike[str]]) -> tuple[Path | None, list[tuple[str, str]]]:
-    """The ``.vmcx`` of a saved state's files (see :func:`~volatility3_vmssd.files.find_vmcx`) and its rows."""
+    """The ``.vmcx`` of a saved state's files (see :func:`~volatility3_vmssd.files.find_vmcx`) and its rows.
+
+    A ``.vmcx`` given itself is its own configuration.
+    """
     for path in paths:
-        vmcx = find_vmcx(path)
+        vmcx = Path(path) if Path(path).suffix.lower() == ".vmcx" else find_vmcx(path)
         if vmcx is not None:
             return vmcx, read_vm_config(vmcx)
     return None, []
