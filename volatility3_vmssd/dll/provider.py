@@ -1,4 +1,4 @@
-"""``DllSavedStateProvider``: Microsoft's DLL behind the provider interface (:class:`~volatility3_vmssd.interface.SavedState`).
+"""``DllSavedStateProvider``: Microsoft's DLL behind the provider interface (``interface.SavedState``).
 
 Two uses: a second backend on Windows (``backend="dll"``), and the reference side of
 ``vmssd verify``, which checks our native reader against Microsoft's on the same file.  Return
