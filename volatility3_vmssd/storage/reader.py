@@ -67,18 +67,10 @@ Value = int | float | str | bytes | bool | None
 
 
 @dataclasses.dataclass(frozen=True)
-class FileHeader:
+class FileHeader(FileHeaderFields):
+    """One copy of the file header as read: its fields, which copy it is, and whether its CRC held."""
+
     copy: int
-    signature: int
-    checksum: int
-    sequence: int
-    format_version: int
-    data_version: int
-    flags: int
-    data_alignment: int
-    replay_log_offset: int
-    replay_log_size: int
-    replay_log_header_size: int
     checksum_ok: bool
 
     @property
@@ -264,7 +256,7 @@ class HyperVStorage:
             return None
         fields = FileHeaderFields.parse(raw)
         ok = crc32_skipping(raw, FILE_HEADER_CRC_OFFSET) == fields.checksum
-        return FileHeader(copy, *dataclasses.astuple(fields), checksum_ok=ok)
+        return FileHeader(**dataclasses.asdict(fields), copy=copy, checksum_ok=ok)
 
     def _select_header(self, quiet: bool = False) -> FileHeader:
         copies = [self._read_header_copy(0), self._read_header_copy(1)]
