@@ -185,3 +185,15 @@ def test_random_layouts_map_every_page_through_its_own_record(
     assert sum(length for _, _, length in pieces) == covered
     for gpa, raw, length in pieces:
         assert ram.raw_offset(gpa) == raw and ram.raw_offset(gpa + length - 1) == raw + length - 1
+
+
+def test_parse_sound_is_parse_without_error_context() -> None:
+    # The RAM map's fast path: the same record as parse() for every value parse() accepts, and
+    # None (so that parse() reports it with its offset) for every value parse() rejects.
+    good = RamMemoryBlockRecord(5, 256, 0x100, flags=0x5, virtual_node=1, ksr_block_id=9, padding=2).build()
+    assert RamMemoryBlockRecord.parse_sound(good, "k") == RamMemoryBlockRecord.parse(good, key="k")
+    assert RamMemoryBlockRecord.parse_sound(good + b"tail", "k") == RamMemoryBlockRecord.parse(good + b"tail")
+    for bad in (good[:47], b"", good[:3], (4).to_bytes(4, "little") + good[4:]):
+        assert RamMemoryBlockRecord.parse_sound(bad) is None
+        with pytest.raises((TruncatedError, UnsupportedError)):
+            RamMemoryBlockRecord.parse(bad)

@@ -238,3 +238,40 @@ def test_tables_come_first_so_a_cut_copy_keeps_its_keys(tmp_path: Path) -> None:
         assert s.get("/savedstate/RamBlock10").read(allow_partial=True) == bytes([10]) * 100
         assert s.get("/savedstate/RamBlock11").read(allow_partial=True) == b""
         assert any(f.kind == "truncated" for f in s.findings)
+
+
+def test_numbered_bulk_read_equals_key_by_key(tmp_path: Path) -> None:
+    # NumberedKeys.read_values (the RAM map's bulk path) must give what Key.read and Key.path give,
+    # for every value form: inline arrays, file objects, strings, scalars, leading-zero names.
+    path = tmp_path / "numbered.vmrs"
+    values: dict[str, object] = {
+        "Rec0": os.urandom(48),
+        "Rec1": os.urandom(4000),  # a file object
+        "Rec2": "text value",
+        "Rec3": 7,
+        "Rec4": b"",
+        "Rec05": os.urandom(12),  # a leading zero: a literal name, also listed under the stem
+        "Other": os.urandom(48),
+    }
+    write_storage(path, {"savedstate": {"deep": {"er": values}}, "Rec9": os.urandom(48)})
+    with HyperVStorage.open(path, strict=True) as s:
+        for node in (s.find("/savedstate/deep/er"), s.root):
+            assert node is not None
+            keys = node.numbered_children("Rec")
+            paths, got = keys.read_values()
+            assert len(keys) == len(got) > 0
+            assert paths == [key.path for _, key in keys.sorted_items()]
+            assert got == [key.read() for _, key in keys.sorted_items()]
+            assert [n for n, _ in keys.sorted_items()] == sorted(keys)
+
+
+def test_key_paths_stay_right_when_the_parent_path_memo_is_cleared(tmp_path: Path, monkeypatch) -> None:
+    from volatility3_vmssd.storage import keytree
+
+    monkeypatch.setattr(keytree, "_NODE_PATHS_MAX", 2)  # cleared every third parent
+    tree = {f"n{i}": {f"m{j}": {"leaf": j, "x": {"y": i}} for j in range(3)} for i in range(4)}
+    path = tmp_path / "paths.vmrs"
+    write_storage(path, tree)
+    expected = {p for p in flatten(tree)}
+    with HyperVStorage.open(path, strict=True) as s:
+        assert {k.path for k in s.walk()} - {""} == expected

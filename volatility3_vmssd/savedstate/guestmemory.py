@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
@@ -276,9 +277,12 @@ class GuestMemory:
     def _check_blocks(self) -> None:
         """Report RamBlocks that no range of the map uses, in O(present + ranges) after sorting."""
         spans = self.ram_map.declared_block_ranges()
+        present = sorted(self._present)
+        if sum(bisect_right(present, a + c - 1) - bisect_left(present, a) for a, c in spans) == len(present):
+            return  # every present block lies in a span (the usual case): O(spans log blocks)
         extra = []
         i = 0
-        for n in sorted(self._present):
+        for n in present:
             while i < len(spans) and spans[i][0] + spans[i][1] <= n:
                 i += 1
             if i == len(spans) or n < spans[i][0]:

@@ -113,19 +113,29 @@ def ram_map(storage: HyperVStorage, findings: Findings, block_numbers: Iterable[
             " not a saved state",
         )
         return RamMap([], findings=findings, path=storage.path)
-    if sorted(keys) != list(range(len(keys))):
+    if isinstance(keys, NumberedKeys):
+        items, (names, values) = keys.sorted_items(), keys.read_values()
+    else:
+        ordered = sorted(keys.items())
+        items = iter(ordered)
+        names, values = [key.path for _, key in ordered], [key.read() for _, key in ordered]
+    numbers = sorted(keys)
+    if numbers[-1] != len(numbers) - 1:  # distinct and sorted: 0..n-1 exactly when the last is n-1
         findings.add(
             storage.path,
             None,
             "ram-map",
-            f"RamMemoryBlock numbers are not 0..{len(keys) - 1}: {sorted(keys)[:16]}; all of them are used",
+            f"RamMemoryBlock numbers are not 0..{len(keys) - 1}: {numbers[:16]}; all of them are used",
         )
     records: list[RamMemoryBlockRecord] = []
-    for n in sorted(keys):
-        key = keys[n]
+    sound = RamMemoryBlockRecord.parse_sound
+    for (_n, key), name, value in zip(items, names, values, strict=True):
         try:
+            record = sound(value, name)  # the offset a finding needs is looked up only when one is due
             records.append(
-                RamMemoryBlockRecord.parse(key.read(), path=storage.path, offset=key.file_offset, key=key.path)
+                record
+                if record is not None
+                else RamMemoryBlockRecord.parse(value, path=storage.path, offset=key.file_offset, key=name)
             )
         except UnsupportedError as exc:
             findings.add(
