@@ -260,9 +260,9 @@ def test_numbered_bulk_read_equals_key_by_key(tmp_path: Path) -> None:
             keys = node.numbered_children("Rec")
             paths, got = keys.read_values()
             assert len(keys) == len(got) > 0
-            assert paths == [key.path for _, key in keys.sorted_items()]
-            assert got == [key.read() for _, key in keys.sorted_items()]
-            assert [n for n, _ in keys.sorted_items()] == sorted(keys)
+            assert list(keys.keys()) == sorted(keys)
+            assert paths == [keys[n].path for n in keys]
+            assert got == [keys[n].read() for n in keys]
 
 
 def test_key_paths_stay_right_when_the_parent_path_memo_is_cleared(tmp_path: Path, monkeypatch) -> None:

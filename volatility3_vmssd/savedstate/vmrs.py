@@ -9,7 +9,7 @@ variants are explained in ``docs/format.md`` ("Where a saved state keeps its par
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from ..errors import Findings, NotFoundError, UnsupportedError, VmssdError
 from ..storage import HyperVStorage, Key, NumberedKeys
@@ -94,10 +94,9 @@ def ram_block_keys(storage: HyperVStorage) -> Mapping[int, Key]:
 def ram_map(storage: HyperVStorage, findings: Findings, block_numbers: Iterable[int]) -> RamMap:
     """The GPA map from the RamMemoryBlock records; an identity map (with a finding) when there are none."""
     keys = _numbered(storage, "RamMemoryBlock")
-    numbers = sorted(block_numbers)
-    identity_pages = (numbers[-1] + 1) * PAGES_PER_BLOCK if numbers else 0
+    identity_pages = (max(block_numbers, default=-1) + 1) * PAGES_PER_BLOCK
     if not keys:
-        if numbers:
+        if identity_pages:
             findings.add(
                 storage.path,
                 None,
@@ -113,38 +112,34 @@ def ram_map(storage: HyperVStorage, findings: Findings, block_numbers: Iterable[
             " not a saved state",
         )
         return RamMap([], findings=findings, path=storage.path)
+    # A fragmented VM has 100,000 records: one bulk read, and a Key only where a record is bad.
     if isinstance(keys, NumberedKeys):
-        items, (names, values) = keys.sorted_items(), keys.read_values()
+        numbers: Sequence[int] = keys.keys()
+        names, values = keys.read_values()
     else:
-        ordered = sorted(keys.items())
-        items = iter(ordered)
-        names, values = [key.path for _, key in ordered], [key.read() for _, key in ordered]
-    numbers = sorted(keys)
+        numbers = sorted(keys)
+        names, values = [keys[n].path for n in numbers], [keys[n].read() for n in numbers]
     if numbers[-1] != len(numbers) - 1:  # distinct and sorted: 0..n-1 exactly when the last is n-1
         findings.add(
             storage.path,
             None,
             "ram-map",
-            f"RamMemoryBlock numbers are not 0..{len(keys) - 1}: {numbers[:16]}; all of them are used",
+            f"RamMemoryBlock numbers are not 0..{len(keys) - 1}: {list(numbers[:16])}; all of them are used",
         )
     records: list[RamMemoryBlockRecord] = []
     sound = RamMemoryBlockRecord.parse_sound
-    for (_n, key), name, value in zip(items, names, values, strict=True):
-        try:
-            record = sound(value, name)  # the offset a finding needs is looked up only when one is due
-            records.append(
-                record
-                if record is not None
-                else RamMemoryBlockRecord.parse(value, path=storage.path, offset=key.file_offset, key=name)
-            )
-        except UnsupportedError as exc:
-            findings.add(
-                storage.path,
-                key.file_offset,
-                "ram-map",
-                f"{exc}; falling back to one identity chunk over the RamBlocks",
-            )
-            return RamMap.identity(identity_pages, findings=findings, path=storage.path)
+    for n, name, value in zip(numbers, names, values, strict=True):
+        record = sound(value, name)
+        if record is None:  # parse() says why, with the offset of the key
+            offset = keys[n].file_offset
+            try:
+                record = RamMemoryBlockRecord.parse(value, path=storage.path, offset=offset, key=name)
+            except UnsupportedError as exc:
+                findings.add(
+                    storage.path, offset, "ram-map", f"{exc}; falling back to one identity chunk over the RamBlocks"
+                )
+                return RamMap.identity(identity_pages, findings=findings, path=storage.path)
+        records.append(record)
     return RamMap(records, findings=findings, path=storage.path)
 
 
