@@ -227,7 +227,8 @@ class GuestMemory:
         self.on_fallback = on_fallback
         self._present = frozenset(source.block_numbers())
         #: The map cut down to the RamBlocks present (``ram_map.declared`` keeps what the file says).
-        self.ram_map, absent = ram_map.backed_by(self._present)
+        present = sorted(self._present)  # sorted once for both open-time checks
+        self.ram_map, absent = ram_map.backed_by(present)
         self._span_source = isinstance(source, SpanSource)
         self._cache: OrderedDict[int, _Block] = OrderedDict()  # blocks small reads use: plain LRU
         self._scan: OrderedDict[int, _Block] = OrderedDict()  # blocks only large reads used: a ring
@@ -242,7 +243,7 @@ class GuestMemory:
         #: Blocks that took the careful path (index, then page by page): damaged ones only.
         self.blocks_careful = 0
         self._report_absent(absent)
-        self._check_blocks()
+        self._check_blocks(present)
 
     def __repr__(self) -> str:
         cached = len(self._cache) + len(self._scan)
@@ -274,10 +275,9 @@ class GuestMemory:
                 )
         self.findings.add(self.path, None, "missing-block", message, error=FormatError)
 
-    def _check_blocks(self) -> None:
-        """Report RamBlocks that no range of the map uses, in O(present + ranges) after sorting."""
+    def _check_blocks(self, present: list[int]) -> None:
+        """Report RamBlocks (``present``, sorted) that no range of the map uses, in O(present + ranges)."""
         spans = self.ram_map.declared_block_ranges()
-        present = sorted(self._present)
         if sum(bisect_right(present, a + c - 1) - bisect_left(present, a) for a, c in spans) == len(present):
             return  # every present block lies in a span (the usual case): O(spans log blocks)
         extra = []
