@@ -38,9 +38,9 @@ def guest_registers() -> dict:
 @pytest.fixture(scope="session")
 def guest_vmrs(guest_elf: Path, guest_registers: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real guest's RAM (BIOS ROM left out) and registers as a plain .vmrs."""
-    from volatility3_vmssd.savedstate.cpujson import state_from_json
-    from volatility3_vmssd.savedstate.images import MemoryImage
-    from volatility3_vmssd.savedstate.writer import write_vmrs
+    from volatility3_vmssd.cpu.cpujson import state_from_json
+    from volatility3_vmssd.images.memoryimage import MemoryImage
+    from volatility3_vmssd.vmrs.writer import write_vmrs
 
     out = tmp_path_factory.mktemp("guest-vmrs") / "guest.vmrs"
     with MemoryImage.open(guest_elf) as image:

@@ -21,10 +21,10 @@ from builders import add_journal_entries
 from shared_data import LINUX_GUEST, REPO, need
 
 from volatility3_vmssd import SavedStateProvider
-from volatility3_vmssd.savedstate.cpujson import register_to_json, state_from_json
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.writer import write_fill_vmrs, write_vmrs
+from volatility3_vmssd.cpu.cpujson import register_to_json, state_from_json
+from volatility3_vmssd.images.memoryimage import MemoryImage
 from volatility3_vmssd.storage import HyperVStorage
+from volatility3_vmssd.vmrs.writer import write_fill_vmrs, write_vmrs
 
 SAMPLE = REPO / "tests" / "data" / "sample.vmrs"
 CLI = [sys.executable, "-m", "volatility3_vmssd.cli.main"]

@@ -30,16 +30,16 @@ from shared_data import BIOS_ROM, LINUX_GUEST, REPO, need
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.codecs import xpress
+from volatility3_vmssd.cpu.chunks import ChunkId
+from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+from volatility3_vmssd.cpu.cpujson import state_from_json
 from volatility3_vmssd.errors import KEEP_PER_KIND, Findings, VmssdError
-from volatility3_vmssd.savedstate import pagedecode, ramblock
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.guestmemory import GuestMemory, InMemoryBlockSource
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.partition_state import ChunkId, build_partition_state
-from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, encode_block
-from volatility3_vmssd.savedstate.rammap import RamMap, RamMemoryBlockRecord
-from volatility3_vmssd.savedstate.vmrs import ram_block_keys
-from volatility3_vmssd.savedstate.writer import write_vmrs
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory import pagedecode, ramblock
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE
+from volatility3_vmssd.memory.guestmemory import GuestMemory, InMemoryBlockSource
+from volatility3_vmssd.memory.ramblock import encode_block
+from volatility3_vmssd.memory.rammap import RamMap, RamMemoryBlockRecord
 from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter
 from volatility3_vmssd.storage.defs import (
     FILE_HEADER,
@@ -51,6 +51,8 @@ from volatility3_vmssd.storage.defs import (
     KeyType,
 )
 from volatility3_vmssd.storage.writer import replay_log_entry, replay_log_header
+from volatility3_vmssd.vmrs.reader import ram_block_keys
+from volatility3_vmssd.vmrs.writer import write_vmrs
 
 LOG = 0x3000  # where HyperVStorageWriter puts the replay log (alignment 0x1000)
 LOG_HEADER = 0x1000  # its header area: (0x1000 - 34) // 28 = 145 entry slots

@@ -27,7 +27,7 @@ from vol_helpers import (
     write_vmrs,
 )
 
-from volatility3_vmssd.savedstate.images import LIME_HEADER, LIME_MAGIC
+from volatility3_vmssd.images.lime import LIME_HEADER, LIME_MAGIC
 
 require_volatility()
 
@@ -282,8 +282,8 @@ def test_stacks_on_file_layers_only(tmp_path: Path, guest: bytearray, state: dic
 
 def write_large_vmrs(path: Path, ram: int, state: dict) -> None:
     """A .vmrs describing ``ram`` bytes of zero RAM (below and above a 1 GiB gap): about a megabyte."""
-    from volatility3_vmssd.savedstate.cpujson import state_from_json
-    from volatility3_vmssd.savedstate.writer import write_fill_vmrs
+    from volatility3_vmssd.cpu.cpujson import state_from_json
+    from volatility3_vmssd.vmrs.writer import write_fill_vmrs
 
     write_fill_vmrs(path, ram, state_from_json(state))
 
