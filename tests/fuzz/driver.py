@@ -351,7 +351,7 @@ def run_atheris(target: str, seconds: float, corpus: Path, out: Path, stats_file
         str(corpus),
         f"-max_len={max_len}",
         f"-max_total_time={int(seconds) + 30}",
-        "-timeout=20",  # libFuzzer's own kill switch; the harness already flags anything over 1 s
+        "-timeout=20",  # libFuzzer's own kill switch; the harness already flags anything over SLOW_SECONDS
         "-rss_limit_mb=3072",
         "-print_final_stats=0",
         "-close_fd_mask=0",
