@@ -30,6 +30,7 @@ RANKS = {
     "dll": 4,
     "provider": 4,
     "vmconfig": 4,
+    "images": 4,
     "exporters": 5,
     "verify": 5,
     "volatility": 5,

@@ -16,6 +16,7 @@ the file is truncated to its final size at the end, so a trailing zero stretch s
 * ELF: an ``ET_CORE`` with one ``PT_LOAD`` per range, ``p_paddr`` = ``p_vaddr`` = GPA (as QEMU's
   ``dump-guest-memory paging=false`` writes them; Volatility's Elf64Layer maps ``p_paddr``), and a
   ``PT_NOTE`` with one ``NT_PRSTATUS`` per VP in the Linux layout, so gdb and crash see the CPUs.
+* dmp: a Windows x64 kernel crash dump (``images/crashdump.py`` has the format, docs/crashdump.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import VmssdError
+from .images import crashdump
+from .images.winsymbols import kernel_symbols
 from .savedstate.images import ELF64_HEADER as ELF64_EHDR  # layouts declared once, beside their reader
 from .savedstate.images import ELF64_PHDR, LIME_HEADER, LIME_MAGIC, LIME_VERSION, PT_LOAD, PT_NOTE
 from .savedstate.registers import Architecture, RegisterValue, SegmentRegister
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 
 READ_SIZE = 16 << 20
 SPARSE_MIN = 1 << 20
-FORMATS = ("raw", "lime", "elf")
+FORMATS = ("raw", "lime", "elf", "dmp")
 
 ELF_NOTE_HEADER = struct.Struct("<III")
 ET_CORE = 4
@@ -91,6 +94,7 @@ class ExportReport:
     size: int = 0
     stored: int = 0
     missing: list[MissingRange] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know about the image
 
     @property
     def missing_bytes(self) -> int:
@@ -308,6 +312,33 @@ def write_elf(
     return report
 
 
+def write_dmp(
+    out: BinaryIO,
+    ranges: Sequence[tuple[int, int]],
+    read: Read,
+    inputs: crashdump.DumpInputs,
+    *,
+    kind: str = "auto",
+    progress: Progress | None = None,
+    read_size: int = READ_SIZE,
+) -> ExportReport:
+    """A Windows x64 crash dump: header (and bitmap), then the pages of every run back to back."""
+    plan = crashdump.plan_dump(_sorted_ranges(ranges), kind)
+    writer = SparseWriter(out)
+    for part in crashdump.file_prefix(plan, inputs):
+        writer.write(part)
+    writer.skip(plan.data_offset - writer.pos)
+    for gpa, length in plan.ranges:
+        _copy_range(writer, read, gpa, length, progress, read_size)
+    report = ExportReport("dmp", len(plan.runs), plan.pages * crashdump.PAGE_SIZE)
+    report.size, report.stored = writer.finish(), writer.stored
+    kind_text = "full dump" if plan.dump_type == crashdump.DUMP_TYPE_FULL else "bitmap dump"
+    report.notes.append(f"{kind_text} (type {plan.dump_type}), DirectoryTableBase {inputs.dtb:#x}")
+    if inputs.symbols is None:
+        report.notes.append(crashdump.WITHOUT_SYMBOLS)
+    return report
+
+
 # ------------------------------------------------------------------------------------------ provider glue
 
 
@@ -380,8 +411,47 @@ def provider_notes(provider: SavedState) -> tuple[int, bytes]:
     return (EM_AARCH64 if arm else EM_X86_64), b"".join(notes)
 
 
-def export(provider: SavedState, out: BinaryIO, fmt: str, *, progress: Progress | None = None) -> ExportReport:
-    """Write the saved state's RAM to ``out`` as ``fmt`` (raw, lime or elf), streaming.
+@dataclasses.dataclass(frozen=True)
+class DumpOptions:
+    """What ``convert --format dmp`` is told: the kernel DTB, a symbol directory, the dump type."""
+
+    dtb: int | None = None  # None: VP 0's saved VTL0 CR3
+    symbols_dir: str | None = None
+    kind: str = "auto"
+
+
+def provider_dump_inputs(provider: SavedState, options: DumpOptions) -> crashdump.DumpInputs:
+    """The crash-dump header's guest facts: VP 0's VTL0 registers, the VP count, the DTB, the kernel symbols."""
+    count = provider.vp_count() if provider.has_cpu_state() else 0
+    if not count or provider.get_architecture(0) != Architecture.X64:
+        raise VmssdError("a Windows crash dump needs the saved registers of an x64 guest (VP 0)")
+    banks = [provider.get_registers(i, 0) for i in range(count)]
+    cr3 = banks[0].get("cr3")
+    dtb = options.dtb if options.dtb is not None else cr3 if isinstance(cr3, int) else 0
+    dtb &= crashdump.DTB_MASK
+    symbols = None
+    if options.symbols_dir is not None:
+        symbols = kernel_symbols(provider.read_guest_physical_address, dtb, banks, options.symbols_dir)
+    rip = banks[0].get("rip")
+    return crashdump.DumpInputs(
+        dtb=dtb,
+        processors=count,
+        context=crashdump.context_record(banks[0]),
+        exception_address=rip if isinstance(rip, int) else 0,
+        symbols=symbols,
+        comment="Hyper-V saved state converted by vmssd",
+    )
+
+
+def export(
+    provider: SavedState,
+    out: BinaryIO,
+    fmt: str,
+    *,
+    progress: Progress | None = None,
+    dump: DumpOptions | None = None,
+) -> ExportReport:
+    """Write the saved state's RAM to ``out`` as ``fmt`` (raw, lime, elf or dmp), streaming.
 
     Unreadable ranges are zero-filled and listed in the report's ``missing``.
     """
@@ -394,6 +464,10 @@ def export(provider: SavedState, out: BinaryIO, fmt: str, *, progress: Progress 
     elif fmt == "elf":
         machine, notes = provider_notes(provider)
         report = write_elf(out, ranges, read, machine=machine, notes=notes, progress=progress)
+    elif fmt == "dmp":
+        options = dump or DumpOptions()
+        inputs = provider_dump_inputs(provider, options)
+        report = write_dmp(out, ranges, read, inputs, kind=options.kind, progress=progress)
     else:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     report.missing = read.missing

@@ -1,0 +1,1 @@
+"""Memory-image formats other tools open, built from guest-physical ranges and saved registers."""
