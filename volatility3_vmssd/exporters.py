@@ -94,7 +94,8 @@ class ExportReport:
     size: int = 0
     stored: int = 0
     missing: list[MissingRange] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know about the image
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user must know about the image
+    detail: str = ""  # what kind of image of its format, for the summary line
 
     @property
     def missing_bytes(self) -> int:
@@ -333,7 +334,7 @@ def write_dmp(
     report = ExportReport("dmp", len(plan.runs), plan.pages * crashdump.PAGE_SIZE)
     report.size, report.stored = writer.finish(), writer.stored
     kind_text = "full dump" if plan.dump_type == crashdump.DUMP_TYPE_FULL else "bitmap dump"
-    report.notes.append(f"{kind_text} (type {plan.dump_type}), DirectoryTableBase {inputs.dtb:#x}")
+    report.detail = f"{kind_text}, type {plan.dump_type}, DirectoryTableBase {inputs.dtb:#x}"
     if inputs.symbols is None:
         report.notes.append(crashdump.WITHOUT_SYMBOLS)
     return report

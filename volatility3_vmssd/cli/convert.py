@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         rate = human_size(report.ram_bytes / elapsed) if elapsed > 0 else "-"
         print(
-            f"wrote {args.output}: {args.format}, {report.ranges} GPA range(s), {report.ram_bytes:,} bytes of RAM,"
+            f"wrote {args.output}: {args.format}{f' ({report.detail})' if report.detail else ''},"
+            f" {report.ranges} GPA range(s), {report.ram_bytes:,} bytes of RAM,"
             f" file {report.size:,} bytes ({report.stored:,} written, the rest sparse)"
             f" in {human_duration(elapsed)} ({rate}/s)",
             file=sys.stderr,
