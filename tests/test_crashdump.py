@@ -250,7 +250,7 @@ def test_full_guest_dump_reads_back(tmp_path: Path) -> None:
     out = tmp_path / "full.dmp"
     r = vmssd("convert", vmrs, "-o", out, "--format", "dmp")
     assert r.returncode == 0, r.stderr
-    assert f"wrote {out}: dmp (full dump, type 1, DirectoryTableBase 0x5000), 3 GPA range(s)" in r.stderr
+    assert f"wrote {out}: dmp (full dump, type 1, DirectoryTableBase 0x5000 = VP 0's saved CR3 (VTL0)" in r.stderr
     assert [line for line in r.stderr.splitlines() if "no kernel symbols given" in line] == [
         f"vmssd convert: note: {cd.WITHOUT_SYMBOLS}"
     ]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import VmssdError
 from .images import crashdump
-from .images.winsymbols import kernel_symbols
+from .images.winsymbols import KernelImage, kernel_symbols
 from .savedstate.images import ELF64_HEADER as ELF64_EHDR  # layouts declared once, beside their reader
 from .savedstate.images import ELF64_PHDR, LIME_HEADER, LIME_MAGIC, LIME_VERSION, PT_LOAD, PT_NOTE
 from .savedstate.registers import Architecture, RegisterValue, SegmentRegister
@@ -334,7 +334,7 @@ def write_dmp(
     report = ExportReport("dmp", len(plan.runs), plan.pages * crashdump.PAGE_SIZE)
     report.size, report.stored = writer.finish(), writer.stored
     kind_text = "full dump" if plan.dump_type == crashdump.DUMP_TYPE_FULL else "bitmap dump"
-    report.detail = f"{kind_text}, type {plan.dump_type}, DirectoryTableBase {inputs.dtb:#x}"
+    report.detail = f"{kind_text}, type {plan.dump_type}, DirectoryTableBase {inputs.dtb:#x} = {inputs.dtb_source}"
     if inputs.symbols is None:
         report.notes.append(crashdump.WITHOUT_SYMBOLS)
     return report
@@ -427,12 +427,13 @@ def provider_dump_inputs(provider: SavedState, options: DumpOptions) -> crashdum
     if not count or provider.get_architecture(0) != Architecture.X64:
         raise VmssdError("a Windows crash dump needs the saved registers of an x64 guest (VP 0)")
     banks = [provider.get_registers(i, 0) for i in range(count)]
-    cr3 = banks[0].get("cr3")
-    dtb = options.dtb if options.dtb is not None else cr3 if isinstance(cr3, int) else 0
-    dtb &= crashdump.DTB_MASK
+    if options.dtb is not None:
+        dtb, source, image = options.dtb & crashdump.DTB_MASK, "given with --dtb", None
+    else:
+        dtb, source, image = kernel_dtb(provider)
     symbols = None
     if options.symbols_dir is not None:
-        symbols = kernel_symbols(provider.read_guest_physical_address, dtb, banks, options.symbols_dir)
+        symbols = kernel_symbols(provider.read_guest_physical_address, dtb, banks, options.symbols_dir, image)
     rip = banks[0].get("rip")
     return crashdump.DumpInputs(
         dtb=dtb,
@@ -441,7 +442,58 @@ def provider_dump_inputs(provider: SavedState, options: DumpOptions) -> crashdum
         exception_address=rip if isinstance(rip, int) else 0,
         symbols=symbols,
         comment="Hyper-V saved state converted by vmssd",
+        dtb_source=source,
     )
+
+
+def kernel_dtb(provider: SavedState) -> tuple[int, str, KernelImage | None]:
+    """``(DTB, where it came from, the kernel image when known)`` for a crash-dump header.
+
+    With ``cpu/kernel_dtb.py`` (the Windows kernel-DTB proof) every VP's saved CR3, VTL0 first, is
+    tried and the first that Windows' own tables vouch for is used; otherwise, or when none
+    qualifies, VP 0's VTL0 CR3 (docs/crashdump.md, "DirectoryTableBase").
+    """
+    cr3 = provider.get_registers(0, 0).get("cr3")
+    fallback = (cr3 if isinstance(cr3, int) else 0) & crashdump.DTB_MASK
+    try:
+        from .cpu import kernel_dtb as proof  # branch winguest; VP 0's CR3 until it is merged
+    except ImportError:
+        return fallback, "VP 0's saved CR3 (VTL0)", None
+
+    def read(gpa: int, size: int) -> bytes | None:
+        try:
+            data = provider.read_guest_physical_address(gpa, size)
+        except VmssdError:
+            return None
+        return data if len(data) == size else None
+
+    banks = _register_banks(provider)
+    code, idts = proof.register_hints(regs for _, _, regs in banks)
+    for vp, vtl, regs in banks:
+        value = regs.get("cr3")
+        if not isinstance(value, int):
+            continue
+        verdict = proof.check_kernel_dtb(read, value & crashdump.DTB_MASK, 4, code, idts)
+        if verdict.ok and verdict.kernel_base is not None and verdict.pdb_name and verdict.guid:
+            image = KernelImage(verdict.kernel_base, 0, verdict.pdb_name.lower(), f"{verdict.guid}-{verdict.age}")
+            return verdict.dtb, f"the saved CR3 of VP {vp} VTL {vtl}", image
+    return fallback, "VP 0's saved CR3 (VTL0): no saved CR3 maps the kernel", None
+
+
+def _register_banks(provider: SavedState) -> list[tuple[int, int, dict[str, RegisterValue]]]:
+    """``(vp, vtl, registers)`` of every saved register bank: every VP's VTL0 first, then higher VTLs."""
+    saved = {vp: provider.get_virtual_trust_levels(vp) for vp in range(provider.vp_count())}
+    banks = []
+    for vtl in sorted({v for vtls in saved.values() for v in vtls}):
+        for vp, vtls in saved.items():
+            if vtl in vtls:
+                try:
+                    regs = provider.get_registers(vp, vtl)
+                except VmssdError:
+                    continue  # a VTL marker without registers
+                if regs:
+                    banks.append((vp, vtl, regs))
+    return banks
 
 
 def export(

@@ -210,6 +210,7 @@ class DumpInputs:
     exception_address: int = 0
     symbols: KernelSymbols | None = None
     comment: str = ""
+    dtb_source: str = "given"  # in words, for the user: which saved CR3, or how it was chosen
 
 
 WITHOUT_SYMBOLS = (

@@ -176,11 +176,13 @@ def kernel_symbols(
     dtb: int,
     registers: Iterable[Mapping[str, object]],
     symbols_dir: str | os.PathLike[str],
+    image: KernelImage | None = None,
 ) -> KernelSymbols:
-    """Locate the kernel through ``dtb`` from the VPs' registers and resolve the header's symbols."""
+    """Resolve the header's symbols for the kernel ``image`` (located through ``dtb`` from the VPs'
+    registers when the caller has not located it already)."""
     read_virtual = virtual_reader(read_physical, dtb)
-    seeds = [s for regs in registers for s in kernel_seeds(regs, read_virtual)]
-    image = find_kernel(read_virtual, seeds)
+    seeds = [s for regs in registers for s in kernel_seeds(regs, read_virtual)] if image is None else []
+    image = image or find_kernel(read_virtual, seeds)
     if image is None:
         raise VmssdError(
             f"--symbols: no Windows kernel image found through DTB {dtb:#x} below the saved LSTAR/IDT handlers"
