@@ -19,6 +19,7 @@ from shared_data import REPO, SHARED, need
 from volatility3_vmssd import exporters as ex
 from volatility3_vmssd import open_saved_state
 from volatility3_vmssd.images import crashdump as cd
+from volatility3_vmssd.images.winsymbols import self_referencing_tables
 from volatility3_vmssd.savedstate.chunkwriter import build_partition_state
 from volatility3_vmssd.savedstate.cpustate import PartitionState, VpState
 from volatility3_vmssd.savedstate.images import MemoryImage
@@ -338,6 +339,27 @@ def test_a_file_declaring_2_to_the_40_pages_finishes(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ symbols
+
+
+def test_self_referencing_tables_are_found_and_decoys_are_not() -> None:
+    rng = random.Random(4)
+    base = 0x1A0000
+    data = bytearray(16 * PAGE)
+    want = []
+    for page in range(16):
+        pa = base + page * PAGE
+        at = page * PAGE
+        if page % 4 == 0:  # a real one, at a random kernel-half index
+            index = rng.randrange(256, 512)
+            struct.pack_into("<Q", data, at + index * 8, pa | 0x63 | 1 << 63)
+            want.append(pa)
+        elif page % 4 == 1:  # in the user half: not Windows' self-reference
+            struct.pack_into("<Q", data, at + rng.randrange(0, 256) * 8, pa | 0x63)
+        elif page % 4 == 2:  # not present
+            struct.pack_into("<Q", data, at + rng.randrange(256, 512) * 8, pa | 0x62)
+        else:  # the address bytes, but not on an entry boundary
+            struct.pack_into("<Q", data, at + 0x900 + 3, pa | 0x63)
+    assert list(self_referencing_tables(bytes(data), base)) == want
 
 
 class PageTables:

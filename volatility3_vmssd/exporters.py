@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import VmssdError
 from .images import crashdump
-from .images.winsymbols import KernelImage, kernel_symbols
+from .images.winsymbols import KernelImage, kernel_symbols, self_referencing_tables
 from .savedstate.images import ELF64_HEADER as ELF64_EHDR  # layouts declared once, beside their reader
 from .savedstate.images import ELF64_PHDR, LIME_HEADER, LIME_MAGIC, LIME_VERSION, PT_LOAD, PT_NOTE
 from .savedstate.registers import Architecture, RegisterValue, SegmentRegister
@@ -343,6 +343,7 @@ def write_dmp(
 # ------------------------------------------------------------------------------------------ provider glue
 
 
+DTB_SCAN_READ = 16 << 20
 MISSING_PROBE = 0x1000
 """After a failed read, the next read starts at the next boundary of this size (a guest page)."""
 
@@ -477,7 +478,17 @@ def kernel_dtb(provider: SavedState) -> tuple[int, str, KernelImage | None]:
         if verdict.ok and verdict.kernel_base is not None and verdict.pdb_name and verdict.guid:
             image = KernelImage(verdict.kernel_base, 0, verdict.pdb_name.lower(), f"{verdict.guid}-{verdict.age}")
             return verdict.dtb, f"the saved CR3 of VP {vp} VTL {vtl}", image
-    return fallback, "VP 0's saved CR3 (VTL0): no saved CR3 maps the kernel", None
+    for gpa, length in provider_ranges(provider):  # as Volatility does when no saved CR3 will do: scan RAM
+        for off in range(0, length, DTB_SCAN_READ):
+            data = provider.read_guest_physical_address_padded(gpa + off, min(DTB_SCAN_READ, length - off))
+            for table in self_referencing_tables(data, gpa + off):
+                verdict = proof.check_kernel_dtb(read, table, 4, code, idts)
+                if verdict.ok and verdict.kernel_base is not None and verdict.pdb_name and verdict.guid:
+                    image = KernelImage(
+                        verdict.kernel_base, 0, verdict.pdb_name.lower(), f"{verdict.guid}-{verdict.age}"
+                    )
+                    return table, "found by a scan of RAM (no saved CR3 maps the kernel)", image
+    return fallback, "VP 0's saved CR3 (VTL0): no saved CR3 maps the kernel and no RAM page is its table", None
 
 
 def _register_banks(provider: SavedState) -> list[tuple[int, int, dict[str, RegisterValue]]]:

@@ -50,7 +50,7 @@ def convert(vmrs: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[s
     return subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=REPO, env=env, check=False)
 
 
-@pytest.mark.parametrize("context", ["kernel", "vbs"])
+@pytest.mark.parametrize("context", ["kernel", "kvashadow", "vbs"])
 @pytest.mark.parametrize("isf", ISFS, ids=lambda p: p.name[:8])
 def test_pslist_of_the_dump_equals_the_vmrs(tmp_path: Path, win_cache: Path, isf: Path, context: str) -> None:
     kdmp_parser = pytest.importorskip("kdmp_parser")
@@ -59,14 +59,17 @@ def test_pslist_of_the_dump_equals_the_vmrs(tmp_path: Path, win_cache: Path, isf
     out = tmp_path / "guest.dmp"
     done = convert(vmrs, out, "--symbols", str(SYMBOLS), "-q")
     assert done.returncode == 0, done.stderr
-    assert vol_rows(out, "windows.pslist", win_cache) == vol_rows(vmrs, "windows.pslist", win_cache)
+    rows = vol_rows(out, "windows.pslist", win_cache)
+    assert rows == vol_rows(guest.lime, "windows.pslist", win_cache)  # Volatility alone, on the same RAM
+    assert rows == vol_rows(vmrs, "windows.pslist", win_cache)
     with lzma.open(isf) as fh:
         isf_doc = json.load(fh)
     symbol = {name: entry["address"] for name, entry in isf_doc["symbols"].items()}
     dump = kdmp_parser.KernelDumpParser(out)
     header = dump.header  # a view into the parser: keep the parser alive while it is used
-    if guest.saved_cr3_dtb is not None:
-        assert dump.directory_table_base == guest.saved_cr3_dtb == guest.dtb
+    # a saved CR3 proven a kernel DTB, or (KVA shadow on every VP) the kernel's table found by the scan
+    assert dump.directory_table_base == guest.dtb
+    assert guest.saved_cr3_dtb in (guest.dtb, None)
     assert header.KdDebuggerDataBlock == guest.kernel_base + symbol["KdDebuggerDataBlock"]
     assert header.PsActiveProcessHead == guest.kernel_base + symbol["PsActiveProcessHead"]
     assert header.PsLoadedModuleList == guest.kernel_base + symbol["PsLoadedModuleList"]

@@ -16,13 +16,13 @@ import json
 import lzma
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ..errors import VmssdError
 from ..savedstate.registers import PagingMode, TableRegister
 from ..savedstate.translate import translate_with_size
-from .crashdump import PAGE_SIZE, KernelSymbols
+from .crashdump import DTB_MASK, PAGE_SIZE, KernelSymbols
 
 ReadPhysical = Callable[[int, int], bytes]
 ReadVirtual = Callable[[int, int], "bytes | None"]
@@ -134,6 +134,27 @@ def find_kernel(read_virtual: ReadVirtual, seeds: Iterable[int], limit: int = KE
             if image is not None and image.pdb_name in KERNEL_PDBS and va + image.size > seed:
                 return image
     return None
+
+
+def self_referencing_tables(data: bytes, base: int) -> Iterator[int]:
+    """Pages of ``data`` (at guest-physical ``base``, page aligned) whose kernel half has a present entry
+    pointing back at the page itself: what a Windows x64 top-level table looks like (candidates only).
+
+    Bytes 2-5 of such an entry are bits 16-47 of the page's own address, so one substring search per
+    page finds the few places worth decoding.
+    """
+    for off in range(0, len(data) - PAGE_SIZE + 1, PAGE_SIZE):
+        pa = base + off
+        needle = (pa >> 16 & 0xFFFF_FFFF).to_bytes(4, "little")
+        pos = data.find(needle, off + PAGE_SIZE // 2 + 2, off + PAGE_SIZE)
+        while pos >= 0:
+            slot = pos - 2
+            if (slot - off) % 8 == 0:
+                (entry,) = struct.unpack_from("<Q", data, slot)
+                if entry & 1 and entry & DTB_MASK == pa:
+                    yield pa
+                    break
+            pos = data.find(needle, pos + 1, off + PAGE_SIZE)
 
 
 def isf_path(symbols_dir: str | os.PathLike[str], image: KernelImage) -> str:
