@@ -387,9 +387,12 @@ class PageTables:
         struct.pack_into("<Q", self.memory, table + ((va >> 12) & 0x1FF) * 8, pa | 0x3)
 
 
-def windows_kernel_guest(tmp_path: Path, isf: dict, base: int) -> tuple[Path, dict[str, int]]:
+def windows_kernel_guest(
+    tmp_path: Path, isf: dict, base: int, *, build_in_kernel: bool = True
+) -> tuple[Path, dict[str, int]]:
     """A guest whose kernel PE (CodeView record = the ISF's GUID and age) is mapped at ``base``, with
-    MmPfnDatabase and NtBuildNumber filled in; LSTAR points inside the image."""
+    MmPfnDatabase and NtBuildNumber (unmapped unless ``build_in_kernel``) filled in, and
+    KUSER_SHARED_DATA at its fixed address; LSTAR points inside the image."""
     rng = random.Random(base)
     memory = bytearray(rng.randbytes(16 * MIB))
     memory[0x10000:0x40000] = bytes(0x30000)
@@ -397,6 +400,8 @@ def windows_kernel_guest(tmp_path: Path, isf: dict, base: int) -> tuple[Path, di
     pdb = isf["metadata"]["windows"]["pdb"]
     guid = pdb["GUID"]
     symbols = {name: isf["symbols"][name]["address"] for name in ("MmPfnDatabase", "NtBuildNumber")}
+    if not build_in_kernel:
+        del symbols["NtBuildNumber"]
     pages = {0, 0x2000, *(a & ~0xFFF for a in symbols.values())}
     image_pa = {rva: 0x100000 + i * PAGE for i, rva in enumerate(sorted(pages))}
     for rva, pa in image_pa.items():
@@ -427,11 +432,22 @@ def windows_kernel_guest(tmp_path: Path, isf: dict, base: int) -> tuple[Path, di
     pfn_value = 0xFFFF_FA80_0000_0000 | rng.getrandbits(20) << 12
     build = 0xF000_0000 | rng.randrange(10000, 30000)
     put(symbols["MmPfnDatabase"], struct.pack("<Q", pfn_value))
-    put(symbols["NtBuildNumber"], struct.pack("<I", build))
+    if build_in_kernel:
+        put(symbols["NtBuildNumber"], struct.pack("<I", build))
+    kuser_pa = 0x180000
+    tables.map(0xFFFF_F780_0000_0000, kuser_pa)
+    kuser = {k: v["offset"] for k, v in isf["user_types"]["_KUSER_SHARED_DATA"]["fields"].items()}
+    system_time, up_time, product = rng.getrandbits(63), rng.getrandbits(50), rng.choice([1, 2, 3])
+    memory[kuser_pa : kuser_pa + PAGE] = bytes(PAGE)
+    for field, value in (("SystemTime", system_time), ("InterruptTime", up_time)):
+        at = kuser_pa + kuser[field]
+        memory[at : at + 12] = struct.pack("<III", value & 0xFFFFFFFF, value >> 32, value >> 32)
+    struct.pack_into("<I", memory, kuser_pa + kuser["NtBuildNumber"], build)
+    struct.pack_into("<I", memory, kuser_pa + kuser["NtProductType"], product)
     vmrs = tmp_path / "win.vmrs"
     vps = [vp_registers(rng, 0x10000, lstar=base + 0x400123) for _ in range(2)]
     write_guest(vmrs, {0: bytes(memory)}, vps)
-    return vmrs, {"pfn": pfn_value, "build": build & 0xFFFF}
+    return vmrs, {"pfn": pfn_value, "build": build & 0xFFFF, "time": system_time, "up": up_time, "product": product}
 
 
 @pytest.mark.slow
@@ -439,7 +455,7 @@ def windows_kernel_guest(tmp_path: Path, isf: dict, base: int) -> tuple[Path, di
 def test_symbols_fill_the_kernel_fields(tmp_path: Path, table: str) -> None:
     isf = _isf(table)
     base = 0xFFFF_F806_1240_0000 if table.startswith("B") else 0xFFFF_F800_7A21_D000
-    vmrs, values = windows_kernel_guest(tmp_path, isf, base)
+    vmrs, values = windows_kernel_guest(tmp_path, isf, base, build_in_kernel=table.startswith("B"))
     out = tmp_path / "win.dmp"
     r = vmssd("convert", vmrs, "-o", out, "--format", "dmp", "--symbols", SYMBOLS)
     assert r.returncode == 0, r.stderr
@@ -452,6 +468,11 @@ def test_symbols_fill_the_kernel_fields(tmp_path: Path, table: str) -> None:
     assert header.PsActiveProcessHead == base + sym["PsActiveProcessHead"]
     assert header.PfnDatabase == values["pfn"]
     assert header.MinorVersion == values["build"] and header.MajorVersion == cd.MAJOR_VERSION_FREE
+    assert (header.SystemTime, header.SystemUpTime, header.ProductType) == (
+        values["time"],
+        values["up"],
+        values["product"],
+    )
     assert dump.translate_virtual(base) == 0x100000
 
 

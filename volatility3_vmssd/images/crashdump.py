@@ -198,6 +198,9 @@ class KernelSymbols:
     ps_active_process_head: int
     pfn_database: int  # the value of MmPfnDatabase (0 when its page was not readable)
     build_number: int | None  # NtBuildNumber's low 16 bits, None when its page was not readable
+    product_type: int = 0  # KUSER_SHARED_DATA.NtProductType (1 workstation, 2 domain controller, 3 server)
+    system_time: int = 0  # KUSER_SHARED_DATA.SystemTime: FILETIME of the guest's clock when it was saved
+    up_time: int = 0  # KUSER_SHARED_DATA.InterruptTime: 100 ns units since boot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +218,7 @@ class DumpInputs:
 
 WITHOUT_SYMBOLS = (
     "no kernel symbols given (--symbols): the header has no KdDebuggerDataBlock, PsLoadedModuleList,"
-    " PsActiveProcessHead, PfnDataBase or build number, so WinDbg must find the kernel itself"
+    " PsActiveProcessHead, PfnDataBase, build number or system time, so WinDbg must find the kernel itself"
     " (module list, !process and !pfn may not work until it does)"
 )
 
@@ -382,12 +385,12 @@ def build_header(plan: DumpPlan, inputs: DumpInputs) -> bytes:
         Exception=bytes(exception),
         DumpType=plan.dump_type,
         RequiredDumpSpace=plan.size,
-        SystemTime=0,
+        SystemTime=sym.system_time if sym else 0,
         Comment=inputs.comment.encode("ascii", "replace")[:127],
-        SystemUpTime=0,
+        SystemUpTime=sym.up_time if sym else 0,
         MiniDumpFields=0,
         SecondaryDataState=0,
-        ProductType=0,
+        ProductType=sym.product_type if sym else 0,
         SuiteMask=0,
         WriterStatus=0,
         KdSecondaryVersion=0,

@@ -34,6 +34,8 @@ ISF_SUFFIXES = (".json.xz", ".json.gz", ".json")
 IDT_SEEDS = 4  # the first vectors' handlers (divide error, debug, NMI, breakpoint)
 MAX_IMAGE_SIZE = 1 << 30
 IMAGE_DEBUG_TYPE_CODEVIEW = 2
+KUSER_SHARED_DATA = 0xFFFF_F780_0000_0000  # its fixed kernel address on x64
+KUSER_FIELDS = ("NtBuildNumber", "NtProductType", "SystemTime", "InterruptTime")
 DEBUG_DIRECTORY = struct.Struct("<IIHHIIII")
 HEADER_SYMBOLS = ("KdDebuggerDataBlock", "PsLoadedModuleList", "PsActiveProcessHead", "MmPfnDatabase", "NtBuildNumber")
 
@@ -192,6 +194,24 @@ def symbol_offsets(doc: Mapping[str, Any], path: str) -> dict[str, int]:
     return out
 
 
+def kuser_offsets(doc: Mapping[str, Any]) -> dict[str, int]:
+    """Offsets of the ``_KUSER_SHARED_DATA`` fields the header uses (those the table has)."""
+    fields = doc.get("user_types", {}).get("_KUSER_SHARED_DATA", {}).get("fields", {})
+    return {name: fields[name]["offset"] for name in KUSER_FIELDS if isinstance(fields.get(name), dict)}
+
+
+def _u32(data: bytes | None) -> int | None:
+    return struct.unpack_from("<I", data)[0] if data else None
+
+
+def _time(data: bytes | None) -> int:
+    """A ``KSYSTEM_TIME`` (low, high1, high2) as a 64-bit count; 0 when unread or caught mid-update."""
+    if not data:
+        return 0
+    low, high1, high2 = struct.unpack("<IiI", data)
+    return low | (high1 & 0xFFFF_FFFF) << 32 if high1 & 0xFFFF_FFFF == high2 else 0
+
+
 def kernel_symbols(
     read_physical: ReadPhysical,
     dtb: int,
@@ -210,9 +230,15 @@ def kernel_symbols(
             f" ({len(seeds)} kernel address(es) tried, {KERNEL_SCAN_LIMIT >> 20} MiB below each)"
         )
     path = isf_path(symbols_dir, image)
-    offsets = symbol_offsets(load_isf(path), path)
+    doc = load_isf(path)
+    offsets = symbol_offsets(doc, path)
+    kuser = kuser_offsets(doc)
+
+    def shared(field: str, size: int) -> bytes | None:
+        return read_virtual(KUSER_SHARED_DATA + kuser[field], size) if field in kuser else None
+
     pfn = read_virtual(image.base + offsets["MmPfnDatabase"], 8)
-    build = read_virtual(image.base + offsets["NtBuildNumber"], 4)
+    build = _u32(read_virtual(image.base + offsets["NtBuildNumber"], 4)) or _u32(shared("NtBuildNumber", 4))
     return KernelSymbols(
         kernel_base=image.base,
         table=image.guid_age,
@@ -220,5 +246,8 @@ def kernel_symbols(
         ps_loaded_module_list=image.base + offsets["PsLoadedModuleList"],
         ps_active_process_head=image.base + offsets["PsActiveProcessHead"],
         pfn_database=struct.unpack("<Q", pfn)[0] if pfn else 0,
-        build_number=struct.unpack("<I", build)[0] & 0xFFFF if build else None,
+        build_number=build & 0xFFFF if build else None,
+        product_type=_u32(shared("NtProductType", 4)) or 0,
+        system_time=_time(shared("SystemTime", 12)),
+        up_time=_time(shared("InterruptTime", 12)),
     )
