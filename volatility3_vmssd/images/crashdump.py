@@ -397,6 +397,7 @@ def build_header(plan: DumpPlan, inputs: DumpInputs) -> bytes:
     )
     if plan.dump_type == DUMP_TYPE_FULL:
         base = DUMP_HEADER64.offset("PhysicalMemoryBlockBuffer")
+        buf[base : base + PHYSICAL_MEMORY_DESCRIPTOR.size] = bytes(PHYSICAL_MEMORY_DESCRIPTOR.size)  # no filler
         PHYSICAL_MEMORY_DESCRIPTOR.pack_into(buf, base, NumberOfRuns=len(plan.runs), NumberOfPages=plan.pages)
         for i, (page, count) in enumerate(plan.runs):
             at = base + PHYSICAL_MEMORY_DESCRIPTOR.size + i * PHYSICAL_MEMORY_RUN.size
