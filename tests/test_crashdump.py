@@ -16,18 +16,19 @@ from pathlib import Path
 import pytest
 from shared_data import REPO, SHARED, need
 
-from volatility3_vmssd import exporters as ex
 from volatility3_vmssd import open_saved_state
+from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+from volatility3_vmssd.cpu.cpustate import PartitionState, VpState
+from volatility3_vmssd.cpu.registers import PrologVendor, SegmentRegister, TableRegister
 from volatility3_vmssd.images import crashdump as cd
+from volatility3_vmssd.images.export import provider_ranges
+from volatility3_vmssd.images.lime import write_lime
+from volatility3_vmssd.images.memoryimage import MemoryImage
 from volatility3_vmssd.images.winsymbols import self_referencing_tables
-from volatility3_vmssd.savedstate.chunkwriter import build_partition_state
-from volatility3_vmssd.savedstate.cpustate import PartitionState, VpState
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, encode_block
-from volatility3_vmssd.savedstate.rammap import RamMemoryBlockRecord
-from volatility3_vmssd.savedstate.registers import PrologVendor, SegmentRegister, TableRegister
-from volatility3_vmssd.savedstate.writer import write_vmrs
+from volatility3_vmssd.memory.ramblock import BLOCK_SIZE, encode_block
+from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord
 from volatility3_vmssd.storage.writer import HyperVStorageWriter
+from volatility3_vmssd.vmrs.writer import write_vmrs
 
 CLI = [sys.executable, "-m", "volatility3_vmssd.cli.main"]
 MIB = 1 << 20
@@ -76,7 +77,7 @@ def write_guest(path: Path, memory: dict[int, bytes], vps: list[dict[str, object
 
     lime = path.with_suffix(".lime")
     with open(lime, "wb") as fh:
-        ex.write_lime(fh, ranges, read)
+        write_lime(fh, ranges, read)
     state = PartitionState(processor_vendor=PrologVendor.INTEL)
     state.vps = [VpState(index=i, registers={0: regs}) for i, regs in enumerate(vps)]  # type: ignore[misc]
     with MemoryImage.open(lime, "lime") as image:
@@ -156,7 +157,7 @@ def check_volatility_layer(dump_path: Path, vmrs: Path) -> None:
     layer = crash.WindowsCrashDump64Layer(ctx, "dmp", "dmp")
     with open_saved_state(vmrs) as p:
         assert layer.dtb == p.get_registers(0, 0)["cr3"]
-        ranges = ex.provider_ranges(p)
+        ranges = provider_ranges(p)
         mapped = sorted((m[0], m[1]) for m in layer.mapping(0, layer.maximum_address + 1, ignore_errors=True))
         merged: list[tuple[int, int]] = []
         for gpa, n in mapped:

@@ -1,1 +1,1 @@
-"""Memory-image formats other tools open, built from guest-physical ranges and saved registers."""
+"""Memory images other tools open (raw, LiME, ELF core, Windows crash dump): one module per format."""

@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
+from ..cpu.registers import FpControlStatus, SegmentRegister, XmmControlStatus
 from ..errors import VmssdError
-from ..savedstate.registers import FpControlStatus, SegmentRegister, XmmControlStatus
+from .ranges import sorted_ranges
+from .streaming import READ_SIZE, ExportReport, Progress, Read, SparseWriter, copy_range
 
 PAGE_SIZE = 0x1000
 HEADER_SIZE = 0x2000
@@ -458,3 +460,30 @@ def file_prefix(plan: DumpPlan, inputs: DumpInputs) -> Iterator[bytes]:
     if plan.dump_type == DUMP_TYPE_BITMAP:
         yield bitmap_header(plan)
         yield from bitmap_chunks(plan)
+
+
+def write_dmp(
+    out: BinaryIO,
+    ranges: Sequence[tuple[int, int]],
+    read: Read,
+    inputs: DumpInputs,
+    *,
+    kind: str = "auto",
+    progress: Progress | None = None,
+    read_size: int = READ_SIZE,
+) -> ExportReport:
+    """A Windows x64 crash dump: header (and bitmap), then the pages of every run back to back."""
+    plan = plan_dump(sorted_ranges(ranges), kind)
+    writer = SparseWriter(out)
+    for part in file_prefix(plan, inputs):
+        writer.write(part)
+    writer.skip(plan.data_offset - writer.pos)
+    for gpa, length in plan.ranges:
+        copy_range(writer, read, gpa, length, progress, read_size)
+    report = ExportReport("dmp", len(plan.runs), plan.pages * PAGE_SIZE)
+    report.size, report.stored = writer.finish(), writer.stored
+    kind_text = "full dump" if plan.dump_type == DUMP_TYPE_FULL else "bitmap dump"
+    report.detail = f"{kind_text}, type {plan.dump_type}, DirectoryTableBase {inputs.dtb:#x} = {inputs.dtb_source}"
+    if inputs.symbols is None:
+        report.notes.append(WITHOUT_SYMBOLS)
+    return report

@@ -19,9 +19,9 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from ..cpu.registers import PagingMode, TableRegister
+from ..cpu.translate import translate_with_size
 from ..errors import VmssdError
-from ..savedstate.registers import PagingMode, TableRegister
-from ..savedstate.translate import translate_with_size
 from .crashdump import DTB_MASK, PAGE_SIZE, KernelSymbols
 
 ReadPhysical = Callable[[int, int], bytes]

@@ -18,9 +18,9 @@ from volatility3.framework import constants, interfaces
 from volatility3.framework.automagic import windows as windows_automagic
 from volatility3.framework.layers import intel
 
+from ..cpu.cpumode import paging_levels
 from ..errors import VmssdError
 from ..interface import SavedState
-from ..savedstate.cpumode import paging_levels
 
 vollog = logging.getLogger(__name__)
 

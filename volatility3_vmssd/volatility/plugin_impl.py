@@ -16,11 +16,11 @@ from volatility3.framework import exceptions, interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
+from ..cpu.cpumode import architecture, paging_mode
+from ..cpu.registers import SegmentRegister, TableRegister
 from ..errors import VmssdError
 from ..interface import SUMMARY_LABELS
-from ..savedstate.cpumode import architecture, paging_mode
-from ..savedstate.rammap import flag_names
-from ..savedstate.registers import SegmentRegister, TableRegister
+from ..memory.rammap import flag_names
 from ..vmconfig import find_vm_config
 from .kernel import kernel_candidates, validate_candidate
 from .layer import HyperVSavedStateLayer
