@@ -53,7 +53,8 @@ try:
 except ImportError:  # T_dec is pyfwnt's time by definition: those rows are skipped without it
     pyfwnt = None
 
-SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
+from shared_data import SHARED  # noqa: E402 - the one rule for where real data lives
+
 GUEST = SHARED / "data" / "linux-guest"
 MIB = 1 << 20
 CHUNK = 16 * MIB

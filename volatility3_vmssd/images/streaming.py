@@ -9,11 +9,11 @@ at the end, so a trailing zero stretch still counts.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from ..errors import VmssdError
-from .ranges import MissingRange
+from .ranges import MissingRange, sorted_ranges
 
 READ_SIZE = 16 << 20
 SPARSE_MIN = 1 << 20
@@ -105,3 +105,24 @@ def copy_range(
         done += take
         if progress is not None:
             progress(take)
+
+
+def stream_ranges(
+    fmt: str,
+    out: BinaryIO,
+    ranges: Sequence[tuple[int, int]],
+    read: Read,
+    before: Callable[[SparseWriter, int, int], None],
+    *,
+    progress: Progress | None = None,
+    read_size: int = READ_SIZE,
+) -> ExportReport:
+    """Each range in GPA order: ``before(writer, gpa, length)`` (a header, a hole), then its bytes."""
+    rs = sorted_ranges(ranges)
+    writer = SparseWriter(out)
+    for gpa, length in rs:
+        before(writer, gpa, length)
+        copy_range(writer, read, gpa, length, progress, read_size)
+    report = ExportReport(fmt, len(rs), sum(n for _, n in rs))
+    report.size, report.stored = writer.finish(), writer.stored
+    return report
