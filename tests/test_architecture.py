@@ -24,6 +24,7 @@ RANKS = {
     "storage": 1,
     "codecs": 2,
     "savedstate": 3,
+    "cpu": 3,
     "interface": 4,
     "files": 4,
     "native": 4,
