@@ -1,7 +1,8 @@
 """The CR3 fast path: a Windows kernel layer straight from a VP's saved CR3, validated, without scanning.
 
-The guest is synthetic: page tables that map a KUSER_SHARED_DATA page at its kernel and user
-addresses, which is what Volatility's own ``Intel64LayerCheck``/``Intel32LayerCheck`` look at.
+The guest is synthetic: page tables with the mode's self-reference, a kernel PE header that LSTAR
+points into (what ``cpu/kernel_dtb.py`` proves) and a KUSER_SHARED_DATA page at its kernel and user
+addresses (what Volatility's own ``Intel64LayerCheck``/``Intel32LayerCheck`` look at).
 """
 
 from __future__ import annotations
