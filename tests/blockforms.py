@@ -23,12 +23,14 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.partition_state import PartitionState, build_partition_state
-from volatility3_vmssd.savedstate.ramblock import encode_block
-from volatility3_vmssd.savedstate.rammap import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, RamMemoryBlockRecord
-from volatility3_vmssd.savedstate.writer import VMRS_VM_VERSION, plan_ranges
+from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+from volatility3_vmssd.cpu.cpustate import PartitionState
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
+from volatility3_vmssd.memory.ramblock import encode_block
+from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord
 from volatility3_vmssd.storage.writer import HyperVStorageWriter
+from volatility3_vmssd.vmrs.writer import VMRS_VM_VERSION, plan_ranges
 
 #: Inline threshold of the container writer: smaller values live in the key table.
 INLINE_BELOW = 2048

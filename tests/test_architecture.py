@@ -21,22 +21,24 @@ ROOT = "volatility3_vmssd"
 #: first dotted part below the package -> rank (higher may import lower, never the reverse)
 RANKS = {
     "errors": 0,
+    "outputs": 0,
     "storage": 1,
     "codecs": 2,
-    "savedstate": 3,
-    "cpu": 3,
-    "interface": 4,
-    "files": 4,
-    "native": 4,
-    "dll": 4,
-    "provider": 4,
-    "vmconfig": 4,
-    "exporters": 5,
-    "verify": 5,
-    "volatility": 5,
-    "volatility_plugins": 5,
-    "cli": 5,
-    "triage": 5,
+    "memory": 3,
+    "cpu": 4,
+    "images": 5,
+    "vmrs": 6,
+    "interface": 7,
+    "files": 7,
+    "native": 7,
+    "dll": 7,
+    "provider": 7,
+    "vmconfig": 7,
+    "verify": 8,
+    "volatility": 8,
+    "volatility_plugins": 8,
+    "cli": 8,
+    "triage": 8,
 }
 GLUE = ("volatility", "volatility_plugins")
 
@@ -145,7 +147,23 @@ def test_no_import_circle() -> None:
     assert circles == []
 
 
-@pytest.mark.parametrize("layer", ["errors", "storage", "codecs", "savedstate", "interface", "native", "dll", "files"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "errors",
+        "outputs",
+        "storage",
+        "codecs",
+        "memory",
+        "cpu",
+        "images",
+        "vmrs",
+        "interface",
+        "native",
+        "dll",
+        "files",
+    ],
+)
 def test_nothing_below_the_glue_imports_volatility(layer: str) -> None:
     offenders = [
         name

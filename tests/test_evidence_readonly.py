@@ -21,14 +21,15 @@ import pytest
 from builders import add_journal_entries
 
 from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd.cpu.cpustate import PartitionState, VpState
+from volatility3_vmssd.cpu.registers import PrologVendor
 from volatility3_vmssd.errors import Findings, VmssdError
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.legacy_bin import BinFile
-from volatility3_vmssd.savedstate.partition_state import PartitionState, VpState
-from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, index_block
-from volatility3_vmssd.savedstate.registers import PrologVendor
-from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE
+from volatility3_vmssd.memory.legacy_bin import BinFile
+from volatility3_vmssd.memory.ramblock import index_block
 from volatility3_vmssd.storage import HyperVStorage
+from volatility3_vmssd.vmrs.writer import write_bin_vsv, write_vmrs
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _MODE_WRITES = set("wax+")

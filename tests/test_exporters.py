@@ -13,10 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from volatility3_vmssd import exporters as ex
+from volatility3_vmssd import outputs
 from volatility3_vmssd.cli.progress import ProgressBar, human_duration, human_size
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.registers import SegmentRegister
+from volatility3_vmssd.cpu.registers import SegmentRegister
+from volatility3_vmssd.errors import VmssdError
+from volatility3_vmssd.images import elf, lime, raw
+from volatility3_vmssd.images.memoryimage import MemoryImage
 
 MIB = 1 << 20
 
@@ -58,7 +60,7 @@ def test_raw_is_flat_with_zero_holes_and_sparse(tmp_path: Path) -> None:
     out = tmp_path / "ram.raw"
     read = reader(RANGES, ZERO)
     with open(out, "wb") as fh:
-        report = ex.write_raw(fh, RANGES, read, read_size=MIB + 4096)
+        report = raw.write_raw(fh, RANGES, read, read_size=MIB + 4096)
     assert report.size == out.stat().st_size == 0x1_0000_0000 + 2 * MIB
     assert report.ram_bytes == 0xA0000 + 5 * MIB and report.ranges == 3
     assert report.stored <= 0xA0000 + 3 * MIB  # the zero MiBs and the 4 GiB hole were seeked over
@@ -72,7 +74,7 @@ def test_raw_is_flat_with_zero_holes_and_sparse(tmp_path: Path) -> None:
 def test_trailing_zeros_still_count(tmp_path: Path) -> None:
     out = tmp_path / "z.raw"
     with open(out, "wb") as fh:
-        report = ex.write_raw(fh, [(0, 4 * MIB)], lambda g, n: bytes(n))
+        report = raw.write_raw(fh, [(0, 4 * MIB)], lambda g, n: bytes(n))
     assert report.size == out.stat().st_size == 4 * MIB and report.stored == 0
     assert out.read_bytes() == bytes(4 * MIB)
 
@@ -81,7 +83,7 @@ def test_lime_reads_back_with_our_reader_and_volatility(tmp_path: Path) -> None:
     out = tmp_path / "ram.lime"
     read = reader(RANGES, ZERO)
     with open(out, "wb") as fh:
-        report = ex.write_lime(fh, RANGES, read)
+        report = lime.write_lime(fh, RANGES, read)
     assert report.size == out.stat().st_size == 3 * 32 + 0xA0000 + 5 * MIB
     head = out.read_bytes()[:32]
     assert struct.unpack("<IIQQ", head[:24]) == (0x4C694D45, 1, 0, 0x9FFFF) and head[24:] == bytes(8)
@@ -108,15 +110,15 @@ def test_elf_core_layout_notes_and_volatility(tmp_path: Path) -> None:
         "ss": SegmentRegister(0, 0xFFFFFFFF, 0x18, 0xC093),
         "gs": SegmentRegister(0xFFFF888007A00000, 0, 0, 0),
     }
-    notes = ex.elf_note(b"CORE", ex.NT_PRSTATUS, ex.prstatus_x86_64(0, regs))
+    notes = elf.elf_note(b"CORE", elf.NT_PRSTATUS, elf.prstatus_x86_64(0, regs))
     with open(out, "wb") as fh:
-        report = ex.write_elf(fh, RANGES, read, notes=notes)
+        report = elf.write_elf(fh, RANGES, read, notes=notes)
     data = out.read_bytes()[:4096]
-    ehdr = ex.ELF64_EHDR.unpack_from(data)
-    assert ehdr[0][:5] == b"\x7fELF\x02" and ehdr[1] == ex.ET_CORE and ehdr[2] == ex.EM_X86_64 and ehdr[10] == 4
-    phdrs = [ex.ELF64_PHDR.unpack_from(data, 64 + 56 * i) for i in range(4)]
-    assert phdrs[0][0] == ex.PT_NOTE
-    loads = [p for p in phdrs if p[0] == ex.PT_LOAD]
+    ehdr = elf.ELF64_HEADER.unpack_from(data)
+    assert ehdr[0][:5] == b"\x7fELF\x02" and ehdr[1] == elf.ET_CORE and ehdr[2] == elf.EM_X86_64 and ehdr[10] == 4
+    phdrs = [elf.ELF64_PHDR.unpack_from(data, 64 + 56 * i) for i in range(4)]
+    assert phdrs[0][0] == elf.PT_NOTE
+    loads = [p for p in phdrs if p[0] == elf.PT_LOAD]
     assert [(p[3], p[4], p[5], p[6]) for p in loads] == [(g, g, n, n) for g, n in RANGES]  # vaddr = paddr = GPA
     assert all(p[2] % MIB == p[3] % MIB for p in loads)  # GPA MiBs are file MiBs: zero ones stay sparse
     assert report.size == out.stat().st_size == loads[-1][2] + loads[-1][5]
@@ -125,7 +127,7 @@ def test_elf_core_layout_notes_and_volatility(tmp_path: Path) -> None:
         (note,) = image.notes
         assert note.name == b"CORE" and note.type == 1 and len(note.desc) == 336
         assert struct.unpack_from("<i", note.desc, 32)[0] == 1  # pr_pid = VP + 1
-        user = dict(zip(ex.X86_64_USER_REGS, struct.unpack_from("<27Q", note.desc, 112), strict=True))
+        user = dict(zip(elf.X86_64_USER_REGS, struct.unpack_from("<27Q", note.desc, 112), strict=True))
         assert user["rip"] == regs["rip"] and user["rsp"] == regs["rsp"] and user["eflags"] == 0x246
         assert user["cs"] == 0x10 and user["ss"] == 0x18 and user["gs_base"] == 0xFFFF888007A00000
         assert user["r15"] == 15 and user["rax"] == 1 and user["fs_base"] == 0
@@ -138,18 +140,18 @@ def test_elf_core_layout_notes_and_volatility(tmp_path: Path) -> None:
 def test_aarch64_prstatus_layout() -> None:
     regs = {f"x{i}": i + 1 for i in range(29)}
     regs.update(fp=0xF0, lr=0x1E, elr_el2=0xFFFF800010001234, spsr_el2=0x3C5, sp_el1=0x5B1, sp_el0=0x5B0)
-    desc = ex.prstatus_aarch64(2, regs)
+    desc = elf.prstatus_aarch64(2, regs)
     assert len(desc) == 392 and struct.unpack_from("<i", desc, 32)[0] == 3
     values = struct.unpack_from("<34Q", desc, 112)
     assert values[:29] == tuple(range(1, 30)) and values[29:31] == (0xF0, 0x1E)
     assert values[31:] == (0x5B1, 0xFFFF800010001234, 0x3C5)  # EL1h -> SP_EL1; pc; pstate
     regs["spsr_el2"] = 0x3C4  # EL1t uses SP_EL0
-    assert struct.unpack_from("<Q", ex.prstatus_aarch64(0, regs), 112 + 31 * 8)[0] == 0x5B0
+    assert struct.unpack_from("<Q", elf.prstatus_aarch64(0, regs), 112 + 31 * 8)[0] == 0x5B0
 
 
 def test_overlapping_ranges_are_refused() -> None:
-    with pytest.raises(ex.VmssdError, match="overlap"):
-        ex.write_raw(io.BytesIO(), [(0, 2 * 4096), (4096, 4096)], lambda g, n: bytes(n))
+    with pytest.raises(VmssdError, match="overlap"):
+        raw.write_raw(io.BytesIO(), [(0, 2 * 4096), (4096, 4096)], lambda g, n: bytes(n))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -168,7 +170,7 @@ def test_every_format_round_trips(
         ranges.append((pos, length))
         pos += length
     read = reader(ranges, (ranges[0][0] + 100, ranges[0][0] + 100 + 2 * MIB) if with_zeros else None)
-    for fmt, writer in (("raw", ex.write_raw), ("lime", ex.write_lime), ("elf", ex.write_elf)):
+    for fmt, writer in (("raw", raw.write_raw), ("lime", lime.write_lime), ("elf", elf.write_elf)):
         out = tmp_path / f"x.{fmt}"
         with open(out, "wb") as fh:
             report = writer(fh, ranges, read, read_size=read_size)
@@ -181,12 +183,12 @@ def test_every_format_round_trips(
 
 def test_partial_output_renames_or_removes(tmp_path: Path) -> None:
     out = tmp_path / "o.bin"
-    with ex.partial_output(out) as fh:
+    with outputs.partial_output(out) as fh:
         fh.write(b"ok")
         assert (tmp_path / "o.bin.partial").exists() and not out.exists()
     assert out.read_bytes() == b"ok" and not (tmp_path / "o.bin.partial").exists()
     for exc in (RuntimeError("boom"), KeyboardInterrupt()):
-        with pytest.raises(type(exc)), ex.partial_output(tmp_path / "p.bin") as fh:
+        with pytest.raises(type(exc)), outputs.partial_output(tmp_path / "p.bin") as fh:
             fh.write(b"half")
             raise exc
         assert os.listdir(tmp_path) == ["o.bin"]
@@ -196,8 +198,8 @@ def test_same_file(tmp_path: Path) -> None:
     a = tmp_path / "a"
     a.write_bytes(b"x")
     os.link(a, tmp_path / "hard")
-    assert ex.same_file(a, tmp_path / "hard") and ex.same_file(a, tmp_path / "." / "a")
-    assert not ex.same_file(a, tmp_path / "b") and ex.same_file(tmp_path / "b", tmp_path / "b")
+    assert outputs.same_file(a, tmp_path / "hard") and outputs.same_file(a, tmp_path / "." / "a")
+    assert not outputs.same_file(a, tmp_path / "b") and outputs.same_file(tmp_path / "b", tmp_path / "b")
 
 
 def test_progress_bar_draws_only_when_asked() -> None:

@@ -19,13 +19,14 @@ from blockforms import INLINE_BELOW, write_every_form_vmrs, write_raw_vmrs
 from shared_data import REPO
 
 from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd.cpu.cpujson import state_from_json
 from volatility3_vmssd.errors import Findings, UnmappedAddressError
-from volatility3_vmssd.savedstate import guestmemory
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.pagedecode import decode_block_bytes
-from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, PAGE_SIZE, encode_block, index_block
-from volatility3_vmssd.savedstate.rammap import FLAG_HOT_ADDED, FLAG_VTL2_MB, RamMap, RamMemoryBlockRecord
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory import guestmemory
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE
+from volatility3_vmssd.memory.pagedecode import decode_block_bytes
+from volatility3_vmssd.memory.ramblock import encode_block, index_block
+from volatility3_vmssd.memory.rammap import FLAG_HOT_ADDED, FLAG_VTL2_MB, RamMap, RamMemoryBlockRecord
 from volatility3_vmssd.storage.writer import HyperVStorageWriter
 
 MIB = 1 << 20

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from shared_data import REPO
 
+from volatility3_vmssd.cpu.cpujson import state_from_json
 from volatility3_vmssd.errors import FormatError
 from volatility3_vmssd.files import find_partner, signature_kind, sniff
+from volatility3_vmssd.images.memoryimage import MemoryImage
 from volatility3_vmssd.provider import open_saved_state
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.writer import write_bin_vsv
+from volatility3_vmssd.vmrs.writer import write_bin_vsv
 
 GUID = "5F3C2A1E-0D4B-4C6A-9E1F-2B3A4C5D6E7F"
 

@@ -10,10 +10,11 @@ import pytest
 
 from volatility3_vmssd.codecs import xpress
 from volatility3_vmssd.errors import Findings, FormatError, UnmappedAddressError
-from volatility3_vmssd.savedstate import ramblock as rb
-from volatility3_vmssd.savedstate.guestmemory import BlockSource, GuestMemory, InMemoryBlockSource
-from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, PAGE_SIZE, MissingPageError, encode_block
-from volatility3_vmssd.savedstate.rammap import RamMap, build_layout
+from volatility3_vmssd.memory import ramblock as rb
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE
+from volatility3_vmssd.memory.guestmemory import BlockSource, GuestMemory, InMemoryBlockSource
+from volatility3_vmssd.memory.ramblock import MissingPageError, encode_block
+from volatility3_vmssd.memory.rammap import RamMap, build_layout
 
 MiB = 1 << 20
 
@@ -307,6 +308,7 @@ def test_negative_address_is_unmapped() -> None:
         make().read_gpa(-8, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [[8, 64, 4096, 70000], [8, 4096, 2 * MiB + 100, 5 * MiB]], ids=["small", "mixed"])
 def test_parallel_readers_see_consistent_data(sizes: list[int]) -> None:
     """Small reads (the LRU) and, in "mixed", scans (batches on decode threads, the ring) at once."""
@@ -336,7 +338,7 @@ def test_record_stats_index_without_decoding() -> None:
 
 
 def _batch_spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from volatility3_vmssd.savedstate import guestmemory
+    from volatility3_vmssd.memory import guestmemory
 
     sizes: list[int] = []
     real = guestmemory.decompress_many
@@ -412,7 +414,7 @@ def test_all_zero_reads_share_one_result() -> None:
     assert mixed[2 * MiB] == 1 and mixed.count(0) == 4 * MiB - 1
     # A hole padded with zeros next to zero blocks is all zero too.
     assert memory.read_gpa_padded(7 * MiB, 4 * MiB) == bytes(4 * MiB)
-    from volatility3_vmssd.savedstate import guestmemory
+    from volatility3_vmssd.memory import guestmemory
 
     assert len(guestmemory._ZERO_RESULTS) <= guestmemory._ZERO_RESULT_SIZES
 
@@ -423,7 +425,7 @@ def _identity_memory(blocks: int, **kwargs: object) -> GuestMemory:
 
 
 def test_a_scan_keeps_a_bounded_ring_and_spares_the_working_set() -> None:
-    from volatility3_vmssd.savedstate.guestmemory import SCAN_RING
+    from volatility3_vmssd.memory.guestmemory import SCAN_RING
 
     blocks = SCAN_RING + 40
     memory = _identity_memory(blocks, cache_limit=SCAN_RING + 8)

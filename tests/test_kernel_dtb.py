@@ -266,7 +266,7 @@ def test_builder_guests_vouch_exactly_as_built(context: str, tmp_path) -> None:
     """Every saved bank of a built guest gets the verdict the builder intended for it."""
     import json
 
-    from volatility3_vmssd.savedstate.cpujson import state_from_json
+    from volatility3_vmssd.cpu.cpujson import state_from_json
 
     isfs = shared_isfs(SHARED)
     if not isfs:

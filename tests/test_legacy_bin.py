@@ -18,14 +18,15 @@ from hypothesis import strategies as st
 from shared_data import SHARED
 
 from volatility3_vmssd.errors import Findings, FormatError, TruncatedError, VmssdError
-from volatility3_vmssd.savedstate.legacy_bin import (
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE
+from volatility3_vmssd.memory.legacy_bin import (
     BIN_HEADER,
     BIN_INDEX_ENTRY,
     BIN_SIGNATURE,
     BinFile,
     write_bin,
 )
-from volatility3_vmssd.savedstate.ramblock import BLOCK_SIZE, PAGE_SIZE, encode_block
+from volatility3_vmssd.memory.ramblock import encode_block
 
 REAL_BIN = SHARED / "data" / "real" / "test_file.bin"
 MiB = 1 << 20

@@ -23,12 +23,12 @@ import pytest
 from shared_data import REPO, SHARED, need
 
 from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd.cpu.chunkparser import parse_partition_state
+from volatility3_vmssd.cpu.chunks import VID_SAVED_STATE_DESCRIPTOR, VM_SAVE_CHUNK_HEADER, ChunkId
+from volatility3_vmssd.cpu.cpujson import state_from_json
+from volatility3_vmssd.cpu.cpumode import paging_levels
+from volatility3_vmssd.cpu.registers import Architecture, PagingMode, PrologVendor
 from volatility3_vmssd.errors import Findings, NotFoundError, VmssdError
-from volatility3_vmssd.savedstate.chunkparser import parse_partition_state
-from volatility3_vmssd.savedstate.chunks import VID_SAVED_STATE_DESCRIPTOR, VM_SAVE_CHUNK_HEADER, ChunkId
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.cpumode import paging_levels
-from volatility3_vmssd.savedstate.registers import Architecture, PagingMode, PrologVendor
 from volatility3_vmssd.storage import HyperVStorage
 
 OPENVMM = SHARED / "data" / "openvmm"

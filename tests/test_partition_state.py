@@ -11,25 +11,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shared_data import SHARED
 
-from volatility3_vmssd.errors import Findings, FormatError, NotFoundError, TruncatedError, VmssdError
-from volatility3_vmssd.savedstate.partition_state import (
-    ChunkId,
+from volatility3_vmssd.cpu.chunkparser import parse_partition_state
+from volatility3_vmssd.cpu.chunks import ChunkId
+from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+from volatility3_vmssd.cpu.cpumode import architecture, is_la57, paging_levels, paging_mode
+from volatility3_vmssd.cpu.cpustate import PartitionState, VpState, active_vtl_rule
+from volatility3_vmssd.cpu.guestos import (
     GuestOsMicrosoftId,
     GuestOsOpenSourceId,
     GuestOsVendor,
-    PartitionState,
-    VpState,
-    active_vtl_rule,
-    architecture,
-    build_partition_state,
     decode_guest_os_id,
     encode_guest_os_id,
-    is_la57,
-    paging_levels,
-    paging_mode,
-    parse_partition_state,
 )
-from volatility3_vmssd.savedstate.registers import (
+from volatility3_vmssd.cpu.registers import (
     ARM64_REGISTER_NAMES,
     REGISTER_IDS,
     REGISTER_NAMES_BY_ID,
@@ -48,6 +42,7 @@ from volatility3_vmssd.savedstate.registers import (
     registers_from_json,
     sdk_vendor,
 )
+from volatility3_vmssd.errors import Findings, FormatError, NotFoundError, TruncatedError, VmssdError
 
 REGISTERS_JSON = SHARED / "data" / "linux-guest" / "registers.json"
 

@@ -13,16 +13,17 @@ from builders import add_journal_entries
 from shared_data import BIOS_ROM, LOW_HOLE
 
 from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+from volatility3_vmssd.cpu.cpujson import state_from_json
+from volatility3_vmssd.cpu.cpustate import PartitionState, VpState
+from volatility3_vmssd.cpu.registers import Architecture, PagingMode, PrologVendor, SegmentRegister
+from volatility3_vmssd.cpu.translate import translate
 from volatility3_vmssd.errors import FormatError, NotFoundError, UnmappedAddressError
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord
 from volatility3_vmssd.provider import open_saved_state
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.partition_state import PartitionState, VpState, build_partition_state
-from volatility3_vmssd.savedstate.rammap import RamMemoryBlockRecord
-from volatility3_vmssd.savedstate.registers import Architecture, PagingMode, PrologVendor, SegmentRegister
-from volatility3_vmssd.savedstate.translate import translate
-from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
 from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter
+from volatility3_vmssd.vmrs.writer import write_bin_vsv, write_vmrs
 
 # --------------------------------------------------------------------------- the crate's tests
 # rafawo/vmsavedstatetodump-rs tests/integration_test.rs expectations, measured by the DLL on the

@@ -12,18 +12,11 @@ from hypothesis import strategies as st
 
 from volatility3_vmssd.codecs import xpress
 from volatility3_vmssd.errors import Findings, FormatError, TruncatedError, VmssdError
-from volatility3_vmssd.savedstate import pagedecode
-from volatility3_vmssd.savedstate import ramblock as rb
-from volatility3_vmssd.savedstate.pagedecode import decode_block, decode_block_bytes, decode_block_pages, decode_page
-from volatility3_vmssd.savedstate.ramblock import (
-    BLOCK_SIZE,
-    PAGE_SIZE,
-    MissingPageError,
-    encode_block,
-    fill_page,
-    index_block,
-    plan_block,
-)
+from volatility3_vmssd.memory import pagedecode
+from volatility3_vmssd.memory import ramblock as rb
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE
+from volatility3_vmssd.memory.pagedecode import decode_block, decode_block_bytes, decode_block_pages, decode_page
+from volatility3_vmssd.memory.ramblock import MissingPageError, encode_block, fill_page, index_block, plan_block
 
 FILE_OFFSET = 0x5000
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from volatility3_vmssd.errors import Findings, FormatError, TruncatedError, UnsupportedError
-from volatility3_vmssd.savedstate.rammap import (
+from volatility3_vmssd.memory.rammap import (
     RAM_MEMORY_BLOCK_V3,
     RamMap,
     RamMemoryBlockRecord,

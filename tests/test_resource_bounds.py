@@ -22,7 +22,7 @@ from shared_data import REPO
 from test_hostile import ROOT, add_object, base, write
 
 from volatility3_vmssd.errors import KEEP_PER_KIND, Finding, Findings, summarize
-from volatility3_vmssd.savedstate.legacy_bin import BIN_HEADER, BIN_INDEX_ENTRY, BinFile, write_bin
+from volatility3_vmssd.memory.legacy_bin import BIN_HEADER, BIN_INDEX_ENTRY, BinFile, write_bin
 from volatility3_vmssd.storage import HyperVStorage
 from volatility3_vmssd.storage.defs import (
     FILE_HEADER,
@@ -162,8 +162,8 @@ def test_findings_aggregate_per_kind_and_group() -> None:
 
 
 def test_vmssd_info_prints_aggregated_findings_and_the_full_list_as_json(tmp_path: Path) -> None:
-    from volatility3_vmssd.savedstate.cpujson import state_from_json
-    from volatility3_vmssd.savedstate.writer import write_fill_vmrs
+    from volatility3_vmssd.cpu.cpujson import state_from_json
+    from volatility3_vmssd.vmrs.writer import write_fill_vmrs
 
     path = tmp_path / "fill.vmrs"
     state = state_from_json({"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "0xd01"}}}]})
@@ -189,9 +189,8 @@ def test_vmssd_info_prints_aggregated_findings_and_the_full_list_as_json(tmp_pat
 def test_distinct_unknown_chunk_ids_share_one_bucket() -> None:
     from fuzz.resource import _partition_state_with
 
-    from volatility3_vmssd.savedstate.chunkparser import MAX_DISTINCT_IDS
-    from volatility3_vmssd.savedstate.chunks import VM_SAVE_CHUNK_HEADER
-    from volatility3_vmssd.savedstate.partition_state import parse_partition_state
+    from volatility3_vmssd.cpu.chunkparser import MAX_DISTINCT_IDS, parse_partition_state
+    from volatility3_vmssd.cpu.chunks import VM_SAVE_CHUNK_HEADER
 
     n = 20_000
     blob = _partition_state_with(b"".join(VM_SAVE_CHUNK_HEADER.pack(0x7000_0000 + i, 0) for i in range(n)))
@@ -206,8 +205,8 @@ def test_distinct_unknown_chunk_ids_share_one_bucket() -> None:
 def test_vp_markers_beyond_the_vp_limit_are_not_kept() -> None:
     from fuzz.resource import _partition_state_with
 
-    from volatility3_vmssd.savedstate.chunks import MAX_VP_BITMAP_BYTES, VM_SAVE_CHUNK_HEADER
-    from volatility3_vmssd.savedstate.partition_state import ChunkId, parse_partition_state
+    from volatility3_vmssd.cpu.chunkparser import parse_partition_state
+    from volatility3_vmssd.cpu.chunks import MAX_VP_BITMAP_BYTES, VM_SAVE_CHUNK_HEADER, ChunkId
 
     n = 10_000
     one = VM_SAVE_CHUNK_HEADER.pack(ChunkId.VP, 16)

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from volatility3_vmssd.cpu.cpumode import CR4_PSE, paging_levels, paging_mode
+from volatility3_vmssd.cpu.registers import PagingMode, PrologVendor
+from volatility3_vmssd.cpu.translate import VaNotMappedError, translate, translate_with_size
 from volatility3_vmssd.errors import UnmappedAddressError, UnsupportedError, VmssdError
-from volatility3_vmssd.savedstate.partition_state import CR4_PSE, paging_levels, paging_mode
-from volatility3_vmssd.savedstate.registers import PagingMode, PrologVendor
-from volatility3_vmssd.savedstate.translate import VaNotMappedError, translate, translate_with_size
 
 P, RW, PS = 1, 2, 0x80
 NX = 1 << 63

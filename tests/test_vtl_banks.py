@@ -19,9 +19,9 @@ import pytest
 from shared_data import REPO
 
 from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd.cpu.chunkparser import parse_partition_state
+from volatility3_vmssd.cpu.cpujson import state_from_json
 from volatility3_vmssd.errors import Findings
-from volatility3_vmssd.savedstate.chunkparser import parse_partition_state
-from volatility3_vmssd.savedstate.cpujson import state_from_json
 from volatility3_vmssd.storage import HyperVStorage
 
 CLI = [sys.executable, "-m", "volatility3_vmssd.cli.main"]

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "volatility"))
 from builders import write_storage
 from vol_helpers import MIB, long_mode_vp, mixed_image, state_json, write_pair, write_vmrs
 
-from volatility3_vmssd.savedstate.guestos import encode_guest_os_id
+from volatility3_vmssd.cpu.guestos import encode_guest_os_id
 
 WINDOWS_ID = encode_guest_os_id(os_id=4, vendor_id=1, major=10, build_number=20348)
 LINUX_ID = encode_guest_os_id(os_id=1, open_source=True, version=0x060100)

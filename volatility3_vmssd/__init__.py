@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import Finding, FormatError, VmssdError
+from volatility3_vmssd.errors import Finding, FormatError, VmssdError
 
 __version__ = "0.1.0"
 
@@ -28,9 +28,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .interface import SavedState, Summary
-    from .native import SavedStateProvider
-    from .provider import open_saved_state
+    from volatility3_vmssd.interface import SavedState, Summary
+    from volatility3_vmssd.native import SavedStateProvider
+    from volatility3_vmssd.provider import open_saved_state
 
 _LAZY = {
     "SavedState": "interface",

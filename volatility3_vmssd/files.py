@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from .savedstate.legacy_bin import BIN_SIGNATURE
+from .memory.legacy_bin import BIN_SIGNATURE
 from .storage.defs import FILE_SIGNATURE
 
 __all__ = [

@@ -23,10 +23,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from .cpu.cpumode import CR4_LA57, arm64_paging_levels, x86_levels
+from .cpu.guestos import GuestOsInfo
+from .cpu.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
 from .errors import Finding, NotFoundError, VmssdError, count_findings, summarize
-from .savedstate.cpumode import CR4_LA57, arm64_paging_levels, x86_levels
-from .savedstate.guestos import GuestOsInfo
-from .savedstate.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
 
 __all__ = ["SUMMARY_LABELS", "GpaMemoryChunk", "RamBlockDamage", "SavedState", "Summary", "VpTrustLevels"]
 

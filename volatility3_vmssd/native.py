@@ -16,20 +16,20 @@ from collections.abc import Iterator
 from typing import Any
 
 from .codecs import xpress
+from .cpu.cpumode import CR4_PSE, architecture, paging_levels, paging_mode
+from .cpu.cpustate import PartitionState, VpState
+from .cpu.guestos import GuestOsInfo
+from .cpu.register_chunks import register_sort_key
+from .cpu.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
+from .cpu.translate import translate_with_size
 from .errors import Finding, Findings, NotFoundError
 from .files import signature_kind
 from .interface import GpaMemoryChunk, RamBlockDamage, SavedState
-from .savedstate import vmrs
-from .savedstate.cpumode import CR4_PSE, architecture, paging_levels, paging_mode
-from .savedstate.cpustate import PartitionState, VpState
-from .savedstate.guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
-from .savedstate.guestos import GuestOsInfo
-from .savedstate.legacy_bin import BinFile
-from .savedstate.rammap import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
-from .savedstate.register_chunks import register_sort_key
-from .savedstate.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
-from .savedstate.translate import translate_with_size
+from .memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
+from .memory.guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
+from .memory.legacy_bin import BinFile
 from .storage import HyperVStorage, commit_replay_log
+from .vmrs import reader as vmrs
 
 __all__ = ["SavedStateProvider"]
 

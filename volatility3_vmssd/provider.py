@@ -18,8 +18,8 @@ from pathlib import Path
 from .errors import BackendUnavailableError, FormatError
 from .files import BIN_SIGNATURE, STORAGE_SIGNATURE, find_partner, sniff
 from .interface import GpaMemoryChunk, SavedState, Summary
+from .memory.guestmemory import DEFAULT_CACHE_LIMIT
 from .native import SavedStateProvider
-from .savedstate.guestmemory import DEFAULT_CACHE_LIMIT
 
 __all__ = [
     "BACKENDS",

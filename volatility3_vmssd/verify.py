@@ -22,8 +22,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .cpu.registers import REGISTER_IDS, PagingMode, SegmentRegister, TableRegister
 from .errors import NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
-from .savedstate.registers import REGISTER_IDS, PagingMode, SegmentRegister, TableRegister
 
 DEFAULT_SAMPLES = 32
 _SEGMENT_FIELDS = ("base", "limit", "selector", "attributes")

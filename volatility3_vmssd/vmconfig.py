@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .errors import VmssdError
 from .files import find_vmcx
-from .savedstate.vmrs import version_text
 from .storage import HyperVStorage
+from .vmrs.reader import version_text
 
 __all__ = ["find_vm_config", "read_vm_config"]
 

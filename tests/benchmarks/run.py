@@ -42,11 +42,11 @@ sys.path.insert(1, str(REPO / "tests"))  # the test-side writers of every block 
 
 from volatility3_vmssd import SavedStateProvider  # noqa: E402
 from volatility3_vmssd.codecs import xpress  # noqa: E402
-from volatility3_vmssd.savedstate.cpujson import state_from_json  # noqa: E402
-from volatility3_vmssd.savedstate.images import MemoryImage  # noqa: E402
-from volatility3_vmssd.savedstate.ramblock import plan_block  # noqa: E402
-from volatility3_vmssd.savedstate.rammap import RamMemoryBlockRecord  # noqa: E402
-from volatility3_vmssd.savedstate.writer import write_vmrs  # noqa: E402
+from volatility3_vmssd.cpu.cpujson import state_from_json  # noqa: E402
+from volatility3_vmssd.images.memoryimage import MemoryImage  # noqa: E402
+from volatility3_vmssd.memory.ramblock import plan_block  # noqa: E402
+from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord  # noqa: E402
+from volatility3_vmssd.vmrs.writer import write_vmrs  # noqa: E402
 
 try:
     import pyfwnt
@@ -129,8 +129,8 @@ def plain_read(path: Path) -> int:
 
 def write_fragmented(path: Path, count: int, *, reverse: bool) -> None:
     """``count`` one-page RamMemoryBlocks 2 pages apart in GPA, each over its own zero-fill RamBlock."""
-    from volatility3_vmssd.savedstate.partition_state import build_partition_state
-    from volatility3_vmssd.savedstate.ramblock import encode_block
+    from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+    from volatility3_vmssd.memory.ramblock import encode_block
     from volatility3_vmssd.storage.writer import HyperVStorageWriter
 
     fill = encode_block(bytes(MIB))
@@ -144,8 +144,8 @@ def write_fragmented(path: Path, count: int, *, reverse: bool) -> None:
 
 def write_declared(path: Path, pages: int) -> None:
     """One RamMemoryBlock declaring ``pages`` pages from GPA 0 over one present RamBlock (issue 18)."""
-    from volatility3_vmssd.savedstate.partition_state import build_partition_state
-    from volatility3_vmssd.savedstate.ramblock import encode_block
+    from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+    from volatility3_vmssd.memory.ramblock import encode_block
     from volatility3_vmssd.storage.writer import HyperVStorageWriter
 
     text = b"Linux version 6.1.0 (bench@harness) #1 SMP\n\0"
@@ -319,7 +319,7 @@ def run_vol(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
 
 def large_fill_vmrs(path: Path, gib: int, rotate: list[bytes] | None = None) -> None:
     """A .vmrs describing ``gib`` GiB; blocks are a zero fill, or cycle through ``rotate`` values."""
-    from volatility3_vmssd.savedstate.writer import write_fill_vmrs
+    from volatility3_vmssd.vmrs.writer import write_fill_vmrs
 
     holes = [(0xC0000000, 0x40000000)] if gib > 3 else []
     write_fill_vmrs(path, gib << 30, state_from_json(MINIMAL_REGS), holes=holes, blocks=rotate)
@@ -327,11 +327,11 @@ def large_fill_vmrs(path: Path, gib: int, rotate: list[bytes] | None = None) -> 
 
 def write_lime(src: Path, out: Path) -> None:
     """The same RAM as a LiME file (one range per chunk): the baseline for whole vol runs."""
-    from volatility3_vmssd import exporters
+    from volatility3_vmssd.images.lime import write_lime
 
     with SavedStateProvider.load_vmrs(src) as p, open(out, "wb") as fh:
         ranges = [(start * 4096, count * 4096) for start, count in p.get_guest_physical_memory_chunks()[1]]
-        exporters.write_lime(fh, ranges, p.read_guest_physical_address_padded)
+        write_lime(fh, ranges, p.read_guest_physical_address_padded)
 
 
 def windows_rows(tmp: Path, env: dict[str, str], reps: int, row: Callable[..., None]) -> None:
@@ -608,7 +608,7 @@ def main() -> int:
         windows_rows(tmp, env, reps, row)
 
         # --- bounded memory while scanning ------------------------------------------------------
-        from volatility3_vmssd.savedstate.ramblock import encode_block
+        from volatility3_vmssd.memory.ramblock import encode_block
 
         rng = random.Random(3)
         samples = []

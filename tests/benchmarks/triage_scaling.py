@@ -27,9 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from volatility3_vmssd.savedstate.cpujson import state_from_json  # noqa: E402
-from volatility3_vmssd.savedstate.images import MemoryImage  # noqa: E402
-from volatility3_vmssd.savedstate.writer import write_vmrs  # noqa: E402
+from volatility3_vmssd.cpu.cpujson import state_from_json  # noqa: E402
+from volatility3_vmssd.images.memoryimage import MemoryImage  # noqa: E402
+from volatility3_vmssd.vmrs.writer import write_vmrs  # noqa: E402
 
 PAGE = 4096
 

@@ -12,9 +12,9 @@ import random
 import tempfile
 from pathlib import Path
 
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.writer import write_vmrs
+from volatility3_vmssd.cpu.cpujson import state_from_json
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.vmrs.writer import write_vmrs
 
 OUT = Path(__file__).with_name("sample.vmrs")
 RAM = 8 << 20

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
+from volatility3_vmssd.cpu.cpujson import state_from_json
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.vmrs.writer import write_bin_vsv, write_vmrs
 
 RAM = 3 << 20  # 3 MiB: a few RamBlocks, fast to write
 HOLE = (0xA0000, 0x100000)

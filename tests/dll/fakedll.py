@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from volatility3_vmssd import SavedStateProvider
-from volatility3_vmssd.dll import binding as b
-from volatility3_vmssd.errors import NotFoundError, UnmappedAddressError
-from volatility3_vmssd.savedstate.registers import (
+from volatility3_vmssd.cpu.registers import (
     REGISTER_NAMES_BY_ID,
     Architecture,
     SegmentRegister,
     TableRegister,
 )
+from volatility3_vmssd.dll import binding as b
+from volatility3_vmssd.errors import NotFoundError, UnmappedAddressError
 from volatility3_vmssd.storage import commit_replay_log
 
 

@@ -17,11 +17,11 @@ import pytest
 from dllstates import build_states
 from fakedll import FakeDll
 
+from volatility3_vmssd.cpu.registers import REGISTER_IDS
 from volatility3_vmssd.dll.provider import DllSavedStateProvider
 from volatility3_vmssd.errors import UnsupportedError, VmssdError
 from volatility3_vmssd.interface import SavedState
 from volatility3_vmssd.native import SavedStateProvider
-from volatility3_vmssd.savedstate.registers import REGISTER_IDS
 
 VA = 0xFFFF800000001000
 #: what each method is asked, per call (every public method of the interface must appear here)

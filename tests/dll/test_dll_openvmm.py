@@ -15,8 +15,8 @@ from fakedll import FakeDll
 from shared_data import SHARED, need
 
 from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd.cpu.registers import REGISTER_IDS
 from volatility3_vmssd.dll.provider import DllSavedStateProvider
-from volatility3_vmssd.savedstate.registers import REGISTER_IDS
 
 OPENVMM = SHARED / "data" / "openvmm"
 

@@ -14,12 +14,12 @@ from dllstates import build_states
 from fakedll import FakeDll
 
 from volatility3_vmssd import SavedStateProvider
+from volatility3_vmssd.cpu.registers import REGISTER_IDS, SegmentRegister
 from volatility3_vmssd.dll import binding as b
 from volatility3_vmssd.dll import discovery
 from volatility3_vmssd.dll import provider as dll_provider
 from volatility3_vmssd.dll.provider import DllSavedStateProvider
 from volatility3_vmssd.errors import BackendUnavailableError, NotFoundError, UnsupportedError, VmssdError
-from volatility3_vmssd.savedstate.registers import REGISTER_IDS, SegmentRegister
 from volatility3_vmssd.storage import HyperVStorage
 
 VA = 0xFFFF800000001000

@@ -27,11 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from volatility3_vmssd.savedstate.chunks import VID_SAVED_STATE_DESCRIPTOR, VM_SAVE_CHUNK_HEADER  # noqa: E402
-from volatility3_vmssd.savedstate.cpujson import state_from_json  # noqa: E402
-from volatility3_vmssd.savedstate.legacy_bin import BIN_HEADER, BIN_INDEX_ENTRY, write_bin  # noqa: E402
-from volatility3_vmssd.savedstate.partition_state import ChunkId, build_partition_state  # noqa: E402
-from volatility3_vmssd.savedstate.writer import write_fill_vmrs  # noqa: E402
+from volatility3_vmssd.cpu.chunks import VID_SAVED_STATE_DESCRIPTOR, VM_SAVE_CHUNK_HEADER, ChunkId  # noqa: E402
+from volatility3_vmssd.cpu.chunkwriter import build_partition_state  # noqa: E402
+from volatility3_vmssd.cpu.cpujson import state_from_json  # noqa: E402
+from volatility3_vmssd.memory.legacy_bin import BIN_HEADER, BIN_INDEX_ENTRY, write_bin  # noqa: E402
 from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter  # noqa: E402
 from volatility3_vmssd.storage.defs import (  # noqa: E402
     FILE_HEADER,
@@ -44,6 +43,7 @@ from volatility3_vmssd.storage.defs import (  # noqa: E402
     ReplayLogHeaderFields,
     seal,
 )
+from volatility3_vmssd.vmrs.writer import write_fill_vmrs  # noqa: E402
 
 TIME_LIMIT_S = 5.0
 RSS_LIMIT_MB = 300

@@ -27,22 +27,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from volatility3_vmssd.codecs import _xpress_python, xpress
+from volatility3_vmssd.cpu.chunkwriter import build_partition_state
+from volatility3_vmssd.cpu.cpujson import state_from_json
+from volatility3_vmssd.cpu.cpustate import PartitionState, VpState
+from volatility3_vmssd.cpu.registers import PrologVendor, SegmentRegister, TableRegister
 from volatility3_vmssd.errors import Findings
-from volatility3_vmssd.savedstate.cpujson import state_from_json
-from volatility3_vmssd.savedstate.images import MemoryImage
-from volatility3_vmssd.savedstate.legacy_bin import BinFile, write_bin
-from volatility3_vmssd.savedstate.partition_state import PartitionState, VpState, build_partition_state
-from volatility3_vmssd.savedstate.ramblock import (
-    BLOCK_SIZE,
-    KIND_XPRESS,
-    PAGE_SIZE,
-    encode_block,
-    index_block,
-)
-from volatility3_vmssd.savedstate.rammap import RamMemoryBlockRecord
-from volatility3_vmssd.savedstate.registers import PrologVendor, SegmentRegister, TableRegister
-from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
+from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE
+from volatility3_vmssd.memory.legacy_bin import BinFile, write_bin
+from volatility3_vmssd.memory.ramblock import KIND_XPRESS, encode_block, index_block
+from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord
 from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter
+from volatility3_vmssd.vmrs.writer import write_bin_vsv, write_vmrs
 
 try:  # run as ``python -m tests.fuzz.seeds``
     from ..builders import add_journal_entries

@@ -20,31 +20,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from volatility3_vmssd.codecs import _xpress_python, xpress
+from volatility3_vmssd.cpu.chunkparser import parse_partition_state
+from volatility3_vmssd.cpu.cpumode import architecture, is_la57, paging_levels, paging_mode
 from volatility3_vmssd.errors import Findings, VmssdError
-from volatility3_vmssd.provider import SavedStateProvider
-from volatility3_vmssd.savedstate.legacy_bin import BinFile
-from volatility3_vmssd.savedstate.pagedecode import (
+from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
+from volatility3_vmssd.memory.legacy_bin import BinFile
+from volatility3_vmssd.memory.pagedecode import (
     decode_block,
     decode_block_bytes,
     decode_block_pages,
     decode_page,
     decode_pages,
 )
-from volatility3_vmssd.savedstate.partition_state import (
-    architecture,
-    is_la57,
-    paging_levels,
-    paging_mode,
-    parse_partition_state,
-)
-from volatility3_vmssd.savedstate.ramblock import (
-    BLOCK_SIZE,
-    PAGE_SIZE,
-    PAGES_PER_BLOCK,
-    MissingPageError,
-    index_block,
-    plan_block,
-)
+from volatility3_vmssd.memory.ramblock import MissingPageError, index_block, plan_block
+from volatility3_vmssd.provider import SavedStateProvider
 from volatility3_vmssd.storage import HyperVStorage
 
 from .crcfix import fix_crcs

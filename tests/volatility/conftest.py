@@ -22,9 +22,9 @@ from vol_helpers import LINUX_GUEST, need, preseed_isf_validation
 def linux_guest(tmp_path_factory: pytest.TempPathFactory) -> LinuxGuest:
     pytest.importorskip("volatility3", reason="volatility3 is not installed")
     need(LINUX_GUEST / "memory" / "guest.elf.xz")
-    from volatility3_vmssd.savedstate.cpujson import state_from_json
-    from volatility3_vmssd.savedstate.images import MemoryImage
-    from volatility3_vmssd.savedstate.writer import write_bin_vsv, write_vmrs
+    from volatility3_vmssd.cpu.cpujson import state_from_json
+    from volatility3_vmssd.images.memoryimage import MemoryImage
+    from volatility3_vmssd.vmrs.writer import write_bin_vsv, write_vmrs
 
     root = tmp_path_factory.mktemp("linux-guest")
     elf = root / "guest.elf"

@@ -12,7 +12,7 @@ import pytest
 from vol_guest import BACKEND_PLUGINS, VolRuns
 from vol_helpers import output_rows, require_volatility
 
-from volatility3_vmssd.savedstate.registers import REGISTER_IDS
+from volatility3_vmssd.cpu.registers import REGISTER_IDS
 
 require_volatility()
 

@@ -84,7 +84,7 @@ def _layerwriter_output(runs: VolRuns, name: str) -> Path:
 
 
 def _ram_chunks(guest: LinuxGuest, chunk: int = 4 << 20):
-    from volatility3_vmssd.savedstate.images import MemoryImage
+    from volatility3_vmssd.images.memoryimage import MemoryImage
 
     with MemoryImage.open(guest.elf) as image:
         for gpa in range(0, guest.ram_size, chunk):

@@ -83,9 +83,9 @@ def write_vmrs(
     **options: Any,
 ) -> Path:
     """A .vmrs of ``data`` (guest RAM from GPA 0) minus ``[start, end)`` holes."""
-    from volatility3_vmssd.savedstate.cpujson import state_from_json
-    from volatility3_vmssd.savedstate.images import MemoryImage
-    from volatility3_vmssd.savedstate.writer import write_vmrs as _write
+    from volatility3_vmssd.cpu.cpujson import state_from_json
+    from volatility3_vmssd.images.memoryimage import MemoryImage
+    from volatility3_vmssd.vmrs.writer import write_vmrs as _write
 
     raw = write_raw(path.with_name(path.name + ".raw"), data)
     with MemoryImage.open(raw) as image:
@@ -101,9 +101,9 @@ def write_pair(
     state: dict[str, Any],
     holes: Iterable[tuple[int, int]] = (),
 ) -> tuple[Path, Path]:
-    from volatility3_vmssd.savedstate.cpujson import state_from_json
-    from volatility3_vmssd.savedstate.images import MemoryImage
-    from volatility3_vmssd.savedstate.writer import write_bin_vsv
+    from volatility3_vmssd.cpu.cpujson import state_from_json
+    from volatility3_vmssd.images.memoryimage import MemoryImage
+    from volatility3_vmssd.vmrs.writer import write_bin_vsv
 
     raw = write_raw(bin_path.with_name(bin_path.name + ".raw"), data)
     with MemoryImage.open(raw) as image:

@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterable
 
 from ..errors import VmssdError
-from ..exporters import FORMATS, ExportReport, export, partial_output, provider_ranges, same_file
+from ..images.export import FORMATS, export, provider_ranges
+from ..images.streaming import ExportReport
+from ..outputs import partial_output, same_file
 from ..provider import open_saved_state
 from .progress import ProgressBar, human_duration, human_size
 

@@ -10,13 +10,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from ..cpu.chunkwriter import build_partition_state
+from ..cpu.cpujson import state_from_json
+from ..cpu.cpustate import PartitionState
 from ..errors import FormatError, VmssdError
 from ..files import sniff
-from ..savedstate.cpujson import state_from_json
-from ..savedstate.images import MemoryImage
-from ..savedstate.partition_state import PartitionState, build_partition_state
-from ..savedstate.rammap import BLOCK_SIZE, PAGE_SIZE, build_layout
-from ..savedstate.writer import LEGACY_VM_VERSION, VMRS_VM_VERSION, plan_ranges, write_bin_vsv, write_vmrs
+from ..images.memoryimage import MemoryImage
+from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE
+from ..memory.rammap import build_layout
+from ..vmrs.writer import LEGACY_VM_VERSION, VMRS_VM_VERSION, plan_ranges, write_bin_vsv, write_vmrs
 from .convert import check_output
 from .progress import ProgressBar
 

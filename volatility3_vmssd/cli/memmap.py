@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from ..memory.rammap import flag_names
 from ..provider import open_saved_state
-from ..savedstate.rammap import flag_names
 from .progress import human_size
 
 

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from ..errors import VmssdError
-from ..exporters import partial_output
 from ..interface import SavedState
+from ..outputs import partial_output
 from ..provider import open_saved_state
 from .convert import check_output
 

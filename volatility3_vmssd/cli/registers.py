@@ -9,12 +9,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from ..cpu.chunks import MAX_VTL
+from ..cpu.cpujson import FORMAT, VENDORS, register_to_json
+from ..cpu.registers import WIDE_REGISTER_NAMES, RegisterValue, SegmentRegister, TableRegister
 from ..errors import NotFoundError, VmssdError
 from ..interface import SavedState
 from ..provider import open_saved_state
-from ..savedstate.chunks import MAX_VTL
-from ..savedstate.cpujson import FORMAT, VENDORS, register_to_json
-from ..savedstate.registers import WIDE_REGISTER_NAMES, RegisterValue, SegmentRegister, TableRegister
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,1 +1,1 @@
-"""CPU state helpers that need no file format: what saved registers and page tables say."""
+"""Saved CPU state: the ``partition_state`` chunks, registers, paging modes, address translation, guest OS id."""

@@ -16,12 +16,9 @@ from collections.abc import Iterator
 from ctypes import byref
 from typing import Any
 
-from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
-from ..interface import GpaMemoryChunk, SavedState
-from ..savedstate.guestos import GuestOsInfo, decode_guest_os_id
-from ..savedstate.rammap import BLOCK_SIZE, PAGE_SIZE
-from ..savedstate.register_chunks import register_sort_key
-from ..savedstate.registers import (
+from ..cpu.guestos import GuestOsInfo, decode_guest_os_id
+from ..cpu.register_chunks import register_sort_key
+from ..cpu.registers import (
     REGISTER_IDS,
     WIDE_REGISTER_NAMES,
     X64_REGISTER_MAX,
@@ -34,6 +31,9 @@ from ..savedstate.registers import (
     SegmentRegister,
     TableRegister,
 )
+from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
+from ..interface import GpaMemoryChunk, SavedState
+from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE
 from . import binding as b
 from .binding import DumpProviderLibrary, is_windows, unavailable_message
 from .discovery import DllInfo, find_dll

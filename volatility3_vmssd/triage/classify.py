@@ -10,9 +10,9 @@ import contextlib
 import dataclasses
 from typing import Any
 
+from ..cpu.guestos import GuestOsMicrosoftId, GuestOsOpenSourceId, GuestOsVendor
 from ..errors import VmssdError
 from ..provider import open_saved_state
-from ..savedstate.guestos import GuestOsMicrosoftId, GuestOsOpenSourceId, GuestOsVendor
 from .discovery import SavedStateFile
 
 __all__ = ["CLASSES", "DAMAGE_KINDS", "Classification", "classify"]

@@ -20,10 +20,10 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.automagic import windows as windows_automagic
 from volatility3.framework.layers import intel
 
+from ..cpu.cpumode import paging_levels
 from ..cpu.kernel_dtb import KernelDtbVerdict, check_kernel_dtb, register_hints
 from ..errors import VmssdError
 from ..interface import SavedState
-from ..savedstate.cpumode import paging_levels
 
 vollog = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import intel
 from volatility3.framework.renderers import format_hints
 
+from ..cpu.cpumode import architecture, paging_mode
+from ..cpu.registers import SegmentRegister, TableRegister
 from ..errors import VmssdError
 from ..interface import SUMMARY_LABELS
-from ..savedstate.cpumode import architecture, paging_mode
-from ..savedstate.rammap import flag_names
-from ..savedstate.registers import SegmentRegister, TableRegister
+from ..memory.rammap import flag_names
 from ..vmconfig import find_vm_config
 from .kernel import KernelCandidate, kernel_candidates, refusal_summary, validate_candidate
 from .layer import HyperVSavedStateLayer

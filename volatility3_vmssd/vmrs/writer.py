@@ -23,14 +23,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+from ..cpu.chunkwriter import build_partition_state
+from ..cpu.cpustate import PartitionState
 from ..errors import FormatError
+from ..images.memoryimage import MemoryImage
+from ..images.ranges import MemoryRange, subtract_holes
+from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
+from ..memory.legacy_bin import write_bin
+from ..memory.ramblock import encode_block
+from ..memory.rammap import RamMemoryBlockRecord, build_layout, layout_ram
 from ..storage.writer import HyperVStorageWriter
-from .chunkwriter import build_partition_state
-from .cpustate import PartitionState
-from .images import MemoryImage, MemoryRange, subtract_holes
-from .legacy_bin import write_bin
-from .ramblock import encode_block
-from .rammap import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, RamMemoryBlockRecord, build_layout, layout_ram
 
 VMRS_VM_VERSION = 0x0900  # 9.0: the version of the real test.VMRS; > 5.0 selects the /savedstate schema
 LEGACY_VM_VERSION = 0x0500  # the real legacy .bin says 5.0

@@ -22,6 +22,7 @@ from collections.abc import Collection, Iterable, Iterator
 from operator import attrgetter
 
 from ..errors import Findings, FormatError, TruncatedError, UnsupportedError
+from .geometry import BLOCK_SIZE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_BLOCK
 
 __all__ = [
     "RAM_MEMORY_BLOCK_V3",
@@ -32,10 +33,6 @@ __all__ = [
     "layout_ram",
 ]
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-PAGES_PER_BLOCK = 256
-BLOCK_SIZE = PAGE_SIZE * PAGES_PER_BLOCK
 
 #: SavedStateVersion, Flags, PageCountTotal, MbpIndexStart, GpaIndexStart, VirtualNode, padding,
 #: KsrBlockId — the 48-byte version-3 record [3].

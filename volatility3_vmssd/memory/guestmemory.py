@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 from ..codecs.xpress import decode_threads as usable_decode_threads
 from ..codecs.xpress import decompress_many
 from ..errors import Findings, FormatError, NotFoundError, UnmappedAddressError
+from .geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from .pagedecode import (
     decode_block_bytes,
     decode_block_pages,
@@ -34,9 +35,6 @@ from .pagedecode import (
     uniform_pattern,
 )
 from .ramblock import (
-    BLOCK_SIZE,
-    PAGE_SIZE,
-    PAGES_PER_BLOCK,
     ZERO_BLOCK,
     BlockIndex,
     BlockPlan,

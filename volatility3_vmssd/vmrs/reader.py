@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
+from ..cpu.chunkparser import parse_partition_state
+from ..cpu.cpustate import PartitionState
 from ..errors import Findings, NotFoundError, UnsupportedError, VmssdError
+from ..memory.geometry import PAGES_PER_BLOCK
+from ..memory.rammap import RamMap, RamMemoryBlockRecord
 from ..storage import HyperVStorage, Key, NumberedKeys
-from .chunkparser import parse_partition_state
-from .cpustate import PartitionState
-from .rammap import PAGES_PER_BLOCK, RamMap, RamMemoryBlockRecord
 
 __all__ = [
     "PARTITION_STATE_PATHS",

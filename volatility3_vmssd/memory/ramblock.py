@@ -45,11 +45,9 @@ from array import array
 
 from ..codecs import xpress as _xpress
 from ..errors import Findings, FormatError, TruncatedError, VmssdError
+from .geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 
 __all__ = [
-    "BLOCK_SIZE",
-    "PAGES_PER_BLOCK",
-    "PAGE_SIZE",
     "ZERO_BLOCK",
     "BlockIndex",
     "BlockPlan",
@@ -62,9 +60,6 @@ __all__ = [
     "uniform_block",
 ]
 
-PAGE_SIZE = 4096
-PAGES_PER_BLOCK = 256
-BLOCK_SIZE = PAGE_SIZE * PAGES_PER_BLOCK  # 1 MiB; a value of exactly this size is raw (seen on the real sample)
 
 TAG_END = 0xFFFFFFFF
 TAG_FILL = 0xFFFFFFFE

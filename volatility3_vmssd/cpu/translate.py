@@ -21,7 +21,6 @@ ReadPhysical = Callable[[int, int], bytes]
 PTE32 = struct.Struct("<I")
 PTE64 = struct.Struct("<Q")
 
-PAGE_SIZE = 0x1000
 ENTRY_PRESENT = 1 << 0
 ENTRY_PAGE_SIZE = 1 << 7  # PS: this PDE/PDPTE maps a large page
 ADDRESS_MASK_64 = 0x000F_FFFF_FFFF_F000  # PTE bits 51:12; NX (63) and software bits 62:52 dropped

@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import BinaryIO
 
 from ..errors import Findings, FormatError, NotFoundError, TruncatedError, VmssdError
+from .geometry import BLOCK_SIZE, PAGES_PER_BLOCK
 from .guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
-from .ramblock import BLOCK_SIZE, PAGES_PER_BLOCK
 from .rammap import RamMap
 
 __all__ = ["BIN_HEADER", "BIN_INDEX_ENTRY", "BIN_SIGNATURE", "BinEntry", "BinFile", "write_bin"]

@@ -15,20 +15,18 @@ from collections.abc import Callable, Iterator
 
 from ..codecs import xpress as _xpress
 from ..errors import FormatError
+from .geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from .ramblock import (
     _ALL_FILL_KINDS,
     _MULTI_FILL_TAIL,
     _PATTERN,
     _VARIABLE_RUN_TAIL,
     _ZERO_PAGE,
-    BLOCK_SIZE,
     KIND_FILL,
     KIND_MISSING,
     KIND_PIECES,
     KIND_RAW,
     KIND_XPRESS,
-    PAGE_SIZE,
-    PAGES_PER_BLOCK,
     RECORD_TAG,
     TAG_FILL,
     TAG_MULTI_FILL,
