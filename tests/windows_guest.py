@@ -143,6 +143,7 @@ class WindowsGuest:
     isf: Path
     guid: str
     age: int
+    build: int  # the Windows NT build of the ISF's kernel
     raw: Path  # RAM from GPA 0, hole zeroed
     lime: Path  # the same RAM as LiME, hole left out
     registers: Path  # vmssd-registers/1
@@ -664,6 +665,7 @@ class _Builder:
             isf=self.isf.path,
             guid=self.isf.guid,
             age=self.isf.age,
+            build=self.build,
             raw=raw,
             lime=lime,
             registers=registers,
