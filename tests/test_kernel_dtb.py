@@ -19,6 +19,7 @@ from volatility3_vmssd.cpu.kernel_dtb import (
     MAX_IMAGE_SPAN,
     PageTables,
     check_kernel_dtb,
+    choose_kernel_dtb,
     register_hints,
 )
 
@@ -263,7 +264,7 @@ def test_five_level_and_unbacked_tables_are_refused_with_a_reason() -> None:
 
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_builder_guests_vouch_exactly_as_built(context: str, tmp_path) -> None:
-    """Every saved bank of a built guest gets the verdict the builder intended for it."""
+    """choose_kernel_dtb on every saved bank of a built guest picks the DTB the builder intended."""
     import json
 
     from volatility3_vmssd.cpu.cpujson import state_from_json
@@ -278,20 +279,15 @@ def test_builder_guests_vouch_exactly_as_built(context: str, tmp_path) -> None:
         return raw[address : address + length] if address + length <= len(raw) else None
 
     state = state_from_json(json.loads(guest.registers.read_text()))
-    banks = [vp.registers for vp in state.vps]
-    all_banks = [bank for vtls in banks for bank in vtls.values()]
-    code, idts = register_hints(all_banks)
-    accepted = []
-    for vp, vtls in enumerate(banks):
-        for vtl, regs in sorted(vtls.items()):
-            verdict = check_kernel_dtb(read, regs["cr3"] & ~0xFFF, 4, code, idts)
-            if verdict.ok:
-                accepted.append((vp, vtl, verdict.dtb))
-                assert verdict.kernel_base == guest.kernel_base and verdict.guid == guest.guid
-            elif vtl == 0:
-                assert verdict.kind == "no-self-reference"  # only the KVA-shadow tables are refused
-    expected = guest.saved_cr3_dtb
-    assert (accepted[0][2] if accepted else None) == expected
-    if expected is not None:
-        assert accepted[0][:2] == guest.saved_cr3_source
-    assert all(vtl == 0 for _, vtl, _ in accepted)  # VTL1's secure kernel is never taken for NT
+    banks = [(vp.index, vtl, regs) for vp in state.vps for vtl, regs in vp.registers.items()]
+    choice = choose_kernel_dtb(read, banks)
+    if guest.saved_cr3_dtb is None:
+        assert choice.verdict is None
+        assert {v.kind for _, vtl, v in choice.refused if vtl == 0} == {"no-self-reference"}  # shadow tables
+    else:
+        assert choice.verdict is not None and choice.verdict.dtb == guest.saved_cr3_dtb
+        assert (choice.vp, choice.vtl) == guest.saved_cr3_source
+        assert choice.verdict.kernel_base == guest.kernel_base and choice.verdict.guid == guest.guid
+    if context == "vbs":  # VTL1's secure kernel is refused when reached: only forced here
+        vtl1 = choose_kernel_dtb(read, [b for b in banks if b[1] == 1])
+        assert vtl1.verdict is None and all("securekernel.pdb" in v.reason for _, _, v in vtl1.refused)

@@ -25,6 +25,8 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .cpumode import paging_levels
+
 #: Reads ``length`` bytes of guest physical memory at ``address``; None when they are not all backed.
 ReadPhysical = Callable[[int, int], bytes | None]
 
@@ -380,3 +382,42 @@ def check_kernel_dtb(
         f"{why}, but no NT kernel image is mapped below the {len(hints)} kernel address(es) the registers hold",
         index,
     )
+
+
+# ----------------------------------------------------------------------------------- the choice
+
+#: CR3 address bits per page-table depth (the low bits hold PCID, or PWT/PCD).
+CR3_MASKS = {4: 0x000F_FFFF_FFFF_F000, 5: 0x000F_FFFF_FFFF_F000, 3: 0xFFFF_FFE0, 2: 0xFFFF_F000}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelDtbChoice:
+    """The first saved bank whose CR3 proves a kernel DTB (``vp``, ``vtl``, ``verdict``), and every refusal."""
+
+    vp: int | None
+    vtl: int | None
+    verdict: KernelDtbVerdict | None
+    refused: tuple[tuple[int, int, KernelDtbVerdict], ...]
+
+
+def choose_kernel_dtb(read: ReadPhysical, banks: Iterable[tuple[int, int, Mapping[str, Any]]]) -> KernelDtbChoice:
+    """Try every saved ``(vp, vtl, registers)`` bank, every VP's VTL0 first, and take the first proven DTB.
+
+    What the Volatility glue does too (it adds Volatility's own KUSER_SHARED_DATA check), for callers
+    that have no Volatility, such as a crash-dump writer.  Hints for a VTL come from that VTL's banks.
+    """
+    ordered = sorted(banks, key=lambda b: (b[1], b[0]))
+    hints = {vtl: register_hints(regs for _, v, regs in ordered if v == vtl) for vtl in {b[1] for b in ordered}}
+    refused: list[tuple[int, int, KernelDtbVerdict]] = []
+    for vp, vtl, regs in ordered:
+        levels = paging_levels(regs)
+        cr3 = regs.get("cr3")
+        if not isinstance(cr3, int) or levels not in CR3_MASKS:
+            reason = "no CR3 saved" if not isinstance(cr3, int) else "paging is off (or not an x86 register bank)"
+            refused.append((vp, vtl, KernelDtbVerdict(cr3 or 0, levels, "unsupported", reason)))
+            continue
+        verdict = check_kernel_dtb(read, cr3 & CR3_MASKS[levels], levels, *hints[vtl])
+        if verdict.ok:
+            return KernelDtbChoice(vp, vtl, verdict, tuple(refused))
+        refused.append((vp, vtl, verdict))
+    return KernelDtbChoice(None, None, None, tuple(refused))
