@@ -75,6 +75,7 @@ _LAYOUTS: dict[int, tuple[int, type[intel.Intel], type[windows_automagic.Intel32
 
 
 def _user_mode(regs: dict[str, Any]) -> bool:
+    """Saved at CPL 3 (the saved CPL, else CS's RPL): where Windows runs on a KVA-shadow table."""
     cpl = regs.get("cpl")
     if isinstance(cpl, int) and cpl:
         return cpl == 3
@@ -82,9 +83,7 @@ def _user_mode(regs: dict[str, Any]) -> bool:
     return isinstance(selector, int) and selector & 3 == 3
 
 
-def _candidate(
-    vp: int, vtl: int, regs: dict[str, Any], hints: tuple[tuple[int, ...], tuple[int, ...]]
-) -> KernelCandidate:
+def _candidate(vp: int, vtl: int, regs: dict[str, Any], hints: Hints) -> KernelCandidate:
     """What one register bank says about its page tables (x86 only: Volatility's Windows layers are Intel)."""
     levels = paging_levels(regs)
     cr3 = regs.get("cr3")
@@ -184,7 +183,8 @@ def prove_candidate(
 
 def refusal_summary(refused: list[tuple[KernelCandidate, str]]) -> str:
     """Why no saved CR3 was used, in a few words: the common KVA-shadow case by name, else each bank's reason."""
-    if refused and all(c.user_mode and "no PML4 entry points back" in why for c, why in refused if c.vtl in (0, None)):
+    low = [(c, why) for c, why in refused if c.vtl in (0, None)]
+    if low and all(c.user_mode and "no PML4 entry points back" in why for c, why in low):
         return "user-mode shadow tables on every VP"
     parts = [f"VP {c.vp}" + (f" VTL {c.vtl}" if c.vtl is not None else "") + f": {why}" for c, why in refused]
     return "; ".join(parts) if parts else "no VP has a saved CR3"
