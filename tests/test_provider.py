@@ -17,7 +17,7 @@ from volatility3_vmssd.cpu.chunkwriter import build_partition_state
 from volatility3_vmssd.cpu.cpujson import state_from_json
 from volatility3_vmssd.cpu.cpustate import PartitionState, VpState
 from volatility3_vmssd.cpu.registers import Architecture, PagingMode, PrologVendor, SegmentRegister
-from volatility3_vmssd.cpu.translate import translate
+from volatility3_vmssd.cpu.translate import translate_with_size
 from volatility3_vmssd.errors import FormatError, NotFoundError, UnmappedAddressError
 from volatility3_vmssd.images.memoryimage import MemoryImage
 from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord
@@ -132,7 +132,10 @@ def test_linux_guest_round_trip(guest_elf: Path, guest_registers: dict, tmp_path
         # the kernel's own page tables (init_top_pgt, located by Volatility: data README) agree
         rip = p.get_register_value(0, "rip")
         gpa = p.guest_virtual_to_physical(0, rip)
-        assert gpa == translate(p.read_guest_physical_address, rip, mode=PagingMode.LONG, cr3=0x7C10000, levels=4)
+        assert (
+            gpa
+            == translate_with_size(p.read_guest_physical_address, rip, mode=PagingMode.LONG, cr3=0x7C10000, levels=4)[0]
+        )
         assert (
             p.read_guest_physical_address(gpa, 16)
             == p.read_guest_physical_address(gpa & ~0xFFF, 4096)[gpa & 0xFFF : (gpa & 0xFFF) + 16]

@@ -11,12 +11,17 @@ from hypothesis import strategies as st
 
 from volatility3_vmssd.cpu.cpumode import CR4_PSE, paging_levels, paging_mode
 from volatility3_vmssd.cpu.registers import PagingMode, PrologVendor
-from volatility3_vmssd.cpu.translate import VaNotMappedError, translate, translate_with_size
+from volatility3_vmssd.cpu.translate import VaNotMappedError, translate_with_size
 from volatility3_vmssd.errors import UnmappedAddressError, UnsupportedError, VmssdError
 
 P, RW, PS = 1, 2, 0x80
 NX = 1 << 63
 MiB, GiB = 1 << 20, 1 << 30
+
+
+def translate(read, va: int, **walk):  # type: ignore[no-untyped-def]
+    """The GPA alone, as the DLL's GuestVirtualAddressToPhysicalAddress answers."""
+    return translate_with_size(read, va, **walk)[0]
 
 
 class Phys:

@@ -199,16 +199,3 @@ def translate_with_size(
             return base | (va & offset_mask), _remaining(va, level.shift)
         table = entry & (ADDRESS_MASK_32 if is32 else ADDRESS_MASK_64)
     raise AssertionError("unreachable: the last level always returns")  # pragma: no cover
-
-
-def translate(
-    read_physical: ReadPhysical,
-    va: int,
-    *,
-    mode: PagingMode,
-    cr3: int,
-    levels: int | None = None,
-    pse: bool = True,
-) -> int:
-    """Translate ``va`` to a guest-physical address; see :func:`translate_with_size`."""
-    return translate_with_size(read_physical, va, mode=mode, cr3=cr3, levels=levels, pse=pse)[0]
