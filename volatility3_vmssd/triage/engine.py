@@ -304,8 +304,8 @@ def run_triage(opts: TriageOptions, stream: TextIO | None = None) -> TriageRepor
     stream = sys.stderr if stream is None else stream
     check_out(opts.out, opts.paths)
     if opts.scheduler:
-        check_scheduler_address(opts.scheduler)  # one line before any work when it is not an address
         _require_dask()
+        _probe(opts.scheduler)  # one line, before any work, when nothing (or not Dask) answers there
     remove_stale_scratch()
     found = discover(opts.paths)
     if found.missing:

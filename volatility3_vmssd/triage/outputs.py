@@ -33,6 +33,7 @@ from typing import Any
 
 from .discovery import shown
 from .evidence import iso_time
+from .tasks import pid_alive
 
 __all__ = ["MAX_TASK_FILE", "OWN_COLUMNS", "STATUSES", "OutDir", "atomic_write", "task_id", "task_problem"]
 
@@ -104,14 +105,7 @@ def _remove_stale_tmp(folder: Path) -> None:
         return
     for name in names:
         m = _STALE_TMP.match(name)
-        if m is None or int(m.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # its writer is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if m is None or pid_alive(int(m.group(1))):  # its writer (this process included) is still running
             continue
         path = folder / name
         with contextlib.suppress(OSError):

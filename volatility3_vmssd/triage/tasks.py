@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCRATCH_PREFIX", "execute", "kill_running", "remove_stale_scratch", "worker_cache_blocks"]
+__all__ = ["SCRATCH_PREFIX", "execute", "kill_running", "pid_alive", "remove_stale_scratch", "worker_cache_blocks"]
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 #: ``vmssd-triage-<pid>-<random>``: the pid says whether the folder is still in use.
@@ -38,7 +38,10 @@ _RUNNING_LOCK = threading.Lock()
 _CLEANED = False
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts); an id no system gives out does not."""
+    if not 0 < pid < 1 << 22:  # Linux's PID_MAX_LIMIT; a name carrying a larger one was not made by a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -59,7 +62,7 @@ def remove_stale_scratch(folder: str | None = None) -> int:
         return 0
     for name in names:
         m = _SCRATCH.match(name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         path = os.path.join(folder, name)
         try:
