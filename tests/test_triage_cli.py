@@ -341,3 +341,15 @@ def test_scratch_folders_of_dead_runs_are_removed_and_no_others(tmp_path: Path) 
     r = vmssd("triage", "--out", tmp_path / "out", "--no-progress", tree, env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in scratch.iterdir()) == sorted([alive.name, foreign.name, unrelated.name])
+
+
+def test_a_local_run_needs_no_dask(tmp_path: Path) -> None:
+    tree = small_tree(tmp_path / "ev")
+    code = (
+        "import sys; from volatility3_vmssd.cli.main import main;"
+        f" rc = main(['triage', '--out', {str(tmp_path / 'out')!r}, '--no-progress', {str(tree)!r}]);"
+        " bad = [m for m in ('dask', 'distributed') if m in sys.modules]; assert rc == 0 and not bad, (rc, bad)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
