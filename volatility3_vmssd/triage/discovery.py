@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..files import HEAD_SIZE, partner_candidates, signature_kind
-from .identity import VmConfig, read_vm_config
+from ..vmconfig import VmConfig, read_vm_config
 
 __all__ = [
     "HYPERV_EXTENSIONS",
