@@ -255,19 +255,22 @@ def test_scheduler_addresses_that_cannot_work_get_one_line(tmp_path: Path, addre
     assert not (tmp_path / "out").exists()
 
 
-def test_scheduler_at_an_http_port_answers_promptly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "expected"), [("tcp", "is not a Dask scheduler"), ("tls", "cannot connect to the Dask scheduler")]
+)
+def test_scheduler_at_an_http_port_answers_promptly(tmp_path: Path, scheme: str, expected: str) -> None:
     pytest.importorskip("distributed", reason="dask/distributed are not installed (pip install '.[triage]')")
     tree = small_tree(tmp_path / "ev")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        address = f"tcp://127.0.0.1:{server.server_address[1]}"
+        address = f"{scheme}://127.0.0.1:{server.server_address[1]}"
         # The hang guard: Dask's own client waits forever on such a port; ours must answer well before 10 s.
         line = one_line_error(vmssd("triage", "--out", tmp_path / "out", "--scheduler", address, tree, timeout=10))
     finally:
         server.shutdown()
         server.server_close()
-    assert f"{address} is not a Dask scheduler" in line
+    assert expected in line and address in line
 
 
 @pytest.mark.slow
