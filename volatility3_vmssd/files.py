@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -26,6 +26,7 @@ __all__ = [
     "STORAGE_SIGNATURE",
     "find_partner",
     "find_vmcx",
+    "partner_candidates",
     "path_to_url",
     "read_head",
     "signature_kind",
@@ -67,25 +68,35 @@ def _listing(directory: Path) -> list[str]:
         return []
 
 
+def partner_candidates(name: str, names: Sequence[str], extensions: Sequence[str]) -> Iterator[str]:
+    """The one pairing rule, on a folder's listing: the names in ``names`` (sorted) with ``name``'s base
+    name and one of ``extensions``, best first: an exact base-name match before a case-insensitive one,
+    earlier extensions before later ones.  Triage applies it to the listing it made once per folder
+    (regular files only, so the first candidate is the partner); :func:`find_partner` to a fresh listing."""
+    stem = Path(name).stem
+    for fold in (False, True):
+        for ext in extensions:
+            for other in names:
+                if other == name:
+                    continue
+                cand = Path(other)
+                if cand.suffix.lower() != ext.lower():
+                    continue
+                if (cand.stem.casefold() == stem.casefold()) if fold else (cand.stem == stem):
+                    yield other
+
+
 def find_partner(path: str | os.PathLike[str], extensions: Sequence[str]) -> tuple[Path | None, list[Path]]:
     """The regular file beside ``path`` with the same base name and one of ``extensions`` (any case).
 
-    Returns the partner (an exact base-name match is preferred over a case-insensitive one, earlier
-    extensions over later ones) and the paths looked at, for a message that tells the user where the
-    partner has to be.
+    Returns the partner (the first of :func:`partner_candidates` that is a regular file) and the paths
+    looked at, for a message that tells the user where the partner has to be.
     """
     path = Path(path)
     looked = [path.with_suffix(ext) for ext in extensions]
-    names = [n for n in _listing(path.parent) if n != path.name]
-    for fold in (False, True):
-        for ext in extensions:
-            for name in names:
-                cand = Path(name)
-                if cand.suffix.lower() != ext.lower():
-                    continue
-                same = cand.stem.casefold() == path.stem.casefold() if fold else cand.stem == path.stem
-                if same and (path.parent / name).is_file():
-                    return path.parent / name, looked
+    for name in partner_candidates(path.name, _listing(path.parent), extensions):
+        if (path.parent / name).is_file():
+            return path.parent / name, looked
     return None, looked
 
 
