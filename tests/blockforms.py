@@ -28,19 +28,10 @@ from volatility3_vmssd.codecs import xpress
 from volatility3_vmssd.cpu.chunkwriter import build_partition_state
 from volatility3_vmssd.cpu.cpustate import PartitionState
 from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory import records
 from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from volatility3_vmssd.memory.ramblock import fill_spans, page_records, whole_block
 from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord
-from volatility3_vmssd.memory.records import (
-    MULTI_FILL_RECORD,
-    RECORD_TAG,
-    SINGLE_FILL_RECORD,
-    TAG_END,
-    TAG_FILL,
-    TAG_MULTI_FILL,
-    TAG_VARIABLE_RUN,
-    VARIABLE_RUN_RECORD,
-)
 from volatility3_vmssd.storage.writer import HyperVStorageWriter
 from volatility3_vmssd.vmrs.writer import VMRS_VM_VERSION, plan_ranges
 
@@ -81,9 +72,9 @@ def encode_form(
         odd = alternate and bool(spans & 1)
         if pattern is not None:
             if stop - first == 1 or single_fills != odd:
-                parts.extend([SINGLE_FILL_RECORD.pack(TAG_FILL, pattern)] * (stop - first))
+                parts.extend([records.SINGLE_FILL_RECORD.pack(records.TAG_FILL, pattern)] * (stop - first))
             else:
-                parts.append(MULTI_FILL_RECORD.pack(TAG_MULTI_FILL, pattern, stop - first))
+                parts.append(records.MULTI_FILL_RECORD.pack(records.TAG_MULTI_FILL, pattern, stop - first))
         elif variable_runs and not odd:
             span = buf[first * PAGE_SIZE : stop * PAGE_SIZE]
             for at in range(0, len(span), VARIABLE_RUN_MAX):
@@ -91,12 +82,12 @@ def encode_form(
                 packed = xpress.compress(chunk) if compress else chunk
                 if len(packed) >= len(chunk):
                     packed = chunk
-                parts.append(VARIABLE_RUN_RECORD.pack(TAG_VARIABLE_RUN, len(chunk), len(packed)))
+                parts.append(records.VARIABLE_RUN_RECORD.pack(records.TAG_VARIABLE_RUN, len(chunk), len(packed)))
                 parts.append(packed)
         else:
             parts += page_records(buf, first, stop, compress)
     if end_marker:
-        parts.append(RECORD_TAG.pack(TAG_END))
+        parts.append(records.RECORD_TAG.pack(records.TAG_END))
     encoded = b"".join(parts)
     return buf if len(encoded) >= BLOCK_SIZE and pages == PAGES_PER_BLOCK else encoded
 

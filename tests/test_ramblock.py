@@ -20,6 +20,7 @@ from volatility3_vmssd.memory.guestmemory import GuestMemory, InMemoryBlockSourc
 from volatility3_vmssd.memory.pagedecode import decode_pages
 from volatility3_vmssd.memory.ramblock import encode_block, fill_page, index_block, plan_block
 from volatility3_vmssd.memory.rammap import RamMap, build_layout
+from volatility3_vmssd.memory.records import RecordDamage, tokens
 
 FILE_OFFSET = 0x5000
 
@@ -85,21 +86,28 @@ class Stream:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.expected = bytearray()
+        self.tokens: list[tuple[int, int, int, int, int]] = []  # what records.tokens must yield, one per record
+
+    def _token(self, tag: int, a: int, b: int) -> None:
+        self.tokens.append((tag, self.record_offset(), len(self.expected), a, b))
 
     def record_offset(self) -> int:
         return sum(map(len, self.parts))
 
     def fill(self, pattern: bytes) -> Stream:
+        self._token(rb.TAG_FILL, int.from_bytes(pattern, "little"), 1)
         self.parts.append(struct.pack("<I", rb.TAG_FILL) + pattern)
         self.expected += pattern_page(pattern)
         return self
 
     def multi(self, pattern: bytes, count: int) -> Stream:
+        self._token(rb.TAG_MULTI_FILL, int.from_bytes(pattern, "little"), count)
         self.parts.append(struct.pack("<I", rb.TAG_MULTI_FILL) + pattern + struct.pack("<I", count))
         self.expected += pattern_page(pattern) * count
         return self
 
     def raw_page(self, page: bytes) -> Stream:
+        self._token(PAGE_SIZE, self.record_offset() + 4, self.record_offset() + 4 + PAGE_SIZE)
         self.parts.append(struct.pack("<I", PAGE_SIZE) + page)
         self.expected += page
         return self
@@ -107,11 +115,13 @@ class Stream:
     def xpress_page(self, page: bytes) -> Stream:
         packed = xpress.compress(page)
         assert len(packed) < PAGE_SIZE
+        self._token(len(packed), self.record_offset() + 4, self.record_offset() + 4 + len(packed))
         self.parts.append(struct.pack("<I", len(packed)) + packed)
         self.expected += page
         return self
 
     def var_raw(self, data: bytes) -> Stream:
+        self._token(rb.TAG_VARIABLE_RUN, len(data), len(data))
         self.parts.append(struct.pack("<III", rb.TAG_VARIABLE_RUN, len(data), len(data)) + data)
         self.expected += data
         return self
@@ -119,11 +129,13 @@ class Stream:
     def var_xpress(self, data: bytes) -> Stream:
         packed = xpress.compress(data)
         assert len(packed) < len(data)
+        self._token(rb.TAG_VARIABLE_RUN, len(data), len(packed))
         self.parts.append(struct.pack("<III", rb.TAG_VARIABLE_RUN, len(data), len(packed)) + packed)
         self.expected += data
         return self
 
     def end(self) -> Stream:
+        self._token(rb.TAG_END, 0, 0)
         self.parts.append(struct.pack("<I", rb.TAG_END))
         return self
 
@@ -325,6 +337,40 @@ def test_many_tiny_variable_runs_keep_the_index_small() -> None:
     assert decoded(value, index) == data + bytes(240 * PAGE_SIZE)
 
 
+def test_tokens_are_the_records_in_order_and_restart_at_any_of_them() -> None:
+    rng = random.Random(30)
+    s = Stream().fill(b"12345678").raw_page(random_page(rng)).xpress_page(text_page(rng)).var_raw(rng.randbytes(100))
+    s.fill(b"ABCDEFGH").var_xpress(text_page(rng)[:3000]).xpress_page(text_page(rng))  # off page boundaries
+    s.var_raw(rng.randbytes(PAGE_SIZE - (len(s.expected) & 0xFFF)))  # back on a boundary
+    s.multi(bytes(8), 256 - len(s.expected) // PAGE_SIZE).end()
+    value = s.value()
+    assert list(tokens(value)) == s.tokens
+    for i, (_, rec, out, _, _) in enumerate(s.tokens):  # a checkpoint is any record already walked
+        assert list(tokens(value, rec, out)) == s.tokens[i:]
+    stop = 5 * PAGE_SIZE
+    assert list(tokens(value, stop=stop)) == [t for t in s.tokens if t[2] < stop]
+    assert_decodes(value, bytes(s.expected))
+
+
+def test_identical_single_fills_on_a_page_boundary_are_one_token() -> None:
+    s = Stream().fill(b"12345678")
+    for _ in range(200):
+        s.fill(bytes(8))
+    s.multi(b"\xee" * 8, 55).end()
+    assert [(t[0], t[4]) for t in tokens(s.value())] == [
+        (rb.TAG_FILL, 1),
+        (rb.TAG_FILL, 200),
+        (rb.TAG_MULTI_FILL, 55),
+        (rb.TAG_END, 0),
+    ]
+
+
+def test_the_encoder_and_the_test_forms_agree_on_the_default_form() -> None:
+    data = mixed_block(6)
+    assert encode_form(data) == encode_block(data)
+    assert encode_form(data, compress=False) == encode_block(data, compress=False)
+
+
 def test_variable_run_smaller_than_a_page() -> None:
     rng = random.Random(13)
     s = Stream()
@@ -415,6 +461,18 @@ def test_hostile_record_becomes_a_finding_or_format_error(name: str) -> None:
     assert decoded(value, index)[:PAGE_SIZE] == bytes(PAGE_SIZE)
     with pytest.raises(FormatError):
         opened(value, Findings(strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_damage_ends_the_walk_at_the_bad_record_for_both_paths(name: str) -> None:
+    bad, kind = HOSTILE[name]
+    value, at = _hostile(Stream().multi(bytes(8), 1), bad)
+    walked = []
+    with pytest.raises(RecordDamage) as err:
+        walked.extend(tokens(value))
+    assert len(walked) == 1  # the sound record before it
+    assert (err.value.rec, err.value.out, err.value.kind) == (at, PAGE_SIZE, kind)
+    assert plan_block(value) is None
 
 
 def test_unaligned_record_overrunning_the_block() -> None:

@@ -11,11 +11,13 @@ starting with a u32 tag [V on the legacy .bin sample][4]:
   in a real file];
 * ``n`` in 1..4096 + ``n`` bytes: a raw page (``n == 4096``) or one XPRESS page expanding to 4096.
 
-Reading has two paths.  The fast one, :func:`plan_block`, walks a sound stream once into its
-output parts and the XPRESS streams to expand in one batch (every read that loads a whole block).
-The careful one, :func:`index_block`, walks the record headers into a compact :class:`BlockIndex`
-and records findings for whatever is damaged; :mod:`.pagedecode` expands pages from it (and serves
-reads that decode only some pages).  Writers use :func:`encode_block`.
+The records are read in one place, :func:`~.records.tokens`, which validates each one and says
+where the stream is damaged.  Reading has two paths over its tokens.  The fast one,
+:func:`plan_block`, turns a sound stream into its output parts and the XPRESS streams to expand
+in one batch (every read that loads a whole block).  The careful one, :func:`index_block`, turns
+the tokens into a compact :class:`BlockIndex` and records findings for whatever is damaged;
+:func:`~.pagedecode.decode_pages` expands pages from it (and serves reads that decode only some
+pages).  ``vmssd create`` writes with :func:`encode_block`.
 
 Decisions where the format is silent (all inferred, docs/format.md#ramblock-values):
 

@@ -28,6 +28,7 @@ with :class:`RecordDamage`, which says where and what, in the words findings use
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterator
 
@@ -54,20 +55,19 @@ _VARIABLE_RUN_TAIL = struct.Struct("<II")
 Token = tuple[int, int, int, int, int]
 
 
+@dataclasses.dataclass(eq=False)
 class RecordDamage(Exception):
     """Where a record stream stops being sound: the record's value offset ``rec``, the output ``out``
     produced before it, the finding ``kind`` and ``message``, the ``error`` strict mode raises, and
     ``counted``: the tag of a record that is counted in the block's statistics although it overruns
     the block (0 for none)."""
 
-    def __init__(self, rec: int, out: int, kind: str, message: str, error: type[FormatError], counted: int = 0) -> None:
-        super().__init__(message)
-        self.rec = rec
-        self.out = out
-        self.kind = kind
-        self.message = message
-        self.error = error
-        self.counted = counted
+    rec: int
+    out: int
+    kind: str
+    message: str
+    error: type[FormatError]
+    counted: int = 0
 
 
 def same_records(value: bytes | bytearray | memoryview, pos: int, size: int, limit: int) -> int:
