@@ -309,14 +309,15 @@ def run_atheris(target: str, seconds: float, corpus: Path, out: Path, stats_file
 
     # Only the package is instrumented: coverage of the harness itself would be noise (and slower).
     with atheris.instrument_imports(include=["volatility3_vmssd"]):
-        import volatility3_vmssd.savedstate.partition_state
-
         import volatility3_vmssd.codecs._xpress_python
         import volatility3_vmssd.codecs.xpress
+        import volatility3_vmssd.cpu.chunkparser
         import volatility3_vmssd.memory.guestmemory
         import volatility3_vmssd.memory.legacy_bin
+        import volatility3_vmssd.memory.pagedecode
         import volatility3_vmssd.memory.ramblock
         import volatility3_vmssd.memory.rammap
+        import volatility3_vmssd.memory.records
         import volatility3_vmssd.provider
         import volatility3_vmssd.storage.reader
         import volatility3_vmssd.volatility.layer  # noqa: F401
