@@ -312,6 +312,8 @@ def run_atheris(target: str, seconds: float, corpus: Path, out: Path, stats_file
         import volatility3_vmssd.codecs._xpress_python
         import volatility3_vmssd.codecs.xpress
         import volatility3_vmssd.cpu.chunkparser
+        import volatility3_vmssd.cpu.cpumode
+        import volatility3_vmssd.cpu.guestos
         import volatility3_vmssd.memory.guestmemory
         import volatility3_vmssd.memory.legacy_bin
         import volatility3_vmssd.memory.pagedecode
@@ -351,7 +353,7 @@ def run_atheris(target: str, seconds: float, corpus: Path, out: Path, stats_file
         str(corpus),
         f"-max_len={max_len}",
         f"-max_total_time={int(seconds) + 30}",
-        "-timeout=20",  # libFuzzer's own kill switch; the harness already flags anything over 1 s
+        "-timeout=20",  # libFuzzer's own kill switch; the harness already flags anything over SLOW_SECONDS
         "-rss_limit_mb=3072",
         "-print_final_stats=0",
         "-close_fd_mask=0",
