@@ -69,9 +69,12 @@ __all__ = [
     "MissingPageError",
     "encode_block",
     "fill_page",
+    "fill_spans",
     "index_block",
+    "page_records",
     "plan_block",
     "uniform_block",
+    "whole_block",
 ]
 
 
