@@ -1,8 +1,9 @@
 """Saved states written with every legitimate RamBlock form, for tests and the benchmark harness.
 
-Our writer (``vmrs/writer.py``) writes one form: openvmm's layout with multi-fill, XPRESS and
-raw page records and an end marker after 256 pages.  Other writers may legitimately produce more,
-and a reader's fast path must take all of them (issue 14):
+Our writer (``vmrs/writer.py``, through ``memory/ramblock.py``'s ``encode_block``) writes one form:
+openvmm's layout with multi-fill, XPRESS and raw page records and an end marker after 256 pages.
+Other writers may legitimately produce more, and a reader's fast path must take all of them (issue 14);
+:func:`encode_form` writes them:
 
 * ranges that are not a whole number of blocks, whose last block ends early with the end marker;
 * variable-length runs (``0xFFFFFFFC``), raw or XPRESS, that leave the output off page boundaries;
@@ -23,17 +24,72 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 
+from volatility3_vmssd.codecs import xpress
 from volatility3_vmssd.cpu.chunkwriter import build_partition_state
 from volatility3_vmssd.cpu.cpustate import PartitionState
 from volatility3_vmssd.images.memoryimage import MemoryImage
+from volatility3_vmssd.memory import records
 from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
-from volatility3_vmssd.memory.ramblock import encode_block
+from volatility3_vmssd.memory.ramblock import fill_spans, page_records, whole_block
 from volatility3_vmssd.memory.rammap import RamMemoryBlockRecord
 from volatility3_vmssd.storage.writer import HyperVStorageWriter
 from volatility3_vmssd.vmrs.writer import VMRS_VM_VERSION, plan_ranges
 
 #: Inline threshold of the container writer: smaller values live in the key table.
 INLINE_BELOW = 2048
+#: VMkatz's observed upper bound for one variable run (one source).
+VARIABLE_RUN_MAX = 0xFFF
+
+
+def encode_form(
+    data: bytes | bytearray | memoryview,
+    *,
+    compress: bool = True,
+    variable_runs: bool = False,
+    end_marker: bool = True,
+    pages: int = PAGES_PER_BLOCK,
+    single_fills: bool = False,
+    alternate: bool = False,
+) -> bytes:
+    """1 MiB of RAM as a RamBlock value in a legitimate form that our writer does not produce.
+
+    With the defaults, what the package's ``encode_block`` writes.  Besides:
+
+    * ``variable_runs``: runs of non-fill pages as 0xFFFFFFFC records of at most 0xFFF bytes
+      (never seen in a real file), which leave the output off page boundaries;
+    * ``single_fills``: one single-fill record per fill page, as Hyper-V writes empty pages;
+    * ``alternate``: switch form at every span (variable runs / page records, single / multi
+      fills), so that one block mixes them;
+    * ``pages`` < 256: only the first ``pages`` pages, then the end marker: how a range that is not
+      a whole number of blocks may end (the data after them is ignored);
+    * ``end_marker=False``: no end marker after the 256 pages.
+    """
+    buf = whole_block(data)
+    if not 0 <= pages <= PAGES_PER_BLOCK or (pages < PAGES_PER_BLOCK and not end_marker):
+        raise ValueError(f"pages must be 0..{PAGES_PER_BLOCK}, and fewer than all need the end marker")
+    parts: list[bytes] = []
+    for spans, (first, stop, pattern) in enumerate(fill_spans(buf, pages)):
+        odd = alternate and bool(spans & 1)
+        if pattern is not None:
+            if stop - first == 1 or single_fills != odd:
+                parts.extend([records.SINGLE_FILL_RECORD.pack(records.TAG_FILL, pattern)] * (stop - first))
+            else:
+                parts.append(records.MULTI_FILL_RECORD.pack(records.TAG_MULTI_FILL, pattern, stop - first))
+        elif variable_runs and not odd:
+            span = buf[first * PAGE_SIZE : stop * PAGE_SIZE]
+            for at in range(0, len(span), VARIABLE_RUN_MAX):
+                chunk = span[at : at + VARIABLE_RUN_MAX]
+                packed = xpress.compress(chunk) if compress else chunk
+                if len(packed) >= len(chunk):
+                    packed = chunk
+                parts.append(records.VARIABLE_RUN_RECORD.pack(records.TAG_VARIABLE_RUN, len(chunk), len(packed)))
+                parts.append(packed)
+        else:
+            parts += page_records(buf, first, stop, compress)
+    if end_marker:
+        parts.append(records.RECORD_TAG.pack(records.TAG_END))
+    encoded = b"".join(parts)
+    return buf if len(encoded) >= BLOCK_SIZE and pages == PAGES_PER_BLOCK else encoded
 
 
 def cut_ranges(ranges: list[tuple[int, int]], rng: random.Random, pieces: int = 3) -> list[tuple[int, int]]:
@@ -82,21 +138,21 @@ def every_form_value(data: bytes, pages: int, rng: random.Random, form: str | No
     """One RamBlock value for ``data`` in ``form`` (drawn from ``rng`` if None), and the form's name."""
     if pages < PAGES_PER_BLOCK:
         form = "early end"
-        value = encode_block(data, pages=pages, single_fills=rng.random() < 0.5, alternate=rng.random() < 0.5)
+        value = encode_form(data, pages=pages, single_fills=rng.random() < 0.5, alternate=rng.random() < 0.5)
     else:
         form = form or rng.choices(FULL_FORMS, _WEIGHTS)[0]
         if form == "raw 1 MiB":
             return data, form
         if form == "variable runs":
-            value = encode_block(data, use_variable_runs=True, alternate=rng.random() < 0.5)
+            value = encode_form(data, variable_runs=True, alternate=rng.random() < 0.5)
         elif form == "uncompressed page records":
-            value = encode_block(data, compress=False, single_fills=rng.random() < 0.5)
+            value = encode_form(data, compress=False, single_fills=rng.random() < 0.5)
         elif form == "mixed fills":
-            value = encode_block(data, single_fills=rng.random() < 0.5, alternate=True)
+            value = encode_form(data, single_fills=rng.random() < 0.5, alternate=True)
         elif form == "no end marker":
-            value = encode_block(data, end_marker=False)
+            value = encode_form(data, end_marker=False)
         else:
-            value = encode_block(data)
+            value = encode_form(data)
     if len(value) == BLOCK_SIZE:
         form = "raw 1 MiB"
     elif len(value) < INLINE_BELOW:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from blockforms import INLINE_BELOW, write_every_form_vmrs, write_raw_vmrs
+from blockforms import INLINE_BELOW, encode_form, write_every_form_vmrs, write_raw_vmrs
 from shared_data import REPO
 
 from volatility3_vmssd import SavedStateProvider
@@ -24,7 +24,7 @@ from volatility3_vmssd.errors import Findings, UnmappedAddressError
 from volatility3_vmssd.images.memoryimage import MemoryImage
 from volatility3_vmssd.memory import guestmemory
 from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE
-from volatility3_vmssd.memory.pagedecode import decode_block_bytes
+from volatility3_vmssd.memory.pagedecode import decode_pages
 from volatility3_vmssd.memory.ramblock import encode_block, index_block
 from volatility3_vmssd.memory.rammap import FLAG_HOT_ADDED, FLAG_VTL2_MB, RamMap, RamMemoryBlockRecord
 from volatility3_vmssd.storage.writer import HyperVStorageWriter
@@ -101,7 +101,7 @@ def test_every_record_form_is_served_by_the_fast_walk(image_path: Path, tmp_path
                 index = index_block(
                     value, path=str(vmrs), file_offset=0, findings=Findings(), needed=memory.ram_map.block_extent(n)
                 )
-                careful = decode_block_bytes(value, index)
+                careful = b"".join(decode_pages(value, index))
                 fast = memory._load_many([n])[n]
                 got = fast.data if fast.data is not None else b"".join(fast.pages)  # type: ignore[arg-type]
                 assert got == careful, n
@@ -132,13 +132,13 @@ def test_a_damaged_block_still_takes_the_careful_path_and_is_reported(image_path
 def test_early_end_before_a_needed_page_is_a_finding() -> None:
     """An end marker is a legitimate way to close a range only after the pages the map uses."""
     records = [RamMemoryBlockRecord(300, 0, 0)]  # block 1 must provide 44 pages
-    blocks = {0: encode_block(bytes(BLOCK_SIZE)), 1: encode_block(b"\x01" * BLOCK_SIZE, pages=40)}
+    blocks = {0: encode_block(bytes(BLOCK_SIZE)), 1: encode_form(b"\x01" * BLOCK_SIZE, pages=40)}
     memory = guestmemory.GuestMemory(RamMap(records), guestmemory.InMemoryBlockSource(blocks))
     assert memory.ram_map.block_extent(1) == 44
     data = memory.read_gpa_padded(0, 300 * PAGE_SIZE)
     assert data[MIB : MIB + 40 * PAGE_SIZE] == b"\x01" * (40 * PAGE_SIZE) and not any(data[MIB + 40 * PAGE_SIZE :])
     assert memory.blocks_careful == 1 and [f.kind for f in memory.findings] == ["truncated"]
-    enough = {0: blocks[0], 1: encode_block(b"\x01" * BLOCK_SIZE, pages=44)}
+    enough = {0: blocks[0], 1: encode_form(b"\x01" * BLOCK_SIZE, pages=44)}
     memory = guestmemory.GuestMemory(RamMap(records), guestmemory.InMemoryBlockSource(enough))
     assert memory.read_gpa(0, 300 * PAGE_SIZE)[MIB:] == b"\x01" * (44 * PAGE_SIZE)
     assert memory.blocks_careful == 0 and memory.findings == []

@@ -7,6 +7,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from blockforms import encode_form
 
 from volatility3_vmssd.codecs import xpress
 from volatility3_vmssd.errors import Findings, FormatError, UnmappedAddressError
@@ -55,7 +56,7 @@ def build_blocks(records: list, *, variable_runs_for: set[int] = frozenset()) ->
             r = record.mbp_index_start + i
             block = raw.setdefault(r >> 8, bytearray(BLOCK_SIZE))
             block[(r & 0xFF) * PAGE_SIZE : ((r & 0xFF) + 1) * PAGE_SIZE] = page_content(record.gpa_index_start + i)
-    return {n: encode_block(bytes(data), use_variable_runs=n in variable_runs_for) for n, data in sorted(raw.items())}
+    return {n: encode_form(bytes(data), variable_runs=n in variable_runs_for) for n, data in sorted(raw.items())}
 
 
 RECORDS = build_layout(RANGES)

@@ -467,13 +467,13 @@ def test_page_reads_inside_one_variable_run_expand_it_once(monkeypatch: pytest.M
     assert calls == [BLOCK_SIZE]
 
 
-def test_decode_pages_matches_decode_block_on_every_range() -> None:
+def test_decode_pages_matches_the_whole_block_on_every_range() -> None:
     ram = synthetic_ram(BLOCK_SIZE, seed=6)
     for value in (_variable_run_block(ram, 0x3001), encode_block(ram), encode_block(ram)[:30_000]):
         index = ramblock.index_block(value, path="x", file_offset=None, findings=Findings())
-        block = pagedecode.decode_block(value, index)
+        block = b"".join(pagedecode.decode_pages(value, index))
         for first, stop in ((0, 256), (0, 1), (3, 9), (100, 101), (200, 256), (255, 256), (7, 7)):
-            assert pagedecode.decode_pages(value, index, first, stop) == block[first << 12 : stop << 12]
+            assert b"".join(pagedecode.decode_pages(value, index, first, stop)) == block[first << 12 : stop << 12]
 
 
 def test_undecodable_pages_leave_no_reference_cycles() -> None:
@@ -502,9 +502,9 @@ def test_undecodable_pages_leave_no_reference_cycles() -> None:
             for data in (bytes(pages), bytes(runs)):
                 idx = ramblock.index_block(data, path="x", file_offset=0, findings=Findings())
                 errors: list = []
-                pagedecode.decode_block(data, idx, errors=errors)
+                pagedecode.decode_pages(data, idx, errors=errors)
                 assert errors
-                pagedecode.decode_block_pages(data, idx, errors=[])
+                pagedecode.decode_pages(data, idx, 3, 200, errors=[])
                 memory = GuestMemory(RamMap.identity(256), InMemoryBlockSource({0: data}), cache_limit=0)
                 memory.read_gpa_padded(0, BLOCK_SIZE - 1)
                 memory.read_gpa_padded(0x5000, 0x10)

@@ -7,6 +7,7 @@ import random
 import struct
 
 import pytest
+from blockforms import encode_form
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +16,11 @@ from volatility3_vmssd.errors import Findings, FormatError, TruncatedError, Vmss
 from volatility3_vmssd.memory import pagedecode
 from volatility3_vmssd.memory import ramblock as rb
 from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE
-from volatility3_vmssd.memory.pagedecode import decode_block, decode_block_bytes, decode_block_pages, decode_page
-from volatility3_vmssd.memory.ramblock import MissingPageError, encode_block, fill_page, index_block, plan_block
+from volatility3_vmssd.memory.guestmemory import GuestMemory, InMemoryBlockSource
+from volatility3_vmssd.memory.pagedecode import decode_pages
+from volatility3_vmssd.memory.ramblock import encode_block, fill_page, index_block, plan_block
+from volatility3_vmssd.memory.rammap import RamMap, build_layout
+from volatility3_vmssd.memory.records import RecordDamage, tokens
 
 FILE_OFFSET = 0x5000
 
@@ -66,27 +70,44 @@ def opened(value: bytes, findings: Findings | None = None) -> rb.BlockIndex:
     )
 
 
+def decoded(value: bytes | memoryview, index: rb.BlockIndex, **kwargs: object) -> bytes:
+    """The whole block by the careful path (missing and, with ``errors``, undecodable pages as zeros)."""
+    return b"".join(decode_pages(value, index, **kwargs))  # type: ignore[arg-type]
+
+
+def decoded_page(value: bytes, index: rb.BlockIndex, page: int) -> bytes:
+    """One page decoded alone (raises on undecodable data)."""
+    return decode_pages(value, index, page, page + 1)[0]
+
+
 class Stream:
     """Builds a record stream by hand together with the bytes it must decode to."""
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.expected = bytearray()
+        self.tokens: list[tuple[int, int, int, int, int]] = []  # what records.tokens must yield, one per record
+
+    def _token(self, tag: int, a: int, b: int) -> None:
+        self.tokens.append((tag, self.record_offset(), len(self.expected), a, b))
 
     def record_offset(self) -> int:
         return sum(map(len, self.parts))
 
     def fill(self, pattern: bytes) -> Stream:
+        self._token(rb.TAG_FILL, int.from_bytes(pattern, "little"), 1)
         self.parts.append(struct.pack("<I", rb.TAG_FILL) + pattern)
         self.expected += pattern_page(pattern)
         return self
 
     def multi(self, pattern: bytes, count: int) -> Stream:
+        self._token(rb.TAG_MULTI_FILL, int.from_bytes(pattern, "little"), count)
         self.parts.append(struct.pack("<I", rb.TAG_MULTI_FILL) + pattern + struct.pack("<I", count))
         self.expected += pattern_page(pattern) * count
         return self
 
     def raw_page(self, page: bytes) -> Stream:
+        self._token(PAGE_SIZE, self.record_offset() + 4, self.record_offset() + 4 + PAGE_SIZE)
         self.parts.append(struct.pack("<I", PAGE_SIZE) + page)
         self.expected += page
         return self
@@ -94,11 +115,13 @@ class Stream:
     def xpress_page(self, page: bytes) -> Stream:
         packed = xpress.compress(page)
         assert len(packed) < PAGE_SIZE
+        self._token(len(packed), self.record_offset() + 4, self.record_offset() + 4 + len(packed))
         self.parts.append(struct.pack("<I", len(packed)) + packed)
         self.expected += page
         return self
 
     def var_raw(self, data: bytes) -> Stream:
+        self._token(rb.TAG_VARIABLE_RUN, len(data), len(data))
         self.parts.append(struct.pack("<III", rb.TAG_VARIABLE_RUN, len(data), len(data)) + data)
         self.expected += data
         return self
@@ -106,11 +129,13 @@ class Stream:
     def var_xpress(self, data: bytes) -> Stream:
         packed = xpress.compress(data)
         assert len(packed) < len(data)
+        self._token(rb.TAG_VARIABLE_RUN, len(data), len(packed))
         self.parts.append(struct.pack("<III", rb.TAG_VARIABLE_RUN, len(data), len(packed)) + packed)
         self.expected += data
         return self
 
     def end(self) -> Stream:
+        self._token(rb.TAG_END, 0, 0)
         self.parts.append(struct.pack("<I", rb.TAG_END))
         return self
 
@@ -144,15 +169,14 @@ def assert_decodes(value: bytes, expected: bytes) -> rb.BlockIndex:
     index = opened(value, findings)
     assert not findings
     assert index.complete and index.missing_pages == []
-    assert decode_block(value, index) == expected
-    reused = bytearray(b"\xa5") * BLOCK_SIZE
-    assert decode_block(value, index, reused) is reused
-    assert reused == expected
-    assert decode_block_bytes(value, index) == expected
-    assert b"".join(decode_block_pages(value, index)) == expected
-    assert decode_block_bytes(memoryview(value), opened(memoryview(value))) == expected
+    pages = decode_pages(value, index)
+    assert len(pages) == 256 and all(len(page) == PAGE_SIZE for page in pages)
+    assert b"".join(pages) == expected
+    assert decoded(memoryview(value), opened(memoryview(value))) == expected
     for page in range(256):
-        assert decode_page(value, index, page) == expected[page * PAGE_SIZE : (page + 1) * PAGE_SIZE], page
+        assert decoded_page(value, index, page) == expected[page * PAGE_SIZE : (page + 1) * PAGE_SIZE], page
+    for first, stop in ((0, 0), (3, 9), (100, 256), (255, 256)):
+        assert decoded(value, index, first=first, stop=stop) == expected[first * PAGE_SIZE : stop * PAGE_SIZE]
     fast = planned(value)
     assert fast is None or fast == expected
     return index
@@ -183,7 +207,7 @@ def test_encode_block_uses_one_multi_fill_for_a_zero_block() -> None:
 
 def test_encode_block_single_fill_and_no_end_marker() -> None:
     data = pattern_page(b"ABCDEFGH") + mixed_block(5)[PAGE_SIZE:]
-    value = encode_block(data, end_marker=False)
+    value = encode_form(data, end_marker=False)
     assert value[:12] == struct.pack("<IQ", rb.TAG_FILL, int.from_bytes(b"ABCDEFGH", "little"))
     index = assert_decodes(value, data)
     assert index.stats.end_markers == 0  # complete after 256 pages: no marker needed
@@ -208,7 +232,7 @@ def test_encode_without_compression_writes_raw_page_records() -> None:
 
 def test_encode_with_variable_runs_round_trips() -> None:
     data = mixed_block(4)
-    value = encode_block(data, use_variable_runs=True)
+    value = encode_form(data, variable_runs=True)
     index = assert_decodes(value, data)
     assert index.stats.variable_runs > 0
     assert rb.KIND_PIECES in index.kinds
@@ -267,7 +291,11 @@ def test_uniform_blocks_are_shared() -> None:
     value = Stream().multi(b"\x07" * 8, 256).end().value()
     index = opened(value)
     assert pagedecode.uniform_pattern(index) == 0x0707070707070707
-    assert decode_block_bytes(value, index) is rb.uniform_block(0x0707070707070707)
+    assert planned(value) is rb.uniform_block(0x0707070707070707)
+    # The careful path (a memoryview is never planned) shares the same block.
+    memory = GuestMemory(RamMap(build_layout([(0, BLOCK_SIZE)])), InMemoryBlockSource({0: memoryview(value)}))
+    assert memory.read_gpa(0, BLOCK_SIZE) is rb.uniform_block(0x0707070707070707)
+    assert memory.blocks_careful == 1
 
 
 def test_raw_and_xpress_page_records() -> None:
@@ -305,8 +333,42 @@ def test_many_tiny_variable_runs_keep_the_index_small() -> None:
     index = opened(value)
     assert index.stats.variable_runs == 16 * PAGE_SIZE
     assert index.piece_out is not None and len(index.piece_out) == 256
-    assert decode_page(value, index, 15) == data[15 * PAGE_SIZE :]
-    assert decode_block_bytes(value, index) == data + bytes(240 * PAGE_SIZE)
+    assert decoded_page(value, index, 15) == data[15 * PAGE_SIZE :]
+    assert decoded(value, index) == data + bytes(240 * PAGE_SIZE)
+
+
+def test_tokens_are_the_records_in_order_and_restart_at_any_of_them() -> None:
+    rng = random.Random(30)
+    s = Stream().fill(b"12345678").raw_page(random_page(rng)).xpress_page(text_page(rng)).var_raw(rng.randbytes(100))
+    s.fill(b"ABCDEFGH").var_xpress(text_page(rng)[:3000]).xpress_page(text_page(rng))  # off page boundaries
+    s.var_raw(rng.randbytes(PAGE_SIZE - (len(s.expected) & 0xFFF)))  # back on a boundary
+    s.multi(bytes(8), 256 - len(s.expected) // PAGE_SIZE).end()
+    value = s.value()
+    assert list(tokens(value)) == s.tokens
+    for i, (_, rec, out, _, _) in enumerate(s.tokens):  # a checkpoint is any record already walked
+        assert list(tokens(value, rec, out)) == s.tokens[i:]
+    stop = 5 * PAGE_SIZE
+    assert list(tokens(value, stop=stop)) == [t for t in s.tokens if t[2] < stop]
+    assert_decodes(value, bytes(s.expected))
+
+
+def test_identical_single_fills_on_a_page_boundary_are_one_token() -> None:
+    s = Stream().fill(b"12345678")
+    for _ in range(200):
+        s.fill(bytes(8))
+    s.multi(b"\xee" * 8, 55).end()
+    assert [(t[0], t[4]) for t in tokens(s.value())] == [
+        (rb.TAG_FILL, 1),
+        (rb.TAG_FILL, 200),
+        (rb.TAG_MULTI_FILL, 55),
+        (rb.TAG_END, 0),
+    ]
+
+
+def test_the_encoder_and_the_test_forms_agree_on_the_default_form() -> None:
+    data = mixed_block(6)
+    assert encode_form(data) == encode_block(data)
+    assert encode_form(data, compress=False) == encode_block(data, compress=False)
 
 
 def test_variable_run_smaller_than_a_page() -> None:
@@ -331,11 +393,9 @@ def test_early_end_marker_leaves_the_rest_missing() -> None:
     assert findings[0].offset == FILE_OFFSET + end_at
     assert index.missing_pages == list(range(10, 256))
     assert index.stats.missing_pages == 246
-    out = decode_block(value, index)
+    out = decoded(value, index)
     assert out[: 10 * PAGE_SIZE] == s.expected and not any(out[10 * PAGE_SIZE :])
-    with pytest.raises(MissingPageError) as err:
-        decode_page(value, index, 10)
-    assert err.value.page == 10
+    assert index.kinds[10] == rb.KIND_MISSING
     with pytest.raises(TruncatedError):
         opened(value, Findings(strict=True))
 
@@ -354,8 +414,8 @@ def test_partial_page_at_the_end_is_missing() -> None:
     findings = Findings()
     index = opened(value, findings)
     assert index.missing_pages == list(range(3, 256))  # page 3 only partly produced
-    assert decode_page(value, index, 2) == bytes(value[-5000:][:PAGE_SIZE])
-    block = decode_block(value, index)
+    assert decoded_page(value, index, 2) == bytes(value[-5000:][:PAGE_SIZE])
+    block = decoded(value, index)
     assert not any(block[3 * PAGE_SIZE :])
 
 
@@ -398,9 +458,21 @@ def test_hostile_record_becomes_a_finding_or_format_error(name: str) -> None:
     assert findings[0].offset == FILE_OFFSET + at
     assert findings[0].path == "t.bin"
     assert index.missing_pages == list(range(1, 256))
-    assert decode_block(value, index)[:PAGE_SIZE] == bytes(PAGE_SIZE)
+    assert decoded(value, index)[:PAGE_SIZE] == bytes(PAGE_SIZE)
     with pytest.raises(FormatError):
         opened(value, Findings(strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_damage_ends_the_walk_at_the_bad_record_for_both_paths(name: str) -> None:
+    bad, kind = HOSTILE[name]
+    value, at = _hostile(Stream().multi(bytes(8), 1), bad)
+    walked = []
+    with pytest.raises(RecordDamage) as err:
+        walked.extend(tokens(value))
+    assert len(walked) == 1  # the sound record before it
+    assert (err.value.rec, err.value.out, err.value.kind) == (at, PAGE_SIZE, kind)
+    assert plan_block(value) is None
 
 
 def test_unaligned_record_overrunning_the_block() -> None:
@@ -427,23 +499,23 @@ def test_corrupt_xpress_page_raises_or_is_collected() -> None:
     value = bytes(value)
     index = opened(value)
     try:
-        expected_page = decode_page(value, index, 0)
+        expected_page = decoded_page(value, index, 0)
     except FormatError as exc:
         assert exc.path == "t.bin" and exc.offset == FILE_OFFSET  # the record's own offset
         errors: list[tuple[int, FormatError]] = []
-        block = decode_block(value, index, errors=errors)
+        block = decoded(value, index, errors=errors)
         assert [page for page, _ in errors] == [0]
         assert block[:PAGE_SIZE] == bytes(PAGE_SIZE)
         with pytest.raises(FormatError):
-            decode_block(value, index)
+            decoded(value, index)
     else:  # the garbage happened to decode: then all paths must agree on it
-        assert decode_block(value, index)[:PAGE_SIZE] == expected_page
+        assert decoded(value, index)[:PAGE_SIZE] == expected_page
 
 
 def test_page_number_out_of_range() -> None:
     value = encode_block(bytes(BLOCK_SIZE))
     with pytest.raises(ValueError):
-        decode_page(value, opened(value), 256)
+        decode_pages(value, opened(value), 256, 257)
 
 
 # -- the fast path of whole-block reads ---------------------------------------------------------------------
@@ -540,7 +612,7 @@ def _seed_streams() -> list[bytes]:
         few_pages[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = text_page(rng)
     return [
         encode_block(bytes(few_pages)),
-        encode_block(bytes(few_pages), use_variable_runs=True),
+        encode_form(bytes(few_pages), variable_runs=True),
         encode_block(mixed_block(9)),
         hand.value(),
     ]
@@ -587,18 +659,17 @@ def test_fuzzed_streams_raise_only_vmssd_errors(
         assert not findings and careful.covered == plan.covered
         fast = planned(data)
         bad: list[tuple[int, FormatError]] = []
-        block = decode_block(data, careful, errors=bad)
+        block = decoded(data, careful, errors=bad)
         assert fast is None or (not bad and fast == block)  # None also when only the fallback decoder copes
     try:
         index = index_block(data, path="fuzz", file_offset=0, findings=Findings(strict=strict))
     except VmssdError:
         return
     errors: list[tuple[int, FormatError]] = []
-    block = decode_block(data, index, errors=errors)
+    block = decoded(data, index, errors=errors)
     assert len(block) == BLOCK_SIZE
-    assert decode_block_bytes(data, index, errors=[]) == block
     for page in range(0, 256, 17):
         with contextlib.suppress(VmssdError):
-            assert decode_page(data, index, page) == block[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+            assert decoded_page(data, index, page) == block[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
     with contextlib.suppress(VmssdError):
-        decode_block(data, index)
+        decoded(data, index)

@@ -316,8 +316,10 @@ def run_atheris(target: str, seconds: float, corpus: Path, out: Path, stats_file
         import volatility3_vmssd.cpu.guestos
         import volatility3_vmssd.memory.guestmemory
         import volatility3_vmssd.memory.legacy_bin
+        import volatility3_vmssd.memory.pagedecode
         import volatility3_vmssd.memory.ramblock
         import volatility3_vmssd.memory.rammap
+        import volatility3_vmssd.memory.records
         import volatility3_vmssd.provider
         import volatility3_vmssd.storage.reader
         import volatility3_vmssd.volatility.layer  # noqa: F401

@@ -41,9 +41,11 @@ from volatility3_vmssd.storage import HyperVStorage, HyperVStorageWriter
 from volatility3_vmssd.vmrs.writer import write_bin_vsv, write_vmrs
 
 try:  # run as ``python -m tests.fuzz.seeds``
+    from ..blockforms import encode_form
     from ..builders import add_journal_entries
     from ..shared_data import REAL, SHARED
 except ImportError:  # imported by the test suite as ``fuzz.seeds`` (tests/ on sys.path)
+    from blockforms import encode_form  # type: ignore[no-redef]
     from builders import add_journal_entries  # type: ignore[no-redef]
     from shared_data import REAL, SHARED  # type: ignore[no-redef]
 
@@ -135,9 +137,9 @@ def pieces_vmrs(out: Path) -> Path:
     """A .vmrs whose RamBlocks use variable runs, end early, or are raw: the rarer decode paths."""
     ram = synthetic_ram(BLOCK_SIZE, seed=3)
     blocks = [
-        encode_block(ram, use_variable_runs=True),
+        encode_form(ram, variable_runs=True),
         encode_block(ram)[:40_000],  # cut short: the rest of the block is missing
-        encode_block(ram, compress=False, end_marker=False),
+        encode_form(ram, compress=False, end_marker=False),
     ]
     with HyperVStorageWriter(out, overwrite=True) as w:
         w.set("/configuration/properties/version", 0x0900)
@@ -176,9 +178,9 @@ def ramblock_values(real_bin: Path | None) -> dict[str, bytes]:
     ram = synthetic_ram(BLOCK_SIZE, seed=11)
     seeds = {
         "mixed": encode_block(ram),
-        "variable-runs": encode_block(ram, use_variable_runs=True),
+        "variable-runs": encode_form(ram, variable_runs=True),
         "uncompressed": encode_block(ram, compress=False),
-        "no-end-marker": encode_block(ram, end_marker=False),
+        "no-end-marker": encode_form(ram, end_marker=False),
         "early-end": encode_block(ram)[:20_000] + b"\xff\xff\xff\xff",
         "zero": encode_block(bytes(BLOCK_SIZE)),
     }

@@ -25,14 +25,8 @@ from volatility3_vmssd.cpu.cpumode import architecture, is_la57, paging_levels, 
 from volatility3_vmssd.errors import Findings, VmssdError
 from volatility3_vmssd.memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from volatility3_vmssd.memory.legacy_bin import BinFile
-from volatility3_vmssd.memory.pagedecode import (
-    decode_block,
-    decode_block_bytes,
-    decode_block_pages,
-    decode_page,
-    decode_pages,
-)
-from volatility3_vmssd.memory.ramblock import MissingPageError, index_block, plan_block
+from volatility3_vmssd.memory.pagedecode import decode_pages
+from volatility3_vmssd.memory.ramblock import index_block, plan_block
 from volatility3_vmssd.provider import SavedStateProvider
 from volatility3_vmssd.storage import HyperVStorage
 
@@ -137,7 +131,7 @@ def run_bin(data: bytes) -> None:
             findings = Findings()
             index = index_block(value, path=path, file_offset=b.block_location(n)[0], findings=findings)
             errors: list[tuple[int, VmssdError]] = []
-            block = decode_block(value, index, errors=errors)  # type: ignore[arg-type]
+            block = b"".join(decode_pages(value, index, errors=errors))  # type: ignore[arg-type]
             _check(len(block) == BLOCK_SIZE, f"RamBlock {n} decoded to {len(block)} bytes")
     with SavedStateProvider.load_bin(path, cache_limit=0) as provider:  # the page-by-page read path
         exercise_provider(provider)
@@ -145,35 +139,33 @@ def run_bin(data: bytes) -> None:
 
 # ------------------------------------------------------------------------------------ RamBlock
 def run_ramblock(data: bytes) -> None:
-    """index_block + every decoder, cross-checked: a page must decode alike alone and in its block."""
+    """index_block + the page decoder, cross-checked: a page must decode alike alone, in a range and in its block."""
     findings = Findings()
     index = index_block(data, path="<fuzz>", file_offset=0x10000, findings=findings)
     _ = [str(f) for f in findings], index.missing_pages, index.stats
     errors: list[tuple[int, VmssdError]] = []
-    block = decode_block(data, index, errors=errors)  # type: ignore[arg-type]
-    _check(len(block) == BLOCK_SIZE, f"decode_block gave {len(block)} bytes")
-    again = bytearray(b"\xcc") * BLOCK_SIZE  # a reused buffer must be overwritten everywhere
-    decode_block(data, index, again, errors=[])
-    _check(again == block, "decode_block into a dirty buffer differs from a fresh decode")
-    pages = decode_block_pages(data, index, errors=[])
-    _check(b"".join(pages) == block, "decode_block_pages differs from decode_block")
-    _check(decode_block_bytes(data, index, errors=[]) == block, "decode_block_bytes differs from decode_block")
+    pages = decode_pages(data, index, errors=errors)  # type: ignore[arg-type]
+    _check(len(pages) == PAGES_PER_BLOCK and all(len(p) == PAGE_SIZE for p in pages), "decode_pages gave a bad block")
+    block = b"".join(pages)
     bad = {p for p, _ in errors} | set(index.missing_pages)
     first, stop = sorted((data[0] if data else 0, data[-1] + 1 if data else 256))
     stop = min(stop, PAGES_PER_BLOCK)
     _check(
-        decode_pages(data, index, first, stop, errors=[]) == block[first * PAGE_SIZE : stop * PAGE_SIZE],
-        f"decode_pages({first}, {stop}) differs from decode_block",
+        b"".join(decode_pages(data, index, first, stop, errors=[])) == block[first * PAGE_SIZE : stop * PAGE_SIZE],
+        f"decode_pages({first}, {stop}) differs from the whole block",
     )
-    # decode_page re-expands a variable run for each page it holds (that is what decode_pages is
-    # for), so with pieces only a sample of pages is checked one by one.
+    # A page of a variable run decoded alone re-expands the whole run (ranges walk each run once),
+    # so with pieces only a sample of pages is checked one by one.
     checked = range(PAGES_PER_BLOCK) if index.piece_out is None else sorted({0, 1, first, stop - 1, 128, 255})
     for page in checked:
         lo = page * PAGE_SIZE
         try:
-            alone = decode_page(data, index, page)
-        except (MissingPageError, VmssdError):
+            alone = decode_pages(data, index, page, page + 1)[0]
+        except VmssdError:
             _check(page in bad or block[lo : lo + PAGE_SIZE] == bytes(PAGE_SIZE), f"page {page}: error alone only")
+            continue
+        if page in index.missing_pages:
+            _check(alone == bytes(PAGE_SIZE), f"missing page {page} does not read as zeros")
             continue
         _check(page not in bad, f"page {page} decodes alone but is bad in its block")
         _check(alone == block[lo : lo + PAGE_SIZE], f"page {page} decodes differently alone and in its block")
@@ -188,7 +180,7 @@ def run_ramblock(data: bytes) -> None:
         clean = all(isinstance(d, bytes) for d in decoded)
         _check(not clean or not errors, "a batch decoded pages that the careful path rejects")
         if clean:
-            _check(b"".join(plan.finish(decoded)) == block, "plan_block + decompress_many differ from decode_block")
+            _check(b"".join(plan.finish(decoded)) == block, "plan_block + decompress_many differ from decode_pages")
 
 
 # ------------------------------------------------------------------------------------ XPRESS

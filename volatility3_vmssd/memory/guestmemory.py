@@ -26,14 +26,7 @@ from ..codecs.xpress import decode_threads as usable_decode_threads
 from ..codecs.xpress import decompress_many
 from ..errors import Findings, FormatError, NotFoundError, UnmappedAddressError
 from .geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
-from .pagedecode import (
-    decode_block_bytes,
-    decode_block_pages,
-    decode_page,
-    decode_pages,
-    detach_error,
-    uniform_pattern,
-)
+from .pagedecode import decode_pages, uniform_pattern
 from .ramblock import (
     ZERO_BLOCK,
     BlockIndex,
@@ -442,21 +435,24 @@ class GuestMemory:
         with self._lock:
             self.blocks_careful += 1
         index = self._index(n, value)
-        errors: list[tuple[int, FormatError]] = []
-        notes: list[str] = []
-        data: bytes | None = None
-        pages: list[bytes] | None = None
         pattern = uniform_pattern(index)
         if pattern is not None:
-            data = uniform_block(pattern)
-        elif index.piece_out is not None:
-            data = decode_block_bytes(value, index, on_fallback=notes.append, errors=errors)
-        else:
-            pages = decode_block_pages(value, index, on_fallback=notes.append, errors=errors)
+            return _Block(uniform_block(pattern), None, None)
+        pages, bad = self._decode(n, value, index, 0, PAGES_PER_BLOCK)
+        return _Block(None, pages, bad)
+
+    def _decode(
+        self, n: int, value: bytes | memoryview, index: BlockIndex, first: int, stop: int
+    ) -> tuple[list[bytes], frozenset[int] | None]:
+        """Pages ``first``..``stop - 1`` of block ``n`` by the careful path, and the pages that are
+        missing or do not decode (None when none): what whole-block and partial loads share."""
+        errors: list[tuple[int, FormatError]] = []
+        notes: list[str] = []
+        pages = decode_pages(value, index, first, stop, on_fallback=notes.append, errors=errors)
         self._after_decode(n, errors, notes)
         bad = set(index.missing_pages)
         bad.update(page for page, _ in errors)
-        return _Block(data, pages, frozenset(bad) if bad else None)
+        return pages, frozenset(bad) if bad else None
 
     def _after_decode(self, n: int, errors: list[tuple[int, FormatError]], notes: list[str]) -> None:
         """Report undecodable pages and decoder fallbacks once per block; pass fallbacks on."""
@@ -548,39 +544,18 @@ class GuestMemory:
             return memoryview(value)[offset : offset + size], size
         index = self._index(n, value)
         first, last = offset >> 12, (offset + size - 1) >> 12
-        parts: list[bytes | memoryview] = []
-        valid: int | None = None
-        errors: list[tuple[int, FormatError]] = []
-        notes: list[str] = []
-        if index.piece_out is not None and last > first:
-            # Bounded on purpose: pages inside one variable run share its (up to 1 MiB) data, so
-            # decoding them one by one re-expanded the whole run per page (256 x 0.6 s in pure
-            # Python for a 1 MiB run).  decode_pages walks each run once.
-            data = decode_pages(value, index, first, last + 1, on_fallback=notes.append, errors=errors)
-            with self._lock:
-                self.pages_decoded += last + 1 - first
-            self._after_decode(n, errors, notes)
-            bad = set(index.missing_pages).union(page for page, _ in errors)
+        pages, bad = self._decode(n, value, index, first, last + 1)
+        with self._lock:
+            self.pages_decoded += last + 1 - first
+        valid = size
+        if bad is not None:
             for page in range(first, last + 1):
                 if page in bad:
                     valid = max((page << 12) - offset, 0)
                     break
-            skip = offset - (first << 12)
-            return memoryview(data)[skip : skip + size], size if valid is None else valid
-        for page in range(first, last + 1):
-            try:
-                parts.append(decode_page(value, index, page, on_fallback=notes.append))
-            except (MissingPageError, FormatError) as exc:
-                if isinstance(exc, FormatError):
-                    errors.append((page, detach_error(exc)))  # no traceback: it would keep this frame alive
-                parts.append(_zeros(PAGE_SIZE))
-                if valid is None:
-                    valid = max((page << 12) - offset, 0)
-        with self._lock:
-            self.pages_decoded += last + 1 - first
-        self._after_decode(n, errors, notes)
         skip = offset - (first << 12)
-        return memoryview(b"".join(parts))[skip : skip + size], size if valid is None else valid
+        data = pages[0] if first == last else b"".join(pages)
+        return memoryview(data)[skip : skip + size], valid
 
     def _append(
         self,

@@ -11,11 +11,13 @@ starting with a u32 tag [V on the legacy .bin sample][4]:
   in a real file];
 * ``n`` in 1..4096 + ``n`` bytes: a raw page (``n == 4096``) or one XPRESS page expanding to 4096.
 
-Reading has two paths.  The fast one, :func:`plan_block`, walks a sound stream once into its
-output parts and the XPRESS streams to expand in one batch (every read that loads a whole block).
-The careful one, :func:`index_block`, walks the record headers into a compact :class:`BlockIndex`
-and records findings for whatever is damaged; :mod:`.pagedecode` expands pages from it (and serves
-reads that decode only some pages).  Writers use :func:`encode_block`.
+The records are read in one place, :func:`~.records.tokens`, which validates each one and says
+where the stream is damaged.  Reading has two paths over its tokens.  The fast one,
+:func:`plan_block`, turns a sound stream into its output parts and the XPRESS streams to expand
+in one batch (every read that loads a whole block).  The careful one, :func:`index_block`, turns
+the tokens into a compact :class:`BlockIndex` and records findings for whatever is damaged;
+:func:`~.pagedecode.decode_pages` expands pages from it (and serves reads that decode only some
+pages).  ``vmssd create`` writes with :func:`encode_block`.
 
 Decisions where the format is silent (all inferred, docs/format.md#ramblock-values):
 
@@ -42,10 +44,22 @@ from __future__ import annotations
 import dataclasses
 import struct
 from array import array
+from collections.abc import Iterator
 
 from ..codecs import xpress as _xpress
-from ..errors import Findings, FormatError, TruncatedError, VmssdError
+from ..errors import Findings, TruncatedError, VmssdError
 from .geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
+from .records import (
+    MULTI_FILL_RECORD,
+    RECORD_TAG,
+    SINGLE_FILL_RECORD,
+    TAG_END,
+    TAG_FILL,
+    TAG_MULTI_FILL,
+    TAG_VARIABLE_RUN,
+    RecordDamage,
+    tokens,
+)
 
 __all__ = [
     "ZERO_BLOCK",
@@ -55,26 +69,17 @@ __all__ = [
     "MissingPageError",
     "encode_block",
     "fill_page",
+    "fill_spans",
     "index_block",
+    "page_records",
     "plan_block",
     "uniform_block",
+    "whole_block",
 ]
 
 
-TAG_END = 0xFFFFFFFF
-TAG_FILL = 0xFFFFFFFE
-TAG_MULTI_FILL = 0xFFFFFFFD
-TAG_VARIABLE_RUN = 0xFFFFFFFC
-#: VMkatz's observed upper bound for one variable run (one source); only the writer uses it.
-VARIABLE_RUN_MAX = 0xFFF
-
-RECORD_TAG = struct.Struct("<I")
-SINGLE_FILL_RECORD = struct.Struct("<IQ")  # tag, pattern (kept as an integer)
-MULTI_FILL_RECORD = struct.Struct("<IQI")  # tag, pattern, page count (pattern first [3])
-VARIABLE_RUN_RECORD = struct.Struct("<III")  # tag, uncompressed size, compressed size
 _PATTERN = struct.Struct("<Q")
-_MULTI_FILL_TAIL = struct.Struct("<QI")
-_VARIABLE_RUN_TAIL = struct.Struct("<II")
+_END_RECORD = RECORD_TAG.pack(TAG_END)
 
 # Per-page kinds stored in BlockIndex.kinds.
 KIND_MISSING = 0
@@ -237,30 +242,6 @@ def _checkpoint(
     return piece_out
 
 
-def _same_records(value: bytes | bytearray | memoryview, pos: int, size: int, limit: int) -> int:
-    """How many copies (1..limit) of the ``size``-byte record at ``pos`` follow back to back.
-
-    Gallops with slice comparisons, so a run of n records costs O(log² n) Python steps, not n.
-    """
-    if limit <= 1:
-        return max(limit, 1)
-    record = bytes(value[pos : pos + size])
-    if value[pos + size : pos + 2 * size] != record:
-        return 1
-    count, step = 2, 2
-    while count < limit:
-        step = min(step, limit - count)
-        start = pos + count * size
-        if value[start : start + step * size] == record * step:
-            count += step
-            step *= 2
-        elif step == 1:
-            break
-        else:
-            step //= 2
-    return count
-
-
 def _raw_index(path: str, file_offset: int | None) -> BlockIndex:
     return BlockIndex(
         _RAW_KINDS,
@@ -290,8 +271,7 @@ def index_block(
     ``needed`` is how many leading pages of the block the RAM map uses: an end marker after them is
     how a writer closes a range that is not a whole number of blocks, so it is not reported.
     """
-    size = len(value)
-    if size == BLOCK_SIZE:
+    if len(value) == BLOCK_SIZE:
         return _raw_index(path, file_offset)
 
     kinds = bytearray(PAGES_PER_BLOCK)  # KIND_MISSING == 0
@@ -299,164 +279,78 @@ def index_block(
     lengths = _ZERO_LENGTHS[:]
     piece_out: array[int] | None = None
     stats = BlockStats(blocks=1)
-    unpack_tag = RECORD_TAG.unpack_from
-    unpack_pattern = _PATTERN.unpack_from
-    pos = 0  # offset in the value
-    out = 0  # bytes of output produced so far
-    problem: tuple[int, str, str, type[FormatError]] | None = None  # (record offset, kind, message, error)
-    early_end = False
-
-    while out < BLOCK_SIZE:
-        rec = pos
-        if size - pos < 4:
-            if pos < size:
-                problem = (
-                    rec,
-                    "truncated",
-                    f"{size - pos} stray byte(s) where a record tag was expected",
-                    TruncatedError,
-                )
-            else:
-                problem = (
-                    rec,
-                    "truncated",
-                    "value ends before 1 MiB of output and without an end marker",
-                    TruncatedError,
-                )
-            break
-        tag = unpack_tag(value, pos)[0]
-        if tag == TAG_FILL:
-            if size - pos < 12:
-                problem = (rec, "truncated", "single-fill record cut off", TruncatedError)
-                break
-            pattern = unpack_pattern(value, pos + 4)[0]
-            if out & 0xFFF == 0:
-                # Hyper-V writes one single-fill record per empty page (64,321 of them in the real
-                # .bin), so take a whole run of identical records with C-level slice compares.
-                page = out >> 12
-                run = _same_records(value, pos, 12, min(PAGES_PER_BLOCK - page, (size - pos) // 12))
-                if run == 1:
-                    kinds[page] = KIND_FILL
-                    args[page] = pattern
+    covered = BLOCK_SIZE  # bytes of output produced, less when the stream stops early
+    problem: RecordDamage | None = None
+    try:
+        for tag, rec, out, arg, count in tokens(value):
+            if 0 < tag <= PAGE_SIZE:
+                if tag == PAGE_SIZE:
+                    stats.raw_pages += 1
                 else:
-                    kinds[page : page + run] = bytes([KIND_FILL]) * run
-                    args[page : page + run] = array("Q", [pattern]) * run
-                stats.fill_records += run
-                pos += 12 * run
-                out += PAGE_SIZE * run
-                continue
-            pos += 12
+                    stats.xpress_pages += 1
+                if out & 0xFFF:
+                    piece_out = _checkpoint(kinds, args, piece_out, out, PAGE_SIZE, rec)
+                else:
+                    page = out >> 12
+                    kinds[page] = KIND_RAW if tag == PAGE_SIZE else KIND_XPRESS
+                    args[page] = arg
+                    lengths[page] = tag
+            elif tag in (TAG_FILL, TAG_MULTI_FILL):
+                if tag == TAG_FILL:
+                    stats.fill_records += count
+                else:
+                    stats.multi_fill_records += 1
+                    stats.multi_fill_pages += count
+                if out & 0xFFF:
+                    piece_out = _checkpoint(kinds, args, piece_out, out, count * PAGE_SIZE, rec)
+                elif count == 1:
+                    kinds[out >> 12] = KIND_FILL
+                    args[out >> 12] = arg
+                else:
+                    page = out >> 12
+                    kinds[page : page + count] = bytes([KIND_FILL]) * count
+                    args[page : page + count] = array("Q", [arg]) * count
+            elif tag == TAG_VARIABLE_RUN:
+                stats.variable_runs += 1
+                piece_out = _checkpoint(kinds, args, piece_out, out, arg, rec)
+            elif tag == TAG_END:
+                stats.end_markers += 1
+                if out < BLOCK_SIZE:
+                    covered = out
+                    if out >> 12 < needed:
+                        problem = RecordDamage(
+                            rec,
+                            out,
+                            "truncated",
+                            f"end marker after {out:#x} bytes of output; pages {out >> 12}..255 treated as missing",
+                            TruncatedError,
+                        )
+            else:  # TRAILING: reported but harmless, all 256 pages are known
+                at = file_offset + rec if file_offset is not None else None
+                findings.add(path, at, "trailing-data", f"{arg} byte(s) after a complete 1 MiB RamBlock")
+    except RecordDamage as damage:
+        problem = damage
+        covered = damage.out
+        if damage.counted == TAG_FILL:
             stats.fill_records += 1
-            if out + PAGE_SIZE > BLOCK_SIZE:
-                problem = (rec, "bad-record", "fill record overruns the 1 MiB block", FormatError)
-                break
-            else:
-                piece_out = _checkpoint(kinds, args, piece_out, out, PAGE_SIZE, rec)
-            out += PAGE_SIZE
-        elif 0 < tag <= PAGE_SIZE:
-            if size - pos - 4 < tag:
-                problem = (
-                    rec,
-                    "truncated",
-                    f"page record of {tag} bytes cut off by the end of the value",
-                    TruncatedError,
-                )
-                break
-            kind = KIND_RAW if tag == PAGE_SIZE else KIND_XPRESS
-            if kind == KIND_RAW:
-                stats.raw_pages += 1
-            else:
-                stats.xpress_pages += 1
-            if out & 0xFFF == 0:
-                page = out >> 12
-                kinds[page] = kind
-                args[page] = pos + 4
-                lengths[page] = tag
-            elif out + PAGE_SIZE > BLOCK_SIZE:
-                problem = (rec, "bad-record", "page record overruns the 1 MiB block", FormatError)
-                break
-            else:
-                piece_out = _checkpoint(kinds, args, piece_out, out, PAGE_SIZE, rec)
-            pos += 4 + tag
-            out += PAGE_SIZE
-        elif tag == TAG_MULTI_FILL:
-            if size - pos < 16:
-                problem = (rec, "truncated", "multi-fill record cut off", TruncatedError)
-                break
-            pattern, count = _MULTI_FILL_TAIL.unpack_from(value, pos + 4)
-            if count == 0 or count * PAGE_SIZE > BLOCK_SIZE - out:
-                problem = (
-                    rec,
-                    "bad-record",
-                    f"multi-fill count {count} does not fit the {(BLOCK_SIZE - out) / PAGE_SIZE:g} pages left",
-                    FormatError,
-                )
-                break
-            pos += 16
-            stats.multi_fill_records += 1
-            stats.multi_fill_pages += count
-            if out & 0xFFF == 0:
-                page = out >> 12
-                kinds[page : page + count] = bytes([KIND_FILL]) * count
-                args[page : page + count] = array("Q", [pattern]) * count
-            else:
-                piece_out = _checkpoint(kinds, args, piece_out, out, count * PAGE_SIZE, rec)
-            out += count * PAGE_SIZE
-        elif tag == TAG_VARIABLE_RUN:
-            if size - pos < 12:
-                problem = (rec, "truncated", "variable-run header cut off", TruncatedError)
-                break
-            usize, csize = _VARIABLE_RUN_TAIL.unpack_from(value, pos + 4)
-            if usize == 0 or usize > BLOCK_SIZE - out:
-                problem = (
-                    rec,
-                    "bad-record",
-                    f"variable run of {usize} bytes does not fit the {BLOCK_SIZE - out} bytes left",
-                    FormatError,
-                )
-                break
-            if csize == 0 or csize > size - pos - 12:
-                problem = (rec, "truncated", f"variable run data ({csize} bytes) cut off", TruncatedError)
-                break
-            stats.variable_runs += 1
-            piece_out = _checkpoint(kinds, args, piece_out, out, usize, rec)
-            pos += 12 + csize
-            out += usize
-        elif tag == TAG_END:
-            pos += 4
-            stats.end_markers += 1
-            early_end = True
-            problem = (
-                rec,
-                "truncated",
-                f"end marker after {out:#x} bytes of output; pages {out >> 12}..255 treated as missing",
-                TruncatedError,
-            )
-            break
-        else:
-            problem = (rec, "bad-record", f"unknown page-record tag {tag:#010x}", FormatError)
-            break
-    else:
-        # Complete: the real .bin closes every block with an end marker; anything else left over is
-        # reported but harmless, because all 256 pages are known.
-        if size - pos >= 4 and unpack_tag(value, pos)[0] == TAG_END:
-            stats.end_markers += 1
-            pos += 4
-        if pos < size:
-            at = file_offset + pos if file_offset is not None else None
-            findings.add(path, at, "trailing-data", f"{size - pos} byte(s) after a complete 1 MiB RamBlock")
+        elif damage.counted == PAGE_SIZE:
+            stats.raw_pages += 1
+        elif damage.counted:
+            stats.xpress_pages += 1
 
-    if out < BLOCK_SIZE:
+    if covered < BLOCK_SIZE:
         # Keep only whole pages: a page partly produced by the stream is missing.
-        if out & 0xFFF:
-            kinds[out >> 12] = KIND_MISSING
-        stats.missing_pages = PAGES_PER_BLOCK - (out >> 12)
-        if problem is not None and not (early_end and out >> 12 >= needed):
-            rec, kind, message, error = problem
+        if covered & 0xFFF:
+            kinds[covered >> 12] = KIND_MISSING
+        stats.missing_pages = PAGES_PER_BLOCK - (covered >> 12)
+        if problem is not None:
+            rec = problem.rec
             at = file_offset + rec if file_offset is not None else None
             where = "" if file_offset is not None else f" (record at value offset {rec:#x})"
-            findings.add(path, at, kind, f"RamBlock record stream: {message}{where}", error=error)
-        out -= out & 0xFFF
+            findings.add(
+                path, at, problem.kind, f"RamBlock record stream: {problem.message}{where}", error=problem.error
+            )
+        covered -= covered & 0xFFF
 
     return BlockIndex(
         bytes(kinds),
@@ -465,7 +359,7 @@ def index_block(
         path=path,
         file_offset=file_offset,
         stats=stats,
-        covered=out,
+        covered=covered,
         piece_out=piece_out,
     )
 
@@ -524,20 +418,16 @@ class BlockPlan:
         return [data]
 
 
-_END_RECORD = RECORD_TAG.pack(TAG_END)
-
-
 def plan_block(value: bytes) -> BlockPlan | None:
     """Walk a record stream once, for whole-block reads: the fast path of every read that loads a block.
 
     Takes every form the format allows: single- and multi-fill, raw and XPRESS page records,
     variable runs (raw or XPRESS, on or off page boundaries), an end marker after 256 pages, none
     at all, or an early one (the caller decides whether the pages it leaves out are needed).
-    Anything damaged (unknown or zero tags, records cut off or overrunning the 1 MiB, bytes after
-    the stream) returns None, and the caller takes :func:`index_block`, which records findings for
-    it; so this walk checks only what it needs to stay in bounds and to be sure the value is sound.
-    Profiles showed the two-pass form (index, then decode from the index) spending as long in
-    Python bookkeeping as pyfwnt spent decoding.
+    Anything damaged (what :func:`~.records.tokens` refuses, and bytes after the stream) returns
+    None, and the caller takes :func:`index_block`, which records findings for it.  Profiles showed
+    the two-pass form (index, then decode from the index) spending as long in Python bookkeeping
+    as pyfwnt spent decoding.
     """
     size = len(value)
     if size == BLOCK_SIZE or type(value) is not bytes:
@@ -550,91 +440,44 @@ def plan_block(value: bytes) -> BlockPlan | None:
     streams: list[bytes] = []
     add_stream = streams.append
     runs: list[tuple[int, int]] = []  # (stream index, uncompressed size) of XPRESS variable runs
-    head = SINGLE_FILL_RECORD.unpack_from  # tag and the next 8 bytes, the pattern of a fill record
-    unpack_tag = RECORD_TAG.unpack_from
     fills = _FILL_PAGES
     raw_parts = 0
     paged = True
-    ended = False
-    pos = 0
-    out = 0
-    while out < BLOCK_SIZE:
-        if pos + 12 <= size:
-            tag, pattern = head(value, pos)
-        elif pos + 4 <= size:
-            tag, pattern = unpack_tag(value, pos)[0], -1
-        else:
-            return None  # cut off before 1 MiB and without an end marker
-        if tag < PAGE_SIZE:
-            if not tag:
-                return None
-            end = pos + 4 + tag
-            if end > size:
-                return None
-            add_slot(len(parts))
-            add_stream(value[pos + 4 : end])
-            append(None)
-            pos = end
-            out += PAGE_SIZE
-        elif tag == TAG_FILL:
-            if pattern < 0:
-                return None
-            page = fills.get(pattern) or fill_page(pattern)
-            nxt = pos + 12
-            if value[nxt : nxt + 12] != value[pos:nxt]:
-                append(page)
-                pos = nxt
-                out += PAGE_SIZE
-            else:  # Hyper-V writes one single-fill record per empty page: take the run at once
-                run = _same_records(value, pos, 12, min((BLOCK_SIZE - out) >> 12, (size - pos) // 12))
-                parts += [page] * run
-                pos += 12 * run
-                out += PAGE_SIZE * run
-        elif tag == PAGE_SIZE:
-            end = pos + 4 + PAGE_SIZE
-            if end > size:
-                return None
-            append(value[pos + 4 : end])
-            raw_parts += 1
-            pos = end
-            out += PAGE_SIZE
-        elif tag == TAG_MULTI_FILL:
-            if pos + 16 > size:
-                return None
-            count = _MULTI_FILL_TAIL.unpack_from(value, pos + 4)[1]
-            if not 0 < count <= (BLOCK_SIZE - out) >> 12:
-                return None
-            parts += [fills.get(pattern) or fill_page(pattern)] * count
-            pos += 16
-            out += count * PAGE_SIZE
-        elif tag == TAG_VARIABLE_RUN:
-            if pos + 12 > size:
-                return None
-            usize, csize = _VARIABLE_RUN_TAIL.unpack_from(value, pos + 4)
-            end = pos + 12 + csize
-            if not 0 < usize <= BLOCK_SIZE - out or not csize or end > size:
-                return None
-            if usize == csize:
-                append(value[pos + 12 : end])
-                raw_parts += 1
-            else:
-                runs.append((len(streams), usize))
+    covered = BLOCK_SIZE
+    try:
+        for tag, rec, out, arg, count in tokens(value):
+            if tag < PAGE_SIZE:
                 add_slot(len(parts))
-                add_stream(value[pos + 12 : end])
+                add_stream(value[arg:count])
                 append(None)
-            paged = False
-            pos = end
-            out += usize
-        elif tag == TAG_END:
-            ended = True
-            break
-        else:
-            return None
-    if out > BLOCK_SIZE:  # a page record that starts less than a page before the end
+            elif tag == TAG_FILL:
+                page = fills.get(arg) or fill_page(arg)
+                if count == 1:
+                    append(page)
+                else:
+                    parts += [page] * count
+            elif tag == PAGE_SIZE:
+                append(value[arg:count])
+                raw_parts += 1
+            elif tag == TAG_MULTI_FILL:
+                parts += [fills.get(arg) or fill_page(arg)] * count
+            elif tag == TAG_VARIABLE_RUN:
+                data = value[rec + 12 : rec + 12 + count]
+                if arg == count:
+                    append(data)
+                    raw_parts += 1
+                else:
+                    runs.append((len(streams), arg))
+                    add_slot(len(parts))
+                    add_stream(data)
+                    append(None)
+                paged = False
+            elif tag == TAG_END and rec + 4 == size:
+                covered = out & ~0xFFF
+            else:
+                return None  # bytes after the stream: the careful path reports them
+    except RecordDamage:
         return None
-    if pos != size and (pos + 4 != size or value[pos:] != _END_RECORD):
-        return None  # bytes after the stream: the careful path reports them
-    covered = out & ~0xFFF if ended else BLOCK_SIZE
     sizes = [PAGE_SIZE] * len(streams)
     for i, usize in runs:
         sizes[i] = usize
@@ -654,40 +497,11 @@ def uniform_block(pattern: int) -> bytes:
     return block
 
 
-def encode_block(
-    data: bytes | bytearray | memoryview,
-    *,
-    compress: bool = True,
-    use_variable_runs: bool = False,
-    end_marker: bool = True,
-    pages: int = PAGES_PER_BLOCK,
-    single_fills: bool = False,
-    alternate: bool = False,
-) -> bytes:
-    """Encode 1 MiB of RAM the way Hyper-V does: fills, XPRESS pages, raw pages, end marker.
-
-    Runs of pages made of one repeated 8-byte pattern become one single- or multi-fill record;
-    other pages are XPRESS records when that is shorter than 4096 bytes, else raw records.  When
-    the records would not be shorter than 1 MiB, the raw 1 MiB is returned, because a value of
-    exactly 1 MiB *means* raw (docs/format.md#ramblock-values).  The other legitimate forms, for tests and benchmarks:
-
-    * ``use_variable_runs``: runs of non-fill pages as 0xFFFFFFFC records of at most 0xFFF bytes
-      (never seen in a real file), which leave the output off page boundaries;
-    * ``single_fills``: one single-fill record per fill page, as Hyper-V writes empty pages;
-    * ``alternate``: switch form at every span (variable runs / page records, single / multi
-      fills), so that one block mixes them;
-    * ``pages`` < 256: only the first ``pages`` pages, then the end marker: how a range that is not
-      a whole number of blocks may end (the data after them is ignored).
-    """
-    buf = bytes(data)
-    if len(buf) != BLOCK_SIZE:
-        raise ValueError(f"a RamBlock holds exactly {BLOCK_SIZE} bytes, not {len(buf)}")
-    if not 0 <= pages <= PAGES_PER_BLOCK or (pages < PAGES_PER_BLOCK and not end_marker):
-        raise ValueError(f"pages must be 0..{PAGES_PER_BLOCK}, and fewer than all need the end marker")
-    parts: list[bytes] = []
-    compressor = _xpress.compress if compress else None
+def fill_spans(buf: bytes, pages: int = PAGES_PER_BLOCK) -> Iterator[tuple[int, int, int | None]]:
+    """The first ``pages`` pages of the 1 MiB ``buf`` cut into spans ``(first, stop, pattern)``, in
+    order: a run of pages made of one repeated 8-byte ``pattern`` (a little-endian integer), or
+    ``None`` for a run of other pages.  What an encoder writes as fill records, and what not."""
     fill_pages: dict[bytes, bytes] = {}
-    spans = 0  # spans and fill runs written so far, for ``alternate``
 
     def fill_of(page_start: int) -> bytes | None:
         head = buf[page_start : page_start + 8]
@@ -701,27 +515,6 @@ def encode_block(
             full = fill_pages[head] = head * (PAGE_SIZE // 8)
         return head if buf[page_start : page_start + PAGE_SIZE] == full else None
 
-    def emit_span(first: int, stop: int) -> None:
-        if use_variable_runs and not (alternate and spans & 1):
-            span = buf[first << 12 : stop << 12]
-            for at in range(0, len(span), VARIABLE_RUN_MAX):
-                chunk = span[at : at + VARIABLE_RUN_MAX]
-                packed = compressor(chunk) if compressor is not None else chunk
-                if len(packed) >= len(chunk):
-                    packed = chunk
-                parts.append(VARIABLE_RUN_RECORD.pack(TAG_VARIABLE_RUN, len(chunk), len(packed)))
-                parts.append(packed)
-            return
-        for page in range(first, stop):
-            raw = buf[page << 12 : (page + 1) << 12]
-            packed = compressor(raw) if compressor is not None else raw
-            if 0 < len(packed) < PAGE_SIZE:
-                parts.append(RECORD_TAG.pack(len(packed)))
-                parts.append(packed)
-            else:
-                parts.append(RECORD_TAG.pack(PAGE_SIZE))
-                parts.append(raw)
-
     page = 0
     span_start = 0
     while page < pages:
@@ -730,22 +523,59 @@ def encode_block(
             page += 1
             continue
         if span_start < page:
-            emit_span(span_start, page)
-            spans += 1
+            yield span_start, page, None
         full = fill_pages[head]
         stop = page + 1
         while stop < pages and buf[stop << 12 : (stop + 1) << 12] == full:
             stop += 1
-        pattern = _PATTERN.unpack(head)[0]
-        if stop - page == 1 or single_fills != (alternate and bool(spans & 1)):
-            parts.extend([SINGLE_FILL_RECORD.pack(TAG_FILL, pattern)] * (stop - page))
-        else:
-            parts.append(MULTI_FILL_RECORD.pack(TAG_MULTI_FILL, pattern, stop - page))
-        spans += 1
+        yield page, stop, _PATTERN.unpack(head)[0]
         page = span_start = stop
     if span_start < pages:
-        emit_span(span_start, pages)
-    if end_marker:
-        parts.append(RECORD_TAG.pack(TAG_END))
+        yield span_start, pages, None
+
+
+def page_records(buf: bytes, first: int, stop: int, compress: bool = True) -> list[bytes]:
+    """Pages ``first``..``stop - 1`` of ``buf`` as page records: XPRESS when shorter than a page, else raw."""
+    parts: list[bytes] = []
+    for page in range(first, stop):
+        raw = buf[page << 12 : (page + 1) << 12]
+        packed = _xpress.compress(raw) if compress else raw
+        if 0 < len(packed) < PAGE_SIZE:
+            parts.append(RECORD_TAG.pack(len(packed)))
+            parts.append(packed)
+        else:
+            parts.append(RECORD_TAG.pack(PAGE_SIZE))
+            parts.append(raw)
+    return parts
+
+
+def whole_block(data: bytes | bytearray | memoryview) -> bytes:
+    """``data`` as bytes, checked to be exactly one RamBlock's worth."""
+    buf = bytes(data)
+    if len(buf) != BLOCK_SIZE:
+        raise ValueError(f"a RamBlock holds exactly {BLOCK_SIZE} bytes, not {len(buf)}")
+    return buf
+
+
+def encode_block(data: bytes | bytearray | memoryview, *, compress: bool = True) -> bytes:
+    """Encode 1 MiB of RAM the way Hyper-V does: fills, XPRESS pages, raw pages, end marker.
+
+    Runs of pages made of one repeated 8-byte pattern become one single- or multi-fill record;
+    other pages are XPRESS records when that is shorter than 4096 bytes (and ``compress``), else
+    raw records.  When the records would not be shorter than 1 MiB, the raw 1 MiB is returned,
+    because a value of exactly 1 MiB *means* raw (docs/format.md#ramblock-values).  The other
+    legitimate forms, which only tests write, are built in ``tests/blockforms.py`` from the same
+    spans.
+    """
+    buf = whole_block(data)
+    parts: list[bytes] = []
+    for first, stop, pattern in fill_spans(buf):
+        if pattern is None:
+            parts += page_records(buf, first, stop, compress)
+        elif stop - first == 1:
+            parts.append(SINGLE_FILL_RECORD.pack(TAG_FILL, pattern))
+        else:
+            parts.append(MULTI_FILL_RECORD.pack(TAG_MULTI_FILL, pattern, stop - first))
+    parts.append(_END_RECORD)
     encoded = b"".join(parts)
-    return buf if len(encoded) >= BLOCK_SIZE and pages == PAGES_PER_BLOCK else encoded
+    return buf if len(encoded) >= BLOCK_SIZE else encoded
