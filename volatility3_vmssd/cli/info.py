@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
-from ..provider import open_saved_state
 from ..vmconfig import find_vm_config
+from .opening import open_state
+
+LABEL_WIDTH = 22
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_saved_state(args.file, vsv=args.vsv) as provider:
+    with open_state(args, warn=False) as provider:
         if args.findings_json:
             json.dump([f.to_json() for f in provider.findings()], sys.stdout, indent=1)
             print()
@@ -51,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     split = next(i for i, (label, _) in enumerate(rows) if label == "Findings")
     if vmcx is not None:  # the VM's own settings go before the findings, as in hyperv.info
         rows[split:split] = [("VM configuration", str(vmcx)), *settings]
+    # 22 columns fit every label of a saved state; a .vmcx's settings ("VM configuration version") widen it
+    width = max([LABEL_WIDTH] + [len(label) for label, _ in rows if label != "Finding"])
     for label, text in rows:
-        print(f"  {text}" if label == "Finding" else f"{label:<22} {text}")
+        print(f"  {text}" if label == "Finding" else f"{label:<{width}} {text}")
     return 0

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..outputs import partial_output
+
 __all__ = ["OutDir", "atomic_write", "task_id"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -32,12 +34,10 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name and a rename (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
+    with partial_output(path, force=True) as fh:
+        fh.write(text.encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def task_id(files: Iterable[str], plugin: str) -> str:
