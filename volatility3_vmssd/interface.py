@@ -5,7 +5,10 @@ and Microsoft's DLL (:class:`~volatility3_vmssd.dll.provider.DllSavedStateProvid
 glue, the CLI, the exporters and triage use only these methods, so either backend serves all of them.
 The method names mirror the DLL's exports (``GetVpCount`` -> :meth:`SavedState.vp_count` ...); a few
 conveniences that the DLL does not export (padded reads, backed runs, the memory map, the summary) are
-built from those answers so that both backends agree by construction.
+built from those answers so that both backends agree by construction.  DLL queries that no caller
+above the provider needs (``InKernelSpace``, the VTL bitmaps, GVA->GPA without a size, GPA->raw offset)
+are not part of this interface: both backends keep them, and ``vmssd verify`` and the parity tests
+compare them.
 
 Where a backend cannot answer, the method raises :class:`~volatility3_vmssd.errors.UnsupportedError`
 and says why; it never returns a made-up value.
@@ -26,9 +29,10 @@ from typing import Any, NamedTuple
 from .cpu.cpumode import CR4_LA57, arm64_paging_levels, x86_levels
 from .cpu.guestos import GuestOsInfo
 from .cpu.registers import Architecture, PagingMode, ProcessorVendor, RegisterValue
-from .errors import Finding, NotFoundError, VmssdError, count_findings, summarize
+from .errors import Finding, NotFoundError, VmssdError
+from .summary import Summary, VpTrustLevels
 
-__all__ = ["SUMMARY_LABELS", "GpaMemoryChunk", "RamBlockDamage", "SavedState", "Summary", "VpTrustLevels"]
+__all__ = ["GpaMemoryChunk", "MemoryMapRow", "RamBlockDamage", "SavedState"]
 
 
 class GpaMemoryChunk(NamedTuple):
@@ -36,6 +40,27 @@ class GpaMemoryChunk(NamedTuple):
 
     guest_physical_start_page_index: int
     page_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryMapRow:
+    """One GPA run stored contiguously in raw saved memory: a row of ``vmssd memmap`` and ``hyperv.memmap``.
+
+    ``ramblocks_present`` counts how many of the RamBlocks ``first_ramblock..last_ramblock`` the file
+    holds; ``flags`` are the RamMemoryBlock Flags (IsHotAdded 1, IsSgx 2, IsVtl2Mb 4, IsSpecificPurpose
+    8), None when the backend cannot see them (the DLL).
+    """
+
+    gpa_start: int
+    size: int
+    raw_offset: int
+    first_ramblock: int
+    last_ramblock: int
+    ramblocks_present: int
+    flags: int | None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return dataclasses.asdict(self)
 
 
 class RamBlockDamage(NamedTuple):
@@ -48,141 +73,6 @@ class RamBlockDamage(NamedTuple):
     @property
     def missing(self) -> int:
         return self.absent + self.cut
-
-
-@dataclasses.dataclass(frozen=True)
-class VpTrustLevels:
-    """The VTLs one VP saved registers for, and the one analysis uses (rule above, or forced)."""
-
-    vp: int
-    saved: tuple[int, ...]
-    used: int | None
-    forced: bool = False
-
-    def text(self) -> str:
-        """``VTL0 (used), VTL1``: every saved VTL, the used one marked."""
-        used = " (used, forced)" if self.forced else " (used)"
-        return ", ".join(f"VTL{v}{used if v == self.used else ''}" for v in self.saved) or "none saved"
-
-
-@dataclasses.dataclass(frozen=True)
-class Summary:
-    """What ``vmssd info`` and ``hyperv.info`` show; built without reading guest RAM.
-
-    ``None`` means "this backend or file cannot say", never zero.  :meth:`as_dict` is the JSON form
-    (``vmssd info --json``); :meth:`rows` the labelled form both commands print.
-    """
-
-    file_kind: str
-    files: tuple[str, ...]
-    backend: str
-    vp_count: int
-    ram_bytes: int
-    chunk_count: int
-    raw_saved_memory_bytes: int
-    decoder: str
-    container_version: str | None = None
-    vm_version: str | None = None
-    saved_state_type: str | None = None
-    processor_vendor: str | None = None
-    architecture: str | None = None
-    paging_mode: str | None = None
-    guest_os: str | None = None
-    memory: str | None = None
-    vtls: tuple[VpTrustLevels, ...] = ()
-    ramblock_count: int | None = None
-    cache_limit_blocks: int | None = None
-    journal: dict[str, int] | None = None
-    dll: dict[str, Any] | None = None
-    findings: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["files"] = list(self.files)
-        out["findings"] = list(self.findings)
-        out["vtls"] = [{"vp": v.vp, "saved": list(v.saved), "used": v.used, "forced": v.forced} for v in self.vtls]
-        if self.dll is None:
-            del out["dll"]
-        return out
-
-    def vtl_text(self) -> str | None:
-        """One line for every VP when they all agree (the usual case), else one entry per VP."""
-        if not self.vtls:
-            return None
-        texts = {v.text() for v in self.vtls}
-        if len(texts) == 1:
-            return f"{texts.pop()} on every VP" if len(self.vtls) > 1 else self.vtls[0].text()
-        return "; ".join(f"VP {v.vp}: {v.text()}" for v in self.vtls)
-
-    def rows(self) -> Iterator[tuple[str, str]]:
-        """``(label, text)`` in :data:`SUMMARY_LABELS` order, skipping what is unknown; findings last."""
-        for key, label in SUMMARY_LABELS:
-            if key == "files":
-                yield from (("File", path) for path in self.files)
-                continue
-            text = _label_text(self, key)
-            if text is not None:
-                yield label, text
-        yield "Findings", str(count_findings(self.findings)) if self.findings else "none"
-        for line in summarize(self.findings):  # a few per kind, then a count (docs/robustness.md)
-            yield "Finding", line
-
-
-#: The one label table of a summary (``vmssd info`` and ``hyperv.info``).
-SUMMARY_LABELS: tuple[tuple[str, str], ...] = (
-    ("file_kind", "File kind"),
-    ("files", "File"),
-    ("backend", "Backend"),
-    ("container_version", "Container version"),
-    ("vm_version", "VM version"),
-    ("saved_state_type", "Saved-state type"),
-    ("vp_count", "Virtual processors"),
-    ("processor_vendor", "Processor vendor"),
-    ("architecture", "Architecture (VP 0)"),
-    ("paging_mode", "Paging mode (VP 0)"),
-    ("vtls", "VTLs"),
-    ("guest_os", "Guest OS"),
-    ("memory", "Saved memory"),
-    ("ram_bytes", "Guest RAM"),
-    ("chunk_count", "GPA chunks"),
-    ("ramblock_count", "RamBlocks"),
-    ("raw_saved_memory_bytes", "Raw saved memory"),
-    ("decoder", "XPRESS decoder"),
-    ("cache_limit_blocks", "Block cache limit"),
-    ("journal", "Replay log"),
-    ("dll", "DLL"),
-)
-
-FILE_KIND_TEXT = {
-    "vmrs": ".vmrs",
-    "bin+vsv": "legacy .bin + .vsv",
-    "bin": "legacy .bin alone (memory only, no CPU state)",
-}
-
-
-def _size(n: int) -> str:
-    return f"{n:,} bytes ({n / (1 << 20):,.1f} MiB)"
-
-
-def _label_text(summary: Summary, key: str) -> str | None:
-    if key == "vtls":
-        return summary.vtl_text()
-    value = getattr(summary, key)
-    if value is None:
-        return None
-    if key == "file_kind":
-        if value == "vmrs" and summary.memory is not None:  # a .vmcx, a runtime state: not a saved state
-            return "HyperVStorage container without saved memory"
-        return FILE_KIND_TEXT.get(value, str(value))
-    if key in ("ram_bytes", "raw_saved_memory_bytes"):
-        return _size(value)
-    if key == "cache_limit_blocks":
-        return f"{value} blocks of 1 MiB"
-    if isinstance(value, tuple | list):
-        return ", ".join(map(str, value))
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {v}" for k, v in value.items() if v is not None)
-    return str(value)
 
 
 class SavedState(abc.ABC):
@@ -227,14 +117,6 @@ class SavedState(abc.ABC):
         """The guest OS id that ``vtl``'s kernel registered (HV_GUEST_OS_ID), or None when none was saved."""
 
     @abc.abstractmethod
-    def get_guest_enabled_virtual_trust_levels(self) -> int:
-        """Bitmap of the VTLs enabled in the partition."""
-
-    @abc.abstractmethod
-    def get_enabled_virtual_trust_levels(self, vp: int) -> int:
-        """Bitmap of the VTLs this VP saved (a VP-VTL marker, with or without registers)."""
-
-    @abc.abstractmethod
     def get_virtual_trust_levels(self, vp: int) -> list[int]:
         """The VTLs this VP saved (a VP-VTL marker, with or without registers), lowest first."""
 
@@ -250,9 +132,6 @@ class SavedState(abc.ABC):
     @abc.abstractmethod
     def force_active_virtual_trust_level(self, vp: int, vtl: int) -> None:
         """Use ``vtl`` on this VP; NotFoundError when that VTL's registers were not saved."""
-
-    @abc.abstractmethod
-    def is_active_virtual_trust_level_enabled(self, vp: int) -> bool: ...
 
     @abc.abstractmethod
     def is_higher_vtl_runnable(self, vp: int) -> bool | None:
@@ -301,13 +180,6 @@ class SavedState(abc.ABC):
         return x86_levels(mode, mode == PagingMode.LONG and self.is_five_level_paging(vp))
 
     @abc.abstractmethod
-    def in_kernel_space(self, vp: int) -> bool: ...
-
-    @abc.abstractmethod
-    def guest_virtual_to_physical(self, vp: int, va: int) -> int:
-        """GVA -> GPA with the page tables of the VP's used VTL."""
-
-    @abc.abstractmethod
     def guest_virtual_to_physical_with_size(self, vp: int, va: int) -> tuple[int, int]:
         """(GPA, bytes left in the mapping page) - possibly fewer than the page holds, never more."""
 
@@ -329,9 +201,6 @@ class SavedState(abc.ABC):
         """(page size, backed GPA runs in GPA order)."""
 
     @abc.abstractmethod
-    def guest_physical_address_to_raw_saved_memory_offset(self, gpa: int) -> int: ...
-
-    @abc.abstractmethod
     def read_guest_raw_saved_memory(self, offset: int, size: int) -> bytes: ...
 
     @abc.abstractmethod
@@ -344,11 +213,8 @@ class SavedState(abc.ABC):
     def get_memory_block_cache_limit(self) -> int: ...
 
     @abc.abstractmethod
-    def memory_map(self) -> list[dict[str, Any]]:
-        """Per GPA run stored contiguously: ``gpa_start``, ``size``, ``raw_offset``, ``first_ramblock``,
-        ``last_ramblock``, ``ramblocks_present`` (how many of those RamBlocks the file holds) and
-        ``flags``, the RamMemoryBlock Flags (IsHotAdded 1, IsSgx 2, IsVtl2Mb 4, IsSpecificPurpose 8;
-        None when the backend cannot see them)."""
+    def memory_map(self) -> list[MemoryMapRow]:
+        """Per GPA run stored contiguously, in GPA order."""
 
     @abc.abstractmethod
     def backed_runs(self, gpa: int, length: int) -> Iterator[tuple[int, int, int]]:
@@ -366,9 +232,9 @@ class SavedState(abc.ABC):
         """
         used = absent = 0
         for run in self.memory_map():
-            blocks = run["last_ramblock"] - run["first_ramblock"] + 1
+            blocks = run.last_ramblock - run.first_ramblock + 1
             used += blocks
-            absent += max(0, blocks - run["ramblocks_present"])
+            absent += max(0, blocks - run.ramblocks_present)
         return RamBlockDamage(used, absent, 0)
 
     def memory_absence(self) -> str | None:
@@ -438,7 +304,7 @@ class SavedState(abc.ABC):
         except VmssdError:
             facts["cache_limit_blocks"] = None
         facts.update(self._summary_facts())
-        facts["findings"] = tuple(str(f) for f in self.findings())
+        facts["findings"] = tuple(self.findings())
         return Summary(**facts)
 
     def _paging_text(self, vp: int) -> str:

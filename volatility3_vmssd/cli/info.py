@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
             print()
             return 0
         summary = provider.summary()
-        vmcx, settings = find_vm_config(provider.paths)
+        config = find_vm_config(provider.paths)
+        vmcx, settings = (None, ()) if config is None else (config.path, config.rows)
     if args.json:
         doc = summary.as_dict()
         doc["vm_configuration"] = None if vmcx is None else {"file": str(vmcx), **dict(settings)}

@@ -52,9 +52,9 @@ def check_vsv(args: argparse.Namespace) -> None:
 
 
 def _no_memory(path: str, absence: str) -> str:
-    settings = dict(read_vm_config(path))
-    if "VM name" in settings or "VM ID" in settings:
-        name = settings.get("VM name") or settings.get("VM ID")
+    config = read_vm_config(path)
+    if config.error is None and (config.name or config.vm_id):
+        name = config.name or config.vm_id
         return (
             f"{path} is the configuration of VM {name!r} (a .vmcx: settings, no guest memory); its memory is in"
             " the .vmrs (or legacy .bin + .vsv) that saving the VM writes"

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..files import find_partner, find_vmcx, read_head, signature_kind
-from .identity import VmConfig, read_vm_config
+from ..vmconfig import VmConfig, read_vm_config
 
 __all__ = ["HYPERV_EXTENSIONS", "Discovery", "SavedStateFile", "discover", "sniff"]
 

@@ -20,8 +20,6 @@ from typing import Any
 
 __all__ = ["execute", "worker_cache_blocks"]
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-
 
 def worker_cache_blocks(per_worker: int) -> int:
     """This task's share of the worker's block-cache bound: tasks running at once on a worker split it."""
@@ -52,8 +50,6 @@ def execute(spec: dict[str, Any], timeout: float | None, cache_mib_per_worker: i
     started = time.monotonic()
     spec = dict(spec, cache_blocks=worker_cache_blocks(cache_mib_per_worker))
     env = dict(os.environ)
-    # The child imports the same package as this worker (a checkout's copy in tests), first.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory(prefix="vmssd-triage-") as tmp:
         spec_path, result_path, err_path = Path(tmp, "spec.json"), Path(tmp, "result.json"), Path(tmp, "stderr.txt")
         spec_path.write_text(json.dumps(spec))
