@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from builders import add_journal_entries
-from shared_data import REPO
+from shared_data import REAL, REPO
 
 from volatility3_vmssd.storage import HyperVStorage
 
@@ -65,7 +65,11 @@ def inputs(command: str) -> list[str]:
     return found
 
 
-def runnable(command: str, folder: Path) -> str | None:
+#: Names a doc uses for a file other than the one of that name here (crashdump.md's guest is the Windows one).
+OTHER_FILES = {"crashdump.md": {"guest.vmrs"}}
+
+
+def runnable(command: str, folder: Path, doc: str = "") -> str | None:
     """Why ``command`` cannot run here (None: it can)."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     words, first = list(lexer), True
@@ -75,7 +79,7 @@ def runnable(command: str, folder: Path) -> str | None:
         if first and word != "vmssd" and shutil.which(word) is None:
             return f"{word} is not installed"
         first = word in ("|", ";", "&&", "||")
-    missing = [f for f in inputs(command) if not (folder / f).exists()]
+    missing = [f for f in inputs(command) if not (folder / f).exists() or f in OTHER_FILES.get(doc, ())]
     if missing:
         return f"needs {', '.join(missing)}"
     if re.search(r"\bvol\b.*\s-s\s", command):
@@ -125,7 +129,7 @@ def run_docs(folder: Path) -> tuple[int, list[str], list[str]]:
     ran, failures, skipped = 0, [], []
     for doc in DOCS:
         for block, command, shown in commands(doc.read_text(encoding="utf-8")):
-            why = runnable(command, folder)
+            why = runnable(command, folder, doc.name)
             if why is not None:
                 skipped.append(f"{doc.name} block {block}: $ {command}: {why}")
                 continue
@@ -156,6 +160,10 @@ def folder(tmp_path: Path) -> Path:
     make_journal(tmp_path / "journal.vmrs")
     (tmp_path / "tests" / "data").mkdir(parents=True)
     shutil.copyfile(SAMPLE, tmp_path / "tests" / "data" / "sample.vmrs")
+    (tmp_path / "random.bin").write_bytes(bytes.fromhex("cf4f597b") + bytes(4092))  # volatility.md's not-a-state
+    for name in ("test.VMRS", "test.vmcx", "test_file.bin"):  # the real files, when the shared data is here
+        if (REAL / name).exists():
+            shutil.copyfile(REAL / name, tmp_path / name)
     return tmp_path
 
 
