@@ -23,6 +23,7 @@ ROOT = "volatility3_vmssd"
 RANKS = {
     "errors": 0,
     "outputs": 0,
+    "host": 0,
     "lifetime": 0,
     "storage": 1,
     "codecs": 2,

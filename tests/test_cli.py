@@ -80,7 +80,9 @@ def test_info_on_a_vmcx_says_what_it_is_and_shows_its_settings() -> None:
     vmcx = need(REAL / "test.vmcx")
     r = vmssd("info", str(vmcx))
     assert r.returncode == 0, r.stderr
-    rows = {line[:22].strip(): line[23:] for line in r.stdout.splitlines() if not line.startswith(" ")}
+    first = r.stdout.splitlines()[0]
+    col = len(first) - len(first[len("File kind") :].lstrip())  # the label column fits the longest label
+    rows = {line[:col].strip(): line[col:] for line in r.stdout.splitlines() if not line.startswith(" ")}
     assert rows["File kind"] == "HyperVStorage container without saved memory"
     assert rows["Saved memory"].startswith("the file holds no saved guest memory")
     assert rows["VM configuration"] == str(vmcx) and rows["VM name"] == "Other Location"

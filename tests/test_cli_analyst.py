@@ -105,7 +105,7 @@ def _alive(pid: int) -> bool:
 def _start_create(
     guest_elf: Path, guest_registers: dict, tmp_path: Path
 ) -> tuple[subprocess.Popen[str], Path, set[int]]:
-    """``vmssd create`` of the real guest with two workers, once both workers run and OUT.partial exists."""
+    """``vmssd create`` of the real guest with two workers, once both workers run and its temporary file exists."""
     regs = tmp_path / "regs.json"
     regs.write_text(json.dumps(guest_registers))
     out = tmp_path / "guest.vmrs"
@@ -121,7 +121,7 @@ def _start_create(
     )
     deadline = time.monotonic() + 60
     workers: set[int] = set()
-    while not (Path(f"{out}.partial").exists() and len(workers) >= 2):
+    while not (list(tmp_path.glob(f"{out.name}.*.partial")) and len(workers) >= 2):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "create never started its workers"
         workers = _children(proc.pid)
@@ -165,7 +165,7 @@ def test_killed_create_leaves_no_file_under_the_final_name_and_its_workers_end(
     proc, out, workers = _start_create(guest_elf, guest_registers, tmp_path)
     proc.kill()
     proc.communicate(timeout=30)
-    assert not out.exists()  # only OUT.partial, which nothing takes for a saved state
+    assert not out.exists()  # only OUT.<random>.partial, which nothing takes for a saved state
     assert not _wait_gone(workers), "encoding workers outlived their killed parent"
 
 
@@ -200,7 +200,7 @@ def test_create_mistakes_are_one_line_errors(guest_vmrs: Path, tmp_path: Path) -
     assert r.returncode == 0 and out.exists(), r.stderr
     r = vmssd("create", "--memory", ram, "--registers", regs, "-o", out)
     assert (r.returncode, r.stderr) == (1, f"vmssd create: error: {out} exists (use --force to overwrite it)\n")
-    assert not Path(f"{out}.partial").exists()
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_progress_bar_never_cuts_a_word() -> None:

@@ -209,9 +209,9 @@ def test_a_full_disk_leaves_no_temporary_file_and_earlier_ones_are_removed(tmp_p
     out = tmp_path / "out"
     (out / "tasks").mkdir(parents=True)
     dead = 4_000_000_000  # no process has this id (beyond any pid_max)
-    (out / f".summary.csv.{dead}.tmp").write_text("left by a run that was killed")
-    (out / "tasks" / f".x.json.{dead}.tmp").write_text("{")
-    alive = out / f".summary.csv.{os.getpid()}.tmp"  # its writer (this test) is alive: kept
+    (out / f"summary.csv.{dead}.0badf00d.partial").write_text("left by a run that was killed")
+    (out / "tasks" / f"x.json.{dead}.0badf00d.partial").write_text("{")
+    alive = out / f"summary.csv.{os.getpid()}.0badf00d.partial"  # its writer (this test) is alive: kept
     alive.write_text("in use")
     line = one_line_error(
         vmssd("triage", "--out", out, "--no-progress", "--no-hash", tree, preexec_fn=_limit_file_size)

@@ -18,8 +18,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from .errors import VmssdError
 from .memory.legacy_bin import BIN_SIGNATURE
+from .storage import HyperVStorage
 from .storage.defs import FILE_SIGNATURE
+from .vmrs.reader import PARTITION_STATE_PATHS, ram_block_keys
 
 __all__ = [
     "BIN_SIGNATURE",
@@ -32,6 +35,7 @@ __all__ = [
     "signature_kind",
     "sniff",
     "url_to_path",
+    "vsv_problem",
 ]
 
 STORAGE_SIGNATURE = FILE_SIGNATURE  # .vmrs, .vmcx, .vmgs and modern .vsv files
@@ -142,3 +146,45 @@ def url_to_path(location: str) -> Path | None:
 def path_to_url(path: str | os.PathLike[str]) -> str:
     """A ``file:`` URL as Volatility builds them (absolute, percent-encoded)."""
     return Path(os.path.abspath(path)).as_uri()
+
+
+def vsv_problem(bin_path: str | os.PathLike[str], vsv_path: str | os.PathLike[str]) -> str | None:
+    """Why ``vsv_path``, named by the user as the ``.vsv`` of the legacy ``bin_path``, cannot be it (None: it can).
+
+    The one rule for ``vmssd --vsv`` and ``vol --hyperv-vsv-location``: a file the user names must
+    be a regular, readable HyperVStorage container holding a partition_state (the CPU state and the
+    RAM map of the pair), and not the ``.bin`` itself.  Anything else (random bytes, a ``.vmcx``, a
+    ``.vmrs`` without CPU state) is refused in one line instead of being read as "no CPU state" with
+    an identity map.  A ``.vsv`` found beside the ``.bin`` is not judged here: the reader opens it
+    and records what it could not read as findings (docs/format.md, legacy .bin + .vsv).
+    """
+    vsv, name = Path(vsv_path), os.fspath(vsv_path)
+    if not vsv.exists():
+        return f"{name} does not exist"
+    if not vsv.is_file():
+        return f"{name} is not a regular file"
+    try:
+        if os.path.samefile(vsv, bin_path):
+            return f"{name} is the .bin itself; the .vsv is the other file of the pair"
+    except OSError:
+        pass
+    try:
+        kind = sniff(vsv)
+    except OSError as exc:
+        return f"cannot read {name}: {exc.strerror or exc}"
+    if kind != "storage":
+        what = "a legacy .bin" if kind == "bin" else f"not a HyperVStorage file (signature {STORAGE_SIGNATURE:#010x})"
+        return f"{name} is not the .vsv of {os.fspath(bin_path)}: it is {what}"
+    try:
+        with HyperVStorage.open(vsv) as storage:
+            has_state = any(storage.find(p) is not None for p in PARTITION_STATE_PATHS)
+            has_memory = bool(ram_block_keys(storage))
+            configuration = storage.find("/configuration") is not None
+    except (OSError, VmssdError) as exc:
+        return f"{name} cannot be read as the .vsv of {os.fspath(bin_path)}: {exc}"
+    if has_memory:
+        return f"{name} is not the .vsv of {os.fspath(bin_path)}: it is a saved state with its own memory (a .vmrs)"
+    if has_state:
+        return None
+    what = "a VM configuration (.vmcx)" if configuration or name.lower().endswith(".vmcx") else "a HyperVStorage file"
+    return f"{name} is not the .vsv of {os.fspath(bin_path)}: it is {what} without CPU state (no partition_state)"

@@ -7,10 +7,12 @@ never touches the input: evidence stays as acquired.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import VmssdError
 from ..files import sniff
 from ..provider import apply_pending_replay_log
+from ..storage import HyperVStorage
 from .convert import check_output
 
 
@@ -21,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=(
             "Write a copy of a HyperVStorage container (.vmrs, .vmcx, the .vsv of a legacy pair) with the"
             " entries of its pending replay log written into place, as Hyper-V would on its next open."
-            " The input is only read; OUT must be another file. Prints how many entries were applied"
-            " (0: there was nothing pending, the copy is identical). `vmssd info` shows the journal state."
+            " The input is only read; OUT must be another file. Says how many entries were applied; when"
+            " nothing is pending it says so and writes no copy (the input is already what Hyper-V would"
+            " read). `vmssd info` shows the journal state."
         ),
         epilog=(
             "examples:\n"
@@ -43,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     kind = sniff(args.file)
     if kind == "bin":
         raise VmssdError(f"{args.file} is a legacy .bin, which has no journal: apply-log its .vsv instead")
+    with HyperVStorage.open(args.file, strict=True) as storage:  # a journal that does not verify is not committed
+        pending = len(storage.overlay.entries) if storage.overlay is not None else 0
+    if not pending:  # a copy would be byte for byte the input: say so instead of writing one
+        print(
+            f"{args.file} has no pending journal entries: nothing to apply, {args.output} not written", file=sys.stderr
+        )
+        return 0
     applied = apply_pending_replay_log(args.file, args.output)
-    print(f"applied {applied} pending journal entr{'y' if applied == 1 else 'ies'}; wrote {args.output}")
+    print(
+        f"applied {applied} pending journal entr{'y' if applied == 1 else 'ies'}; wrote {args.output}", file=sys.stderr
+    )
     return 0

@@ -14,8 +14,8 @@ from ..images.crashdump import DUMP_KINDS
 from ..images.dumpsource import DumpOptions
 from ..images.export import FORMATS, export, provider_ranges
 from ..images.streaming import ExportReport
-from ..outputs import partial_output, same_file
-from ..provider import open_saved_state
+from ..outputs import check_target, partial_output
+from .opening import open_state
 from .progress import ProgressBar, human_duration, human_size
 
 MISSING_SUFFIX = ".missing.json"
@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " NT_PRSTATUS note per VP so gdb and crash see the CPUs) or dmp (a Windows x64 kernel crash dump"
             " for WinDbg and kdmp-parser: VP 0's registers as its context, VP 0's CR3 as its DTB; --symbols"
             " adds the kernel addresses WinDbg reads, see docs/crashdump.md). Volatility opens all four."
-            " Streams 16 MiB at a time: memory use does not grow with the guest. Writes OUT.partial"
-            " and renames it when done; on an error, Ctrl-C, SIGTERM or SIGHUP the partial file is removed."
+            " Streams 16 MiB at a time: memory use does not grow with the guest. Writes a temporary file"
+            " beside OUT and renames it when done; on an error, Ctrl-C, SIGTERM or SIGHUP it is removed."
             " RAM that the saved state declares but cannot provide (a cut copy, a missing RamBlock) is an"
             " error naming the ranges: nothing is written unless --allow-missing is given, which writes"
             " them as zeros and lists them in OUT.missing.json."
@@ -78,14 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def check_output(output: str, inputs: Iterable[str], *, force: bool) -> None:
-    """Refuse to write over any input (evidence is read-only) or, without ``force``, over any file."""
-    for path in inputs:
-        if same_file(output, path) or same_file(output + ".partial", path):
-            raise VmssdError(f"refusing to write {output}: it is an input ({path})")
-    if os.path.isdir(output):
-        raise VmssdError(f"{output} is a directory")
-    if os.path.lexists(output) and not force:
-        raise VmssdError(f"{output} exists (use --force to overwrite it)")
+    """Refuse to write over any input (evidence is read-only), anything but a regular file, or, without ``force``,
+    an existing file (``outputs.check_target``, shared by every command that writes)."""
+    check_target(output, inputs, force=force)
 
 
 def _missing_summary(source: str, report: ExportReport) -> str:
@@ -112,7 +107,7 @@ def write_missing_sidecar(path: str, source: list[str], report: ExportReport) ->
         "missing_bytes": report.missing_bytes,
         "ranges": [m.to_json() for m in report.missing],
     }
-    with partial_output(path + MISSING_SUFFIX) as out:
+    with partial_output(path + MISSING_SUFFIX, force=True) as out:  # checked before the image was written
         out.write(json.dumps(doc, indent=2).encode() + b"\n")
 
 
@@ -125,9 +120,8 @@ def run(args: argparse.Namespace) -> int:
     given = [args.file] + ([args.vsv] if args.vsv else [])
     check_output(args.output, given, force=args.force)
     sidecar = args.output + MISSING_SUFFIX
-    if os.path.lexists(sidecar) and not args.force:
-        raise VmssdError(f"{sidecar} exists (use --force to overwrite it)")
-    with open_saved_state(args.file, vsv=args.vsv) as provider:
+    check_output(sidecar, given, force=args.force)
+    with open_state(args, needs_memory=True) as provider:
         check_output(args.output, provider.paths, force=args.force)
         provider.set_memory_block_cache_limit(
             4
@@ -137,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             raise VmssdError(f"{args.file}: no saved guest memory to convert")
         start = time.monotonic()
         bar = ProgressBar(total, label=f"convert {args.format}", enabled=None if not args.quiet else False)
-        with bar, partial_output(args.output) as out:
+        with bar, partial_output(args.output, force=args.force) as out:
             report = export(provider, out, args.format, progress=bar.update, dump=dump)
             if report.missing and not args.allow_missing:
                 bar.close()

@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..cpu.chunkwriter import build_partition_state
@@ -15,9 +13,11 @@ from ..cpu.cpujson import state_from_json
 from ..cpu.cpustate import PartitionState
 from ..errors import FormatError, VmssdError
 from ..files import sniff
+from ..host import usable_cores
 from ..images.memoryimage import MemoryImage
 from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE
 from ..memory.rammap import build_layout
+from ..storage.defs import MAX_ALIGNMENT, MIN_ALIGNMENT
 from ..vmrs.writer import LEGACY_VM_VERSION, VMRS_VM_VERSION, plan_ranges, write_bin_vsv, write_vmrs
 from .convert import check_output
 from .progress import ProgressBar
@@ -43,6 +43,28 @@ def _range(text: str) -> tuple[int, int]:
     return start, end + 1  # inclusive on the command line, half-open inside
 
 
+def _alignment(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0x1000)") from None
+    if not MIN_ALIGNMENT <= value <= MAX_ALIGNMENT or value & (value - 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the data alignment must be a power of two from {MIN_ALIGNMENT:#x} to {MAX_ALIGNMENT:#x}"
+        )
+    return value
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of worker processes") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one worker process (1 encodes in this process)")
+    return value
+
+
 def _version(text: str) -> int:
     try:
         major, minor = (int(x) for x in text.split(".", 1))
@@ -60,8 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " physical addresses in PT_LOAD; uncompressed) and CPU registers (a JSON file: 'vmssd registers"
             " --json' writes one from any saved state; the schema is docs/create.md in the source"
             " repository), using fill, XPRESS and raw page records as Hyper-V does. Holes (MMIO ranges) are"
-            " left unbacked. Writes OUT.partial (and VSV.partial) and renames them when done; on an error,"
-            " Ctrl-C, SIGTERM or SIGHUP they are removed, and the encoding workers end with this process."
+            " left unbacked. Writes temporary files beside OUT (and VSV) and renames them when done; on an"
+            " error, Ctrl-C, SIGTERM or SIGHUP they are removed, and the encoding workers end with this process."
+            " OUT is named for its format: a .vmrs, or with --legacy a .bin (its .vsv beside it)."
         ),
         epilog=(
             "examples:\n"
@@ -92,14 +115,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--vendor", choices=["intel", "amd", "hygon", "arm"], help="override the JSON's vendor")
     p.add_argument("--vm-version", type=_version, help="VM configuration version (default 9.0; 5.0 with --legacy)")
-    p.add_argument("--alignment", type=lambda s: int(s, 0), default=0x1000, help="data alignment, 0x1000..0x10000")
+    p.add_argument(
+        "--alignment", type=_alignment, default=0x1000, help="data alignment: a power of two, 0x1000..0x10000"
+    )
     p.add_argument("--no-compress", action="store_true", help="store non-fill pages raw (faster, larger)")
     p.add_argument(
         "--raw-blocks",
         action="store_true",
         help="write what Microsoft's openvmm writer writes: every RamBlock a raw 1 MiB value, no /savedstate/type",
     )
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes for page encoding")
+    p.add_argument(
+        "--jobs",
+        type=_jobs,
+        metavar="N",
+        help="worker processes for page encoding (default and most: the CPU cores this process may use)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     p.set_defaults(func=run)
@@ -143,19 +173,27 @@ def check_memory_input(path: str) -> None:
         )
 
 
-@contextmanager
-def renamed_outputs(*finals: str) -> Iterator[list[str]]:
-    """Temporary names for ``finals``, renamed to them when the block completes, removed on any failure."""
-    temps = [f + ".partial" for f in finals]
-    try:
-        yield temps
-        for tmp, final in zip(temps, finals, strict=True):
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp in temps:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-        raise
+#: What each Hyper-V extension names, for refusing an output named as another format than it is.
+HYPERV_NAMES = {
+    ".vmrs": "a .vmrs saved state",
+    ".bin": "a legacy .bin",
+    ".vsv": "a legacy .vsv",
+    ".vmcx": "a VM configuration",
+}
+#: What each output holds, and the one hint that fixes a mismatch.
+WRITES = {
+    ".vmrs": ("a .vmrs", "name it *.vmrs, or add --legacy to write a .bin + .vsv pair"),
+    ".bin": ("a legacy .bin (--legacy)", "name it *.bin, or drop --legacy to write a .vmrs"),
+    ".vsv": ("a legacy .vsv", "name it *.vsv"),
+}
+
+
+def check_output_name(path: str, writes: str, option: str) -> None:
+    """Refuse an output named as another Hyper-V file: tools (and our own partner search) go by the extension."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in HYPERV_NAMES and ext != writes:
+        what, hint = WRITES[writes]
+        raise VmssdError(f"{option} {path}: the name says {HYPERV_NAMES[ext]}, but this writes {what}; {hint}")
 
 
 def _ram_to_encode(image: MemoryImage, holes: list[tuple[int, int]]) -> int:
@@ -165,12 +203,26 @@ def _ram_to_encode(image: MemoryImage, holes: list[tuple[int, int]]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vsv is not None and not args.legacy:
+        print("vmssd create: error: --vsv only applies with --legacy", file=sys.stderr)
+        return 2
     vsv = (args.vsv or os.path.splitext(args.output)[0] + ".vsv") if args.legacy else None
     outputs = [args.output] + ([vsv] if vsv else [])
     if vsv is not None and os.path.abspath(vsv) == os.path.abspath(args.output):
         raise VmssdError(f"the .vsv and the .bin must be two files ({vsv})")
     for out in outputs:
         check_output(out, [args.memory, args.registers], force=args.force)
+    check_output_name(args.output, ".bin" if args.legacy else ".vmrs", "-o")
+    if args.vsv is not None:
+        check_output_name(args.vsv, ".vsv", "--vsv")
+    cores = usable_cores()
+    jobs = cores if args.jobs is None else args.jobs
+    if jobs > cores:
+        print(
+            f"vmssd create: note: --jobs {jobs} is more than the {cores} usable CPU core(s); using {cores}",
+            file=sys.stderr,
+        )
+        jobs = cores
     state = read_registers(args.registers, args.vendor)
     check_memory_input(args.memory)
     with MemoryImage.open(args.memory, args.memory_format) as image:
@@ -181,14 +233,14 @@ def run(args: argparse.Namespace) -> int:
             "holes": holes,
             "compress": not args.no_compress,
             "raw_blocks": args.raw_blocks,
-            "jobs": args.jobs,
-            "overwrite": True,
+            "jobs": jobs,
+            "overwrite": args.force,
         }
-        with bar, renamed_outputs(*outputs) as temps:
+        with bar:
             if args.legacy:
                 report = write_bin_vsv(
-                    temps[0],
-                    temps[1],
+                    args.output,
+                    vsv,
                     image,
                     state,
                     vm_version=args.vm_version or LEGACY_VM_VERSION,
@@ -197,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 report = write_vmrs(
-                    temps[0],
+                    args.output,
                     image,
                     state,
                     vm_version=args.vm_version or VMRS_VM_VERSION,

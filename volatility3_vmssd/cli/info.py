@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 
-from ..provider import open_saved_state
 from ..triage.evidence import file_identity
 from ..vmconfig import find_vm_config
+from .opening import open_state
+
+LABEL_WIDTH = 22
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_saved_state(args.file, vsv=args.vsv) as provider:
+    with open_state(args, warn=False) as provider:
         if args.findings_json:
             json.dump([f.to_json() for f in provider.findings()], sys.stdout, indent=1)
             print()
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             ("Evidence", f"{ev['path']}: {ev['size']:,} bytes, modified {ev['mtime']}"),
             ("SHA-256", f"{ev['sha256']}  {ev['path']}"),
         ]
+    # 22 columns fit every label of a saved state; a .vmcx's settings ("VM configuration version") widen it
+    width = max([LABEL_WIDTH] + [len(label) for label, _ in rows if label != "Finding"])
     for label, text in rows:
-        print(f"  {text}" if label == "Finding" else f"{label:<22} {text}")
+        print(f"  {text}" if label == "Finding" else f"{label:<{width}} {text}")
     return 0

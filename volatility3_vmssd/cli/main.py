@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from types import FrameType
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import VmssdError
+from ..outputs import WRITE_ERRNOS, OutputError
 from . import apply_log, convert, create, info, keys, memmap, read, registers, triage, verify
 
 COMMANDS = [info, keys, registers, memmap, read, convert, apply_log, verify, create, triage]
@@ -52,14 +55,27 @@ def cleanup_on_signals() -> Iterator[None]:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions wrapped to the terminal; epilogs (the examples) kept line by line."""
+    """Descriptions wrapped to the terminal; epilogs (the examples) kept line by line.
+
+    argparse fills description and epilog through the same ``_fill_text``; a text with line breaks
+    is an epilog written line by line (one example per line), a text without is a paragraph.
+    """
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)  # raw: as written
         return argparse.HelpFormatter._fill_text(self, text, width, indent)
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), pointing at ``--help`` instead of printing the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vmssd",
         description=(
             "Read Hyper-V saved states (.vmrs, legacy .bin + .vsv) and HyperVStorage containers"
@@ -80,13 +96,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stdout_closed() -> bool:
+    """Whether standard output is closed (``>&-``): Python then sets ``sys.stdout`` to None and print() is silent."""
+    if sys.stdout is None:
+        return True
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # a replaced stream (tests, embedding): it is open
+        return False
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def _prints_result(args: argparse.Namespace) -> bool:
+    """Commands that write files (-o) report on stderr; every other one prints its result on stdout."""
+    return getattr(args, "output", None) is None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    if _prints_result(args) and stdout_closed():  # refuse before doing work whose result nobody would see
+        print(
+            f"vmssd {args.command}: error: standard output is closed; nothing to print to"
+            " (redirect it to a file or to /dev/null)",
+            file=sys.stderr,
+        )
+        return 1
     try:
         with cleanup_on_signals():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a full disk or device shows here, not as a traceback at exit
+            return code
     except Terminated as exc:
         name = signal.Signals(exc.signum).name
         print(f"vmssd: terminated by {name}; partial outputs removed", file=sys.stderr)
@@ -94,13 +140,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vmssd: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `vmssd keys x | head`: the reader had enough
+        _silence_stdout()
         return 0
     except (VmssdError, OSError) as exc:
         if args.verbose:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno in WRITE_ERRNOS:
+            exc = OutputError(exc.errno, exc.strerror, "standard output", "writing")  # the only unnamed output left
+            _silence_stdout()
         print(f"vmssd {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again at exit."""
+    with suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

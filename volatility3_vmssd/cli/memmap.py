@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..memory.rammap import flag_names
-from ..provider import open_saved_state
+from .opening import open_state
 from .progress import human_size
 
 
@@ -50,7 +50,7 @@ def _count_blocks(spans: list[tuple[int, int]]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_saved_state(args.file, vsv=args.vsv) as provider:
+    with open_state(args, needs_memory=True) as provider:
         ranges = provider.memory_map()
     if args.json:
         json.dump([r.as_dict() for r in ranges], sys.stdout, indent=1)

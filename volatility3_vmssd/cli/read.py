@@ -8,13 +8,15 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from ..cpu.chunks import MAX_VTL
 from ..errors import VmssdError
 from ..interface import SavedState
 from ..outputs import partial_output
-from ..provider import open_saved_state
 from .convert import check_output
+from .opening import open_state
 
 PIECE = 1 << 20
+LIMIT = (1 << 64) - 1  # addresses, offsets and lengths are 64-bit quantities
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NUMBER = re.compile(r"^(0x[0-9a-f_]+|0o[0-7_]+|0b[01_]+|[0-9_]+)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
 
@@ -24,7 +26,21 @@ def number(text: str) -> int:
     m = _NUMBER.match(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0x1000, 4096, 4K, 1M)")
-    return int(m[1], 0) * _SUFFIX[m[2].lower()]
+    value = int(m[1], 0) * _SUFFIX[m[2].lower()]
+    if value > LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond 64 bits (at most {LIMIT:#x})")
+    return value
+
+
+def vtl_number(text: str) -> int:
+    """A VTL as Hyper-V numbers them: 0..15, refused here rather than deep in the provider."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a VTL number (0..{MAX_VTL})") from None
+    if not 0 <= value <= MAX_VTL:
+        raise argparse.ArgumentTypeError(f"{text!r}: a VTL is 0..{MAX_VTL}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -58,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--vp", type=int, metavar="N", help="with --virtual: whose page tables (default 0)")
     p.add_argument(
         "--vtl",
-        type=int,
+        type=vtl_number,
         metavar="N",
         help="with --virtual: that VTL's page tables (default: VTL0 when saved, else the lowest saved)",
     )
@@ -171,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     if args.output:
         check_output(args.output, [args.file] + ([args.vsv] if args.vsv else []), force=args.force)
-    with open_saved_state(args.file, vsv=args.vsv) as provider:
+    with open_state(args, needs_memory=True) as provider:
         if args.virtual:
             vp = args.vp or 0
             if args.vtl is not None:  # refused, naming the saved VTLs, when that VTL's registers were not saved
@@ -186,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             pieces = read_physical(provider, args.address, args.length)
         if args.output:
             check_output(args.output, provider.paths, force=args.force)
-            with partial_output(args.output) as fh:
+            with partial_output(args.output, force=args.force) as fh:
                 got, stop = _drain(pieces, fh.write)
                 if not got and args.length:
                     raise VmssdError(f"nothing read at {what}: {stop}")

@@ -14,7 +14,7 @@ from ..cpu.cpujson import FORMAT, VENDORS, register_to_json
 from ..cpu.registers import WIDE_REGISTER_NAMES, RegisterValue, SegmentRegister, TableRegister
 from ..errors import NotFoundError, VmssdError
 from ..interface import SavedState
-from ..provider import open_saved_state
+from .opening import open_state
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -104,7 +104,7 @@ def registers_document(provider: SavedState, selected: list[tuple[int, int]]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_saved_state(args.file, vsv=args.vsv) as provider:
+    with open_state(args, warn=False) as provider:  # no CPU state is the error itself
         if not provider.has_cpu_state():
             raise NotFoundError(f"{provider.paths[0]}: no CPU state in this saved state ({provider.kind})")
         count = provider.vp_count()

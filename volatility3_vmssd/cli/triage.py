@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..triage.engine import EXTRA_HINT, TriageOptions, human_summary, run_triage, usable_cores
+from ..host import usable_cores
+from ..triage.engine import EXTRA_HINT, TriageOptions, human_summary, run_triage
 
 
 def _plugins(text: str) -> list[str]:

@@ -9,6 +9,7 @@ import sys
 from ..dll.binding import is_windows, unavailable_message
 from ..errors import BackendUnavailableError
 from ..verify import DEFAULT_SAMPLES
+from .opening import check_vsv
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_windows():
         raise BackendUnavailableError(unavailable_message())
     from ..verify import verify_files
+
+    check_vsv(args)
 
     report = verify_files(args.file, vsv=args.vsv, dll_path=args.dll, samples=args.samples, seed=args.seed)
     if args.json:

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from itertools import repeat
 
+from ..host import usable_cores
 from . import _xpress_python
 from ._xpress_python import XpressError
 
@@ -96,11 +97,7 @@ def decode_threads() -> int:
     wanted = os.environ.get("VMSSD_DECODE_THREADS", "").strip()
     if wanted.isdigit() and int(wanted) >= 1:
         return int(wanted)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, _MAX_THREADS))
+    return max(1, min(usable_cores(), _MAX_THREADS))
 
 
 def decompress_many(

@@ -34,6 +34,7 @@ from ..cpu.registers import (
 from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
 from ..interface import GpaMemoryChunk, MemoryMapRow, SavedState
 from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE
+from ..outputs import partial_paths
 from . import binding as b
 from .binding import DumpProviderLibrary, is_windows, unavailable_message
 from .discovery import DllInfo, find_dll
@@ -169,14 +170,9 @@ class DllSavedStateProvider(SavedState):
                 pending = log.pending_count if log is not None else 0
         except VmssdError:
             pass
-        tmp = sdst + ".partial"
-        try:
+        with partial_paths(sdst, force=True) as (tmp,):
             shutil.copyfile(ssrc, tmp)
-            lib.call("ApplyPendingSavedStateFileReplayLog", tmp, context=tmp)
-            os.replace(tmp, sdst)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            lib.call("ApplyPendingSavedStateFileReplayLog", tmp, context=sdst)
         return pending
 
     # ------------------------------------------------------------------ lifetime

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ChecksumError, FormatError, VmssdError
+from ..outputs import partial_paths
 from .defs import (
     REPLAY_LOG_ENTRY,
     REPLAY_LOG_ENTRY_CRC_OFFSET,
@@ -265,16 +266,15 @@ def commit(storage: _Opened, dst: str | os.PathLike[str]) -> int:
 
     The copy keeps the entries as stale leftovers and its log header as it was except for the
     pending count (0) and the CRC: what a clean Hyper-V commit leaves behind.  ``dst`` is written
-    through ``dst.partial`` and renamed into place; the source is only read.  Opening is the
-    caller's (``reader.commit_replay_log``), so this module does not import the reader.
+    through a temporary file beside it and renamed into place (``outputs.partial_paths``); the source
+    is only read.  Opening is the caller's (``reader.commit_replay_log``), so this module does not import the reader.
     """
     ssrc, sdst = storage.path, os.fspath(dst)
     if os.path.exists(sdst) and os.path.samefile(ssrc, sdst):
         raise VmssdError(f"refusing to write the committed copy over its input {ssrc}")
     log = storage.replay_log
     overlay = storage.overlay.entries if storage.overlay is not None else []
-    tmp = sdst + ".partial"
-    try:
+    with partial_paths(sdst, force=True) as (tmp,):
         shutil.copyfile(ssrc, tmp)
         with open(tmp, "r+b") as fh:
             for dest, data in overlay:
@@ -283,8 +283,4 @@ def commit(storage: _Opened, dst: str | os.PathLike[str]) -> int:
             if log is not None and log.header is not None:
                 fh.seek(log.offset)
                 fh.write(dataclasses.replace(log.header, pending_count=0).pack())
-        os.replace(tmp, sdst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return len(overlay)

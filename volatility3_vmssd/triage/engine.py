@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from ..errors import VmssdError
+from ..host import usable_cores
 from . import plugins as plugin_sets
 from .classify import Classification, classify
 from .discovery import Discovery, SavedStateFile, discover, shown
@@ -42,7 +43,6 @@ __all__ = [
     "TriageReport",
     "check_scheduler_address",
     "run_triage",
-    "usable_cores",
 ]
 
 EXTRA_HINT = "pip install '.[triage]'"
@@ -110,13 +110,6 @@ class TriageReport:
     def failed(self) -> bool:
         """Exit 1: tasks lost, or files and folders that could not be read."""
         return bool(self.lost or self.problems)
-
-
-def usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _require_dask() -> None:

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..outputs import partial_output
 from .discovery import shown
 from .evidence import iso_time
 from .tasks import pid_alive
@@ -38,7 +39,8 @@ from .tasks import pid_alive
 __all__ = ["MAX_TASK_FILE", "OWN_COLUMNS", "STATUSES", "OutDir", "atomic_write", "task_id", "task_problem"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_STALE_TMP = re.compile(r"^\..+\.(\d+)\.tmp$")
+#: the temporary names of :func:`volatility3_vmssd.outputs.partial_output`: ``NAME.PID.TOKEN.partial``
+_STALE_TMP = re.compile(r"^.+\.(\d+)\.[0-9a-f]{8}\.partial$")
 #: A task file larger than this is not read back (recomputed instead): bounds what a planted file costs.
 MAX_TASK_FILE = 1 << 30
 STATUSES = frozenset({"ok", "failed", "timeout"})
@@ -48,12 +50,10 @@ OWN_COLUMNS = ("vm_name", "vm_id", "file")
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name and a rename (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
+    with partial_output(path, force=True) as fh:
+        fh.write(text.encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def task_id(files: Iterable[str], plugin: str) -> str:
@@ -98,7 +98,7 @@ def task_problem(doc: Any, tid: str, plugin: str) -> str | None:
 
 
 def _remove_stale_tmp(folder: Path) -> None:
-    """Remove ``.<name>.<pid>.tmp`` files of writers (this user's) that are gone."""
+    """Remove ``<name>.<pid>.<token>.partial`` files of writers (this user's) that are gone."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -128,13 +128,8 @@ class OutDir:
         return self.root / "files" / tid
 
     def write(self, path: Path, text: str) -> None:
-        """:func:`atomic_write`, and never a temporary file left behind when it fails (a full disk)."""
-        try:
-            atomic_write(path, text)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                path.with_name(f".{path.name}.{os.getpid()}.tmp").unlink()
-            raise
+        """:func:`atomic_write` (which leaves no temporary file behind when it fails, a full disk included)."""
+        atomic_write(path, text)
 
     def load(self, tid: str, plugin: str) -> dict[str, Any] | None:
         """The finished task's result, or None when it has not finished; a task file that is not a valid

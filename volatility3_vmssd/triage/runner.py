@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lifetime import die_with_parent
+from ..outputs import partial_output
 
 __all__ = ["grid_rows", "resolve_plugin", "run_plugin"]
 
@@ -169,12 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     spec = json.loads(spec_path.read_text())
     result = run_plugin(spec)
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, result_path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written result behind
+    with partial_output(result_path, force=True) as fh:  # a full disk leaves no half-written result behind
+        fh.write(json.dumps(result).encode("utf-8"))
     return 0
 
 

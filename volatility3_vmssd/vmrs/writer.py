@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from ..cpu.chunkwriter import build_partition_state
 from ..cpu.cpustate import PartitionState
 from ..errors import FormatError
+from ..host import usable_cores
 from ..images.memoryimage import MemoryImage
 from ..images.ranges import MemoryRange, subtract_holes
 from ..lifetime import die_with_parent
@@ -28,6 +30,7 @@ from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from ..memory.legacy_bin import write_bin
 from ..memory.ramblock import encode_block
 from ..memory.rammap import RamMemoryBlockRecord, build_layout, layout_ram
+from ..outputs import partial_paths
 from ..storage.writer import HyperVStorageWriter
 
 VMRS_VM_VERSION = 0x0900  # 9.0: the version of the real test.VMRS; > 5.0 selects the /savedstate schema
@@ -83,6 +86,9 @@ def _worker_init(parent: int) -> None:
     KeyboardInterrupt traceback is noise.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGHUP"):  # a handler inherited from the CLI would print a traceback per worker
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     die_with_parent(parent)
 
 
@@ -113,9 +119,9 @@ def encoded_blocks(
                 progress(BLOCK_SIZE)
             yield out
         return
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),)
-    ) as pool:
+    jobs = min(jobs, usable_cores())  # more processes than cores only cost memory and fork time
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         pending: list[concurrent.futures.Future[tuple[int, bytes]]] = []
         for item in inputs:
             pending.append(pool.submit(_encode, item))
@@ -127,6 +133,28 @@ def encoded_blocks(
             yield fut.result()
             if progress:
                 progress(BLOCK_SIZE)
+    except BaseException:  # an error, Ctrl-C, SIGTERM, the consumer gone: not after the whole queue
+        _stop_pool(pool)
+        raise
+    pool.shutdown()
+
+
+def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Cancel every queued block and wait only for the ones being encoded (at most about two per worker).
+
+    Killing the workers instead would be quicker by a block, but a worker killed while it sends a
+    result leaves the pool's reader waiting forever for the rest of the message, and the interpreter
+    joins that reader at exit: the process would hang instead of ending.
+    """
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _refuse_existing(paths: Sequence[str | os.PathLike[str]], overwrite: bool) -> None:
+    """Without ``overwrite`` an existing output is an error before anything is written."""
+    if not overwrite:
+        for p in paths:
+            if os.path.lexists(p):
+                raise FileExistsError(errno.EEXIST, "exists; refusing to overwrite it", os.fspath(p))
 
 
 def write_vmrs(
@@ -151,8 +179,12 @@ def write_vmrs(
     """
     ranges = plan_ranges(image, holes or [])
     records = build_layout([(r.gpa, r.length) for r in ranges])
+    _refuse_existing([path], overwrite)
     blocks = stored = 0
-    with HyperVStorageWriter(path, alignment=alignment, overwrite=overwrite) as w:
+    with (
+        partial_paths(path, force=overwrite) as (tmp,),
+        HyperVStorageWriter(tmp, alignment=alignment, overwrite=True) as w,
+    ):
         w.set("/configuration/properties/version", vm_version)
         w.set("/savedstate/VmVersion", vm_version)
         if saved_state_type is not None:
@@ -192,10 +224,7 @@ def write_bin_vsv(
     """
     ranges = plan_ranges(image, holes or [])
     records = build_layout([(r.gpa, r.length) for r in ranges])
-    if not overwrite:
-        for p in (bin_path, vsv_path):
-            if os.path.exists(p):
-                raise FileExistsError(f"{os.fspath(p)} exists; refusing to overwrite it")
+    _refuse_existing([bin_path, vsv_path], overwrite)
     sizes: list[int] = []
 
     def counted() -> Iterator[tuple[int, bytes]]:
@@ -206,12 +235,13 @@ def write_bin_vsv(
             sizes.append(len(value))
             yield n, value
 
-    write_bin(bin_path, counted(), vm_version=vm_version)
-    with HyperVStorageWriter(vsv_path, overwrite=True) as w:
-        w.set("/configuration/properties/version", vm_version)
-        w.set("/savedVM/partition_state", build_partition_state(state))
-        for i, rec in enumerate(records):
-            w.set(f"/RamMemoryBlock/{i}", rec.build())
+    with partial_paths(bin_path, vsv_path, force=overwrite) as (bin_tmp, vsv_tmp):
+        write_bin(bin_tmp, counted(), vm_version=vm_version)
+        with HyperVStorageWriter(vsv_tmp, overwrite=True) as w:
+            w.set("/configuration/properties/version", vm_version)
+            w.set("/savedVM/partition_state", build_partition_state(state))
+            for i, rec in enumerate(records):
+                w.set(f"/RamMemoryBlock/{i}", rec.build())
     return WriteReport(records, len(sizes), sum(r.length for r in ranges), sum(sizes))
 
 
@@ -232,7 +262,8 @@ def write_fill_vmrs(
     records = build_layout(layout_ram(ram_bytes, holes))
     values = list(blocks) if blocks else [encode_block(bytes(BLOCK_SIZE))]
     count = stored = 0
-    with HyperVStorageWriter(path) as w:
+    _refuse_existing([path], False)
+    with partial_paths(path) as (tmp,), HyperVStorageWriter(tmp, overwrite=True) as w:
         w.set("/configuration/properties/version", vm_version)
         w.set("/savedstate/VmVersion", vm_version)
         w.set("/savedstate/type", "Normal")

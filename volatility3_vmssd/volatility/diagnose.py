@@ -12,6 +12,7 @@ import os
 
 from ..errors import VmssdError
 from ..files import BIN_SIGNATURE, STORAGE_SIGNATURE, read_head, signature_kind
+from ..files import vsv_problem as files_vsv_problem
 from ..provider import open_saved_state
 
 __all__ = ["vsv_problem", "why_not_a_saved_state"]
@@ -47,11 +48,14 @@ def why_not_a_saved_state(path: str | os.PathLike[str]) -> str:
 def vsv_problem(bin_path: str | os.PathLike[str], vsv_path: str | os.PathLike[str]) -> str | None:
     """Why ``vsv_path`` cannot be the ``.vsv`` of the legacy ``bin_path`` (None when it can).
 
-    For a ``.vsv`` named explicitly: a wrong file must be refused, not read as "no CPU state".
+    For a ``.vsv`` named explicitly: a wrong file must be refused, not read as "no CPU state".  The
+    rule is ``files.vsv_problem``, the one ``vmssd --vsv`` applies; opening the pair then checks that
+    its partition_state yields CPU state.
     """
+    problem = files_vsv_problem(bin_path, vsv_path)
+    if problem is not None:
+        return problem
     vsv = os.fspath(vsv_path)
-    if not os.path.isfile(vsv):
-        return f"{vsv} does not exist" if not os.path.exists(vsv) else f"{vsv} is not a file"
     try:
         provider = open_saved_state(bin_path, vsv=vsv)
     except (OSError, VmssdError) as exc:
@@ -59,11 +63,4 @@ def vsv_problem(bin_path: str | os.PathLike[str], vsv_path: str | os.PathLike[st
     with provider:
         if provider.has_cpu_state() and provider.vp_count():
             return None
-        kinds = {f.kind for f in provider.findings() if f.path == vsv}
-    if "unsupported" in kinds or signature_kind(read_head(vsv)) is None:
-        what = f"not a HyperVStorage file (signature {STORAGE_SIGNATURE:#010x})"
-    elif vsv.lower().endswith(".vmcx"):
-        what = "a VM configuration (.vmcx)"
-    else:
-        what = "a HyperVStorage file without CPU state (no partition_state)"
-    return f"{vsv} is not the .vsv of {os.fspath(bin_path)}: it is {what}"
+    return f"{vsv} is not the .vsv of {os.fspath(bin_path)}: its partition_state yields no virtual processor"

@@ -12,14 +12,21 @@ from typing import Any
 from volatility3.framework import constants, interfaces
 from volatility3.framework.configuration import requirements
 
+from ..files import url_to_path
+
 __all__ = ["OPTIONS_PATH", "HyperVSavedStateOptions", "option"]
 
 OPTIONS_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PATH, "HyperVSavedStateOptions")
+LOCATION_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PATH, "LayerStacker", "single_location")
+
+
+class DirectoryGiven(SystemExit):
+    """``vol -f`` named a folder: no plugin can run, so vol ends with this one line (exit status 1)."""
 
 
 class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
     """Holds --hyperv-vsv-location, --hyperv-backend, --hyperv-vtl and --hyperv-cache-blocks for the Hyper-V
-    stackers and layer; does nothing."""
+    stackers and layer; and, running first, stops ``vol -f FOLDER`` with one line."""
 
     priority = 0
     exclusion_list: list[str] = []
@@ -31,6 +38,15 @@ class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
         requirement: interfaces.configuration.RequirementInterface,
         progress_callback: constants.ProgressCallback = None,
     ) -> list[Any] | None:
+        # vol's LayerStacker would open a folder as a file and fail with "Automagic exception occurred:
+        # URLError ... Is a directory" followed by every unmet requirement; nothing can run on a folder.
+        location = context.config.get(LOCATION_PATH, None)
+        local = url_to_path(location) if isinstance(location, str) else None
+        if local is not None and local.is_dir():
+            raise DirectoryGiven(
+                f"vol: error: {local} is a directory, not a memory image: give one file with -f (a .vmrs, or a"
+                f" legacy .bin with its .vsv beside it); 'vmssd triage {local}' finds every saved state in a folder"
+            )
         return None
 
     @classmethod
@@ -55,7 +71,7 @@ class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
             requirements.IntRequirement(
                 name="hyperv_vtl",
                 description="Hyper-V: read registers and CR3 of this virtual trust level on every VP instead of"
-                " the active one",
+                " the one used by default (VTL0 when saved, else the lowest saved)",
                 optional=True,
             ),
             requirements.IntRequirement(

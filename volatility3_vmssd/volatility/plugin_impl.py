@@ -234,7 +234,7 @@ class RegistersPlugin(_SavedStatePlugin):
             [
                 ("VP", int),
                 ("VTL", int),
-                ("Active", bool),
+                ("Used", bool),  # the VTL analysis uses: "(used)" in vmssd registers and info, too
                 ("Register", str),
                 ("Value", format_hints.Hex),
                 ("Details", str),

@@ -24,7 +24,7 @@ from volatility3.framework.configuration import requirements
 from ..files import url_to_path
 from .diagnose import vsv_problem, why_not_a_saved_state
 from .layer import HyperVSavedStateLayer
-from .options import option
+from .options import LOCATION_PATH, option
 
 vollog = logging.getLogger(__name__)
 
@@ -81,9 +81,6 @@ def _unmet(requirement: interfaces.configuration.RequirementInterface, path: str
     shown = copy.copy(requirement)
     shown._description = why  # the description is the text vol prints for an unsatisfied requirement
     return {path: shown}
-
-
-LOCATION_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PATH, "LayerStacker", "single_location")
 
 
 def _explain_location(context: interfaces.context.ContextInterface, location: str | None) -> str:
