@@ -212,7 +212,7 @@ def test_apply_pending_replay_log_writes_only_dst(
     _assert_read_only(log, [src])
     written = {c[0] for c in log.calls if c[2]}
     temporary = {
-        w for w in written if re.fullmatch(re.escape(f"{os.path.realpath(dst)}.") + r"[0-9a-f]{8}\.partial", w)
+        w for w in written if re.fullmatch(re.escape(f"{os.path.realpath(dst)}.") + r"\d+\.[0-9a-f]{8}\.partial", w)
     }
     assert len(temporary) <= 1 and written - temporary <= {os.path.realpath(dst)}, written
     assert _fingerprint([src]) == before
