@@ -22,6 +22,7 @@ ROOT = "volatility3_vmssd"
 RANKS = {
     "errors": 0,
     "outputs": 0,
+    "sources": 0,
     "storage": 1,
     "codecs": 2,
     "memory": 3,

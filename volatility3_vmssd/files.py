@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from .memory.legacy_bin import BIN_SIGNATURE
+from .sources import base_name, folder_of, is_remote, join, list_folder, open_binary
 from .storage.defs import FILE_SIGNATURE
 
 __all__ = [
@@ -48,15 +49,15 @@ def signature_kind(head: bytes) -> str | None:
 def read_head(path: str | os.PathLike[str]) -> bytes:
     """The first bytes of a file (b"" when it cannot be read): enough for :func:`signature_kind`."""
     try:
-        with open(path, "rb") as fh:
+        with open_binary(path) as fh:
             return fh.read(HEAD_SIZE)
     except OSError:
         return b""
 
 
 def sniff(path: str | os.PathLike[str]) -> str | None:
-    """:func:`signature_kind` of a file on disk; OSError (missing, a directory, unreadable) propagates."""
-    with open(path, "rb") as fh:
+    """:func:`signature_kind` of a file (or remote object); OSError (missing, a directory, unreadable) propagates."""
+    with open_binary(path) as fh:
         return signature_kind(fh.read(HEAD_SIZE))
 
 
@@ -67,44 +68,71 @@ def _listing(directory: Path) -> list[str]:
         return []
 
 
-def find_partner(path: str | os.PathLike[str], extensions: Sequence[str]) -> tuple[Path | None, list[Path]]:
+def _pick(name: str, names: Sequence[str], extensions: Sequence[str], is_file: Callable[[str], bool]) -> str | None:
+    """The partner rule, once: same base name as ``name`` with one of ``extensions``; exact first, then any case."""
+    stem = os.path.splitext(name)[0]
+    for fold in (False, True):
+        for ext in extensions:
+            for cand in names:
+                if cand == name:
+                    continue
+                cand_stem, cand_ext = os.path.splitext(cand)
+                if cand_ext.lower() != ext.lower():
+                    continue
+                same = cand_stem.casefold() == stem.casefold() if fold else cand_stem == stem
+                if same and is_file(cand):
+                    return cand
+    return None
+
+
+def find_partner(path: str | os.PathLike[str], extensions: Sequence[str]) -> tuple[Path | str | None, list[Path | str]]:
     """The regular file beside ``path`` with the same base name and one of ``extensions`` (any case).
 
     Returns the partner (an exact base-name match is preferred over a case-insensitive one, earlier
     extensions over later ones) and the paths looked at, for a message that tells the user where the
-    partner has to be.
+    partner has to be.  A URL's partner is found in one listing of its folder (prefix), by the same
+    rule; it is returned as a URL (a local one as a :class:`Path`).
     """
+    if is_remote(path):
+        folder, name = folder_of(path), base_name(path)
+        stem = os.path.splitext(name)[0]
+        listing = list_folder(folder)
+        found = _pick(name, sorted(listing), extensions, lambda n: listing.get(n, False))
+        looked: list[Path | str] = [join(folder, stem + ext) for ext in extensions]
+        return (join(folder, found) if found is not None else None), looked
     path = Path(path)
-    looked = [path.with_suffix(ext) for ext in extensions]
-    names = [n for n in _listing(path.parent) if n != path.name]
-    for fold in (False, True):
-        for ext in extensions:
-            for name in names:
-                cand = Path(name)
-                if cand.suffix.lower() != ext.lower():
-                    continue
-                same = cand.stem.casefold() == path.stem.casefold() if fold else cand.stem == path.stem
-                if same and (path.parent / name).is_file():
-                    return path.parent / name, looked
-    return None, looked
+    local_looked: list[Path | str] = [path.with_suffix(ext) for ext in extensions]
+    hit = _pick(path.name, _listing(path.parent), extensions, lambda n: (path.parent / n).is_file())
+    return (path.parent / hit if hit is not None else None), local_looked
 
 
-def find_vmcx(path: str | os.PathLike[str]) -> Path | None:
-    """The VM configuration (``<GUID>.vmcx``) that belongs to a saved state, if it is on disk.
+def find_vmcx(path: str | os.PathLike[str]) -> Path | str | None:
+    """The VM configuration (``<GUID>.vmcx``) that belongs to a saved state, if it is there.
 
     Hyper-V keeps ``<VM GUID>.vmcx`` beside ``<VM GUID>.vmrs`` in ``Virtual Machines/`` and
     ``<snapshot GUID>.vmcx`` beside the snapshot's ``.vmrs`` in ``Snapshots/``; a copied evidence set
     may have either layout, so the sibling folder of the other name is tried as well.
     """
-    path = Path(path)
     found, _ = find_partner(path, [".vmcx"])
     if found is not None:
         return found
-    parent = path.parent
+    if is_remote(path):
+        parent = folder_of(path)
+        grand = folder_of(parent)
+        for other in ("Virtual Machines", "Snapshots"):
+            for base in (parent, grand):
+                if base_name(base) == other or list_folder(base).get(other, True):
+                    continue  # the folder itself, or no such sub-prefix (a name listed as a file)
+                found, _ = find_partner(join(join(base, other), base_name(path)), [".vmcx"])
+                if found is not None:
+                    return found
+        return None
+    local = Path(path)
+    parent = local.parent
     for other in ("Virtual Machines", "Snapshots"):
         for folder in (parent / other, parent.parent / other):
             if folder != parent and folder.is_dir():
-                found, _ = find_partner(folder / path.name, [".vmcx"])
+                found, _ = find_partner(folder / local.name, [".vmcx"])
                 if found is not None:
                     return found
     return None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import VmssdError
 from .files import find_vmcx
+from .sources import SourceError, is_remote, suffix
 from .storage import HyperVStorage
 from .vmrs.reader import version_text
 
@@ -71,18 +72,20 @@ def read_vm_config(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
                 text = _format(kind, None if key is None else key.value)
                 if text is not None:
                     rows.append((label, text))
+    except SourceError:
+        raise  # a fetch that failed for good ends the command (docs/remote.md), it is not "no settings"
     except (OSError, VmssdError):
         return []
     return rows
 
 
-def find_vm_config(paths: Iterable[str | os.PathLike[str]]) -> tuple[Path | None, list[tuple[str, str]]]:
+def find_vm_config(paths: Iterable[str | os.PathLike[str]]) -> tuple[Path | str | None, list[tuple[str, str]]]:
     """The ``.vmcx`` of a saved state's files (see :func:`~volatility3_vmssd.files.find_vmcx`) and its rows.
 
     A ``.vmcx`` given itself is its own configuration.
     """
     for path in paths:
-        vmcx = Path(path) if Path(path).suffix.lower() == ".vmcx" else find_vmcx(path)
+        vmcx = (Path(path) if not is_remote(path) else path) if suffix(path).lower() == ".vmcx" else find_vmcx(path)
         if vmcx is not None:
             return vmcx, read_vm_config(vmcx)
     return None, []
