@@ -25,6 +25,7 @@ from .storage.defs import FILE_SIGNATURE
 __all__ = [
     "BIN_SIGNATURE",
     "STORAGE_SIGNATURE",
+    "evidence_location",
     "find_partner",
     "find_vmcx",
     "path_to_url",
@@ -157,5 +158,17 @@ def url_to_path(location: str) -> Path | None:
 
 
 def path_to_url(path: str | os.PathLike[str]) -> str:
-    """A ``file:`` URL as Volatility builds them (absolute, percent-encoded)."""
+    """A ``file:`` URL as Volatility builds them (absolute, percent-encoded); a remote URL as it is."""
+    if is_remote(path):
+        return os.fspath(path)
     return Path(os.path.abspath(path)).as_uri()
+
+
+def evidence_location(location: str) -> Path | str | None:
+    """What a Volatility location names for us: a local :class:`Path`, a remote URL we read, or None."""
+    try:
+        if is_remote(location):
+            return location
+    except OSError:
+        return None  # a scheme we do not read
+    return url_to_path(location)

@@ -18,6 +18,7 @@ ever written to the store.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -28,7 +29,7 @@ from typing import Any
 
 from . import ObjectChangedError, RemoteOptions, SourceError, redact
 
-__all__ = ["RemoteFile", "list_remote"]
+__all__ = ["RemoteFile", "RemoteObject", "list_remote", "object_stats"]
 
 log = logging.getLogger("volatility3_vmssd.sources")
 
@@ -51,7 +52,7 @@ def _fsspec() -> Any:
 def _storage_options(protocol: str) -> dict[str, Any]:
     """Per-service options: we retry, so the client's own retry loops are turned down to one attempt."""
     if protocol in ("s3", "s3a"):
-        return {"retries": 1, "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        return {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
     return {}
 
 
@@ -64,6 +65,8 @@ def filesystem(url: str) -> tuple[Any, str]:
     except (ImportError, ValueError) as exc:
         raise SourceError(f"{redact(url)}: cannot read {protocol}:// URLs here ({exc})") from None
     fs = fs_class(**_storage_options(protocol))
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own loop: one attempt (ours retries, with the range in the message)
     path = fs._strip_protocol(url) if protocol not in ("http", "https") else url
     return fs, path
 
@@ -96,6 +99,16 @@ def status_of(exc: BaseException) -> int | None:
     return None
 
 
+def _transient(exc: BaseException, status: int | None) -> bool:
+    """Worth asking again: throttling, a 5xx, a broken or timed-out connection; not a bug or a refusal."""
+    if status is not None:
+        return status == 429 or status >= 500
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    module = type(exc).__module__.split(".", 1)[0]
+    return module in ("aiohttp", "botocore", "aiobotocore", "urllib3", "asyncio") or isinstance(exc, OSError)
+
+
 def _reason(exc: BaseException) -> str:
     """An exception as one short line, with any URL in it redacted."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -122,10 +135,21 @@ def list_remote(folder: str) -> dict[str, bool]:
     return out
 
 
-class RemoteFile:
-    """A seekable, read-only binary file over one remote object (see the module docstring)."""
+@dataclasses.dataclass
+class _Stream:
+    """Where one reader's last read ended, and how long it has been reading forward (for read-ahead)."""
 
-    mode = "rb"
+    last_end: int = -1
+    run: int = 0
+
+
+class RemoteObject:
+    """One remote object: its size and ETag, the fetched ranges (LRU), the fetches in flight, the counters.
+
+    Shared by every :class:`RemoteFile` open on the same URL in this process (Volatility opens the
+    file layer and the saved state separately; both read the same bytes), so nothing is fetched twice
+    while it is cached.
+    """
 
     def __init__(self, url: str, opts: RemoteOptions) -> None:
         self.url = url
@@ -136,6 +160,7 @@ class RemoteFile:
         self.requests = 0
         self.bytes_fetched = 0
         self.retries_done = 0
+        self.users = 0
         info = self._retry(lambda: self.fs.info(self.path), "metadata")
         if info.get("type", "file") != "file":
             raise SourceError(f"{self.name}: not an object (a folder or prefix)")
@@ -146,55 +171,12 @@ class RemoteFile:
         self.etag = info.get("ETag") or info.get("etag")
         self.version = info.get("VersionId") or info.get("version_id")
         self.requests = 1
-        self._pos = 0
         self._closed = False
         self._lock = threading.Lock()
         self._spans: OrderedDict[int, bytes] = OrderedDict()  # start -> bytes, LRU, bounded by opts.cache
         self._cached = 0
         self._pending: dict[int, tuple[int, Future[bytes]]] = {}  # start -> (end, fetch)
         self._pool: ThreadPoolExecutor | None = None
-        self._last_end = -1
-        self._run = 0  # bytes read forward in a row: read-ahead grows with it
-
-    # -- file object ---------------------------------------------------------------------------------
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(0, self.size - self._pos)
-        data = self.pread(self._pos, size)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def fileno(self) -> int:
-        raise OSError(f"{self.name} is remote: it has no file descriptor")
 
     def close(self) -> None:
         self._closed = True
@@ -206,30 +188,21 @@ class RemoteFile:
             self._pending.clear()
             self._cached = 0
 
-    def __enter__(self) -> RemoteFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"RemoteFile({self.name!r}, {self.size} bytes)"
-
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError(f"{self.name}: an open remote object is not sent between processes; send the URL")
 
     # -- positional reads ----------------------------------------------------------------------------
 
-    def pread(self, offset: int, size: int) -> bytes:
+    def pread(self, offset: int, size: int, stream: _Stream) -> bytes:
         """Bytes [offset, offset + size) of the object, short only at its end."""
         if self._closed:
             raise ValueError(f"{self.name}: read of a closed object")
         end = min(offset + max(size, 0), self.size)
         if offset < 0 or end <= offset:
             return b""
-        forward = self._last_end >= 0 and 0 <= offset - self._last_end <= self.opts.min_request
-        self._run = self._run + (end - offset) if forward else 0
-        self._last_end = end
+        forward = stream.last_end >= 0 and 0 <= offset - stream.last_end <= self.opts.min_request
+        stream.run = stream.run + (end - offset) if forward else 0
+        stream.last_end = end
         parts: list[bytes] = []
         pos = offset
         while pos < end:
@@ -241,8 +214,8 @@ class RemoteFile:
                 continue
             parts.append(piece)
             pos += len(piece)
-        if self._run >= 2 * self.opts.min_request and self.opts.readahead:
-            self._read_ahead(end)
+        if stream.run >= 2 * self.opts.min_request and self.opts.readahead:
+            self._read_ahead(end, stream.run)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _cached_at(self, pos: int, end: int) -> bytes | None:
@@ -273,8 +246,8 @@ class RemoteFile:
                 pos = e
         return pos
 
-    def _read_ahead(self, end: int) -> None:
-        window = min(self.opts.readahead, max(self.opts.part_size, self._run))
+    def _read_ahead(self, end: int, run: int) -> None:
+        window = min(self.opts.readahead, max(self.opts.part_size, run))
         ahead = self._covered_until(end)
         limit = min(self.size, end + window)
         if ahead < limit and ahead - end < window // 2 + self.opts.part_size:
@@ -376,7 +349,7 @@ class RemoteFile:
                         f"{self.name}: {what}: the object changed while it was read (ETag {self.etag or '?'} no"
                         " longer matches); refusing to mix two versions"
                     ) from None
-                if status in _PERMANENT or attempt + 1 == attempts:
+                if status in _PERMANENT or not _transient(exc, status) or attempt + 1 == attempts:
                     tried = f" after {attempts} attempts" if attempt else ""
                     code = f"HTTP {status}: " if status else ""
                     raise SourceError(f"{self.name}: {what}: could not be read{tried} ({code}{_reason(exc)})") from None
@@ -393,3 +366,120 @@ class RemoteFile:
                 )
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: open objects by (URL, options); a closed one stays while it is among the last few used
+_OBJECTS: OrderedDict[tuple[str, RemoteOptions], RemoteObject] = OrderedDict()
+_OBJECTS_LOCK = threading.Lock()
+_IDLE_KEPT = 2
+
+
+def _acquire(url: str, opts: RemoteOptions) -> RemoteObject:
+    key = (url, opts)
+    with _OBJECTS_LOCK:
+        obj = _OBJECTS.get(key)
+        if obj is not None and not obj._closed:
+            obj.users += 1
+            _OBJECTS.move_to_end(key)
+            return obj
+    obj = RemoteObject(url, opts)
+    with _OBJECTS_LOCK:
+        obj.users += 1
+        _OBJECTS[key] = obj
+        _OBJECTS.move_to_end(key)
+    return obj
+
+
+def _release(obj: RemoteObject) -> None:
+    """One user fewer; idle objects beyond the last few are closed (their cache freed)."""
+    with _OBJECTS_LOCK:
+        obj.users -= 1
+        idle = [k for k, o in _OBJECTS.items() if o.users <= 0]
+        doomed = [_OBJECTS.pop(k) for k in idle[: max(0, len(idle) - _IDLE_KEPT)]]
+    for old in doomed:
+        old.close()
+
+
+def object_stats() -> dict[str, tuple[int, int, int]]:
+    """(requests, bytes fetched, retries) per redacted URL opened in this process (benchmarks, -vv)."""
+    with _OBJECTS_LOCK:
+        return {o.name: (o.requests, o.bytes_fetched, o.retries_done) for o in _OBJECTS.values()}
+
+
+class RemoteFile:
+    """A seekable, read-only binary file over one remote object (see the module docstring)."""
+
+    mode = "rb"
+
+    def __init__(self, url: str, opts: RemoteOptions) -> None:
+        self._obj = _acquire(url, opts)
+        self.name = self._obj.name
+        self.size = self._obj.size
+        self._stream = _Stream()
+        self._pos = 0
+        self._closed = False
+
+    @property
+    def remote(self) -> RemoteObject:
+        return self._obj
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset + size), short only at the end of the object."""
+        if self._closed:
+            raise ValueError(f"{self.name}: read of a closed file")
+        return self._obj.pread(offset, size, self._stream)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, self.size - self._pos)
+        data = self.pread(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def fileno(self) -> int:
+        raise OSError(f"{self.name} is remote: it has no file descriptor")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _release(self._obj)
+
+    def __enter__(self) -> RemoteFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteFile({self.name!r}, {self.size} bytes)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(f"{self.name}: an open remote object is not sent between processes; send the URL")

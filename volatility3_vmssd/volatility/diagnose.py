@@ -13,6 +13,7 @@ import os
 from ..errors import VmssdError
 from ..files import BIN_SIGNATURE, STORAGE_SIGNATURE, read_head, signature_kind
 from ..provider import open_saved_state
+from ..sources import is_file, is_remote
 
 __all__ = ["vsv_problem", "why_not_a_saved_state"]
 
@@ -50,8 +51,9 @@ def vsv_problem(bin_path: str | os.PathLike[str], vsv_path: str | os.PathLike[st
     For a ``.vsv`` named explicitly: a wrong file must be refused, not read as "no CPU state".
     """
     vsv = os.fspath(vsv_path)
-    if not os.path.isfile(vsv):
-        return f"{vsv} does not exist" if not os.path.exists(vsv) else f"{vsv} is not a file"
+    if not is_file(vsv):
+        exists = is_remote(vsv) or os.path.exists(vsv)
+        return f"{vsv} is not a file (or does not exist)" if exists else f"{vsv} does not exist"
     try:
         provider = open_saved_state(bin_path, vsv=vsv)
     except (OSError, VmssdError) as exc:
