@@ -20,7 +20,7 @@ import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -79,19 +79,22 @@ class Proxy:
                     return
                 if isinstance(action, int):
                     payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    proxy._record(Request(self.command, parts.path, parts.query, rng, action, 0, headers_text))
                     self.send_response(action)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(payload)
-                    proxy._record(Request(self.command, parts.path, parts.query, rng, action, 0, headers_text))
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 fwd = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
                 conn.request(self.command, self.path, body=body or None, headers=fwd)
                 resp = conn.getresponse()
                 data = resp.read()
+                sent = len(data) if self.command != "HEAD" else 0
+                # logged before the answer goes out, so a client that has its bytes finds them in the log
+                proxy._record(Request(self.command, parts.path, parts.query, rng, resp.status, sent, headers_text))
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "transfer-encoding", "content-length", "keep-alive", "date"):
@@ -103,8 +106,6 @@ class Proxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
-                sent = len(data) if self.command != "HEAD" else 0
-                proxy._record(Request(self.command, parts.path, parts.query, rng, resp.status, sent, headers_text))
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _handle
 
@@ -252,10 +253,8 @@ class S3:
 
     def upload(self, bucket: str, key: str, path: Path) -> str:
         """Put a file (straight into moto, not through the proxy); returns its s3:// URL."""
-        try:
+        with suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
             self.client.create_bucket(Bucket=bucket)
-        except self.client.exceptions.BucketAlreadyOwnedByYou:
-            pass
         self.client.upload_file(str(path), bucket, key)
         return f"s3://{bucket}/{key}"
 

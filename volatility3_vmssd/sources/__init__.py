@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import sys
 import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import BinaryIO
@@ -27,6 +28,7 @@ __all__ = [
     "base_name",
     "configure",
     "folder_of",
+    "forget",
     "is_file",
     "is_remote",
     "join",
@@ -276,6 +278,14 @@ def list_folder(folder: str | os.PathLike[str]) -> dict[str, bool]:
             while len(_LISTINGS) > _LISTINGS_KEPT:
                 _LISTINGS.pop(next(iter(_LISTINGS)))
     return dict(hit)
+
+
+def forget() -> None:
+    """Forget remote listings and idle objects (a long-lived process between jobs; tests between stores)."""
+    with _LISTINGS_LOCK:
+        _LISTINGS.clear()
+    if "volatility3_vmssd.sources.remote" in sys.modules:
+        sys.modules["volatility3_vmssd.sources.remote"].forget()
 
 
 def is_file(location: str | os.PathLike[str]) -> bool:

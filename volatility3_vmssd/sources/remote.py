@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -52,7 +54,11 @@ def _fsspec() -> Any:
 def _storage_options(protocol: str) -> dict[str, Any]:
     """Per-service options: we retry, so the client's own retry loops are turned down to one attempt."""
     if protocol in ("s3", "s3a"):
-        return {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:  # botocore reads it too; named here so that a client made for another endpoint is not reused
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
     return {}
 
 
@@ -99,6 +105,9 @@ def status_of(exc: BaseException) -> int | None:
     return None
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>)]*")
+
+
 def _transient(exc: BaseException, status: int | None) -> bool:
     """Worth asking again: throttling, a 5xx, a broken or timed-out connection; not a bug or a refusal."""
     if status is not None:
@@ -112,8 +121,7 @@ def _transient(exc: BaseException, status: int | None) -> bool:
 def _reason(exc: BaseException) -> str:
     """An exception as one short line, with any URL in it redacted."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    words = [redact(w) if "://" in w else w for w in text.split(" ")]
-    return " ".join(words)[:200]
+    return _URL.sub(lambda m: redact(m.group(0)), text)[:200]
 
 
 def list_remote(folder: str) -> dict[str, bool]:
@@ -247,11 +255,15 @@ class RemoteObject:
         return pos
 
     def _read_ahead(self, end: int, run: int) -> None:
+        """Keep a window (growing with the forward run, at most ``readahead``) fetched or in flight past ``end``.
+
+        A new window is asked for only when less than half of one is left, so requests stay large.
+        """
         window = min(self.opts.readahead, max(self.opts.part_size, run))
         ahead = self._covered_until(end)
-        limit = min(self.size, end + window)
-        if ahead < limit and ahead - end < window // 2 + self.opts.part_size:
-            self._schedule(ahead, limit, background=True)
+        if ahead >= self.size or ahead - end >= window // 2:
+            return
+        self._schedule(ahead, min(self.size, ahead + window), background=True)
 
     def _schedule(self, start: int, end: int, *, background: bool) -> None:
         """Fetch [start, end) in parts; wait for them unless ``background``."""
@@ -483,3 +495,12 @@ class RemoteFile:
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError(f"{self.name}: an open remote object is not sent between processes; send the URL")
+
+
+def forget() -> None:
+    """Drop the objects no reader holds (their caches) so the next open asks the store again."""
+    with _OBJECTS_LOCK:
+        idle = [k for k, o in _OBJECTS.items() if o.users <= 0]
+        doomed = [_OBJECTS.pop(k) for k in idle]
+    for old in doomed:
+        old.close()
