@@ -1,4 +1,4 @@
-"""Shared fixtures: where ../shared lives, and clean skips when it does not."""
+"""Shared fixtures: where ../shared lives, and clean skips when it does not; the slow tier's rule."""
 
 from __future__ import annotations
 
@@ -6,6 +6,17 @@ from pathlib import Path
 
 import pytest
 from shared_data import BIOS_ROM, LINUX_GUEST, REAL, REPO, SHARED, need  # noqa: F401
+
+#: Fixtures that decompress and re-encode the real 268 MB Linux guest (seconds each, minutes with vol runs):
+#: every test that uses one belongs to the slow tier (``pytest -m slow``), whatever it checks.
+REAL_GUEST_FIXTURES = frozenset({"guest_elf", "guest_vmrs", "linux_guest", "linux_vol"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_GUEST_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

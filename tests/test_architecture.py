@@ -29,6 +29,7 @@ RANKS = {
     "cpu": 4,
     "images": 5,
     "vmrs": 6,
+    "summary": 7,
     "interface": 7,
     "files": 7,
     "native": 7,

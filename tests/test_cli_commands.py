@@ -478,6 +478,7 @@ def test_convert_refuses_inputs_and_existing_outputs(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ apply-log
+@pytest.mark.slow
 def test_apply_log_commits_a_copy(tmp_path: Path) -> None:
     vm = tmp_path / "journal.vmrs"
     shutil.copy(SAMPLE, vm)
@@ -561,6 +562,7 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert r.returncode == 2 and r.stdout == "" and "error" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_every_command_has_help_with_examples() -> None:
     top = vmssd("--help")
     assert top.returncode == 0

@@ -32,6 +32,7 @@ def seed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_short_fuzz(target: str, seed_dir: Path, tmp_path: Path) -> None:
     seconds = TOTAL_SECONDS * WEIGHTS[target] / sum(WEIGHTS.values())
@@ -99,6 +100,7 @@ def test_watchdog_records_each_inputs_own_peak_rss(tmp_path: Path) -> None:
     assert driver_peak_rss_mb() < big - 100
 
 
+@pytest.mark.slow
 def test_resource_attack_inputs_open_or_fail_documented(capsys: pytest.CaptureFixture[str]) -> None:
     """The issue's resource attacks at 2 % scale: time and RSS printed (not asserted), outcomes checked."""
     cmd = [sys.executable, "-m", "tests.fuzz.resource", "--scale", "0.02", "--json", "/dev/stdout"]

@@ -308,6 +308,7 @@ def test_negative_address_is_unmapped() -> None:
         make().read_gpa(-8, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [[8, 64, 4096, 70000], [8, 4096, 2 * MiB + 100, 5 * MiB]], ids=["small", "mixed"])
 def test_parallel_readers_see_consistent_data(sizes: list[int]) -> None:
     """Small reads (the LRU) and, in "mixed", scans (batches on decode threads, the ring) at once."""

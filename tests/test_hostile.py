@@ -16,7 +16,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,23 +99,41 @@ def write(tmp_path: Path, data: bytes | bytearray, name: str = "hostile.vmrs") -
     return path
 
 
-@contextmanager
-def bounded(seconds: float, megabytes: float | None = None) -> Iterator[None]:
-    """Fail if the block takes longer, or allocates more (tracemalloc peak, when ``megabytes`` is set).
+class CallCounter:
+    """Python function calls made inside a block: a measure of work that does not depend on the machine's load.
 
-    Limits are 5-10x what the fixed code needs on a loaded machine; the unfixed code needed 10-1000x.
+    A quadratic walk over ``n`` items shows up as ``n**2`` calls however fast the machine is, so the
+    hostile-input tests bound this count (and allocations) instead of seconds.
     """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _count(self, frame: object, event: str, arg: object) -> None:
+        if event == "call":
+            self.calls += 1
+
+
+@contextmanager
+def bounded(calls: int, megabytes: float | None = None) -> Iterator[CallCounter]:
+    """Fail if the block makes more than ``calls`` Python calls, or allocates more than ``megabytes`` at peak.
+
+    Limits are about 5x what the fixed code needs; the unfixed code needed 10-1000x.
+    """
+    counter = CallCounter()
     if megabytes is not None:
         tracemalloc.start()
-    start = time.perf_counter()
+    previous = sys.getprofile()
+    sys.setprofile(counter._count)
     try:
-        yield
+        yield counter
     finally:
-        elapsed = time.perf_counter() - start
+        sys.setprofile(previous)
         peak = tracemalloc.get_traced_memory()[1] / (1 << 20) if megabytes is not None else 0.0
         if megabytes is not None:
             tracemalloc.stop()
-    assert elapsed < seconds, f"took {elapsed:.2f} s (limit {seconds} s)"
+    print(f"{counter.calls:,} calls, {peak:.1f} MiB at peak")
+    assert counter.calls <= calls, f"made {counter.calls:,} Python calls (limit {calls:,})"
     assert megabytes is None or peak < megabytes, f"allocated {peak:.1f} MiB at peak (limit {megabytes} MiB)"
 
 
@@ -128,7 +145,7 @@ def test_journal_destination_past_eof_is_not_applied(tmp_path: Path) -> None:
     buf = base(tmp_path)
     put_journal(buf, [(1 << 40, b"\x01" * 16)])
     struct.pack_into("<I", buf, ROOT + 4, 0xFFFFFFFF)
-    with bounded(2, 20), HyperVStorage.open(write(tmp_path, buf)) as s:
+    with bounded(5_000, 20), HyperVStorage.open(write(tmp_path, buf)) as s:
         assert s.virtual_size == s.file_size
         assert any(f.kind == "journal" and "beyond the end of the file" in f.message for f in s.findings)
         assert s.get("/configuration/version").value == 2304
@@ -143,7 +160,7 @@ def test_journal_entries_sharing_one_data_area_are_bounded(tmp_path: Path) -> No
     entry = replay_log_entry(ROOT, len(data), LOG_HEADER, data)
     buf[LOG + LOG_HEADER : LOG + LOG_HEADER + len(data)] = data
     buf[LOG : LOG + 34 + 145 * 28] = replay_log_header(145, 145) + entry * 145
-    with bounded(2, 8), HyperVStorage.open(write(tmp_path, buf)) as s:
+    with bounded(5_000, 8), HyperVStorage.open(write(tmp_path, buf)) as s:
         assert s.replay_log is not None and s.replay_log.applied_count == 1
         # 144 refused, reported as the first KEEP_PER_KIND verbatim and one count (aggregated findings)
         assert s.findings.tally("journal", "journal-entry") == 144
@@ -177,7 +194,7 @@ def test_many_tiny_journal_entries_do_not_slow_every_read(tmp_path: Path) -> Non
     table = b"".join(replay_log_entry(dst, 1, 0x40000 + i, data) for i, (dst, data) in enumerate(entries))
     buf[LOG : LOG + 34 + len(table)] = replay_log_header(len(entries), len(entries)) + table
     buf[LOG + 0x40000 : LOG + 0x40000 + len(entries)] = bytes(d[0] for _, d in entries)
-    with bounded(3), HyperVStorage.open(write(tmp_path, fix_crcs(bytes(buf)))) as s:
+    with bounded(200_000), HyperVStorage.open(write(tmp_path, fix_crcs(bytes(buf)))) as s:
         assert s.replay_log is not None and s.replay_log.applied_count == n
         assert s.read_at(0x1100, n) == bytes(i & 0xFF for i in range(n))
         for _ in range(3000):
@@ -191,7 +208,7 @@ def test_root_object_table_count_is_capped(tmp_path: Path) -> None:
     # one 64 KiB alignment unit (3,640 slots; real files use one page, 227).
     buf = base(tmp_path) + bytes(1 << 20)
     struct.pack_into("<I", buf, ROOT + 4, 0xFFFFFFFF)
-    with bounded(3, 30), HyperVStorage.open(write(tmp_path, buf)) as s:
+    with bounded(5_000, 30), HyperVStorage.open(write(tmp_path, buf)) as s:
         assert any("only 3640 fit" in f.message for f in s.findings)
         assert len(s.findings) < 4000
 
@@ -206,7 +223,7 @@ def test_overlapping_object_tables_are_read_once(tmp_path: Path) -> None:
         off = region + step * j
         struct.pack_into("<II", buf, off, OBJECT_TABLE_SIGNATURE, (len(buf) - off - 8) // 18)
         add_object(buf, 1, off, 0)
-    with bounded(2, 20), HyperVStorage.open(write(tmp_path, buf)) as s:
+    with bounded(10_000, 20), HyperVStorage.open(write(tmp_path, buf)) as s:
         assert s.findings.tally("object-table", "table") >= n - 1  # the overlaps, and chain loops
         assert sum("overlaps an earlier object table" in f.message for f in s.findings) == KEEP_PER_KIND
         assert len(s.objects) < 1000 and len(s.findings) < 100
@@ -240,7 +257,7 @@ def test_overlapping_key_tables_are_parsed_once(tmp_path: Path) -> None:
         struct.pack_into("<I", body, at + 2, esize)
     buf += body
     add_chained_table(buf, [(2, region + j * esize, len(body) - j * esize) for j in range(n)])
-    with bounded(4), HyperVStorage.open(write(tmp_path, fix_crcs(bytes(buf)))) as s:
+    with bounded(3_000_000), HyperVStorage.open(write(tmp_path, fix_crcs(bytes(buf)))) as s:
         assert s.findings.tally("key-table", "table") == n - 1
         assert sum("overlaps an earlier key table" in f.message for f in s.findings) == KEEP_PER_KIND
         assert [t.entries for t in s.key_tables][1:] == [n]
@@ -263,7 +280,7 @@ def test_long_parent_chain_into_a_cycle_is_linear(tmp_path: Path) -> None:
     KEY_ENTRY_HEADER.pack_into(table, end, KeyType.FREE, 0, size - end, 0, 0, 0, 0, 0)
     add_object(buf, 2, len(buf), size)
     buf += table
-    with bounded(4), HyperVStorage.open(write(tmp_path, fix_crcs(bytes(buf)))) as s:
+    with bounded(400_000), HyperVStorage.open(write(tmp_path, fix_crcs(bytes(buf)))) as s:
         assert any(f.kind == "orphan" and f"{n} key(s)" in f.message for f in s.findings)
         assert s.get("/a/b").value == 1
 

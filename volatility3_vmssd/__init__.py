@@ -1,10 +1,12 @@
 """Hyper-V saved states (.vmrs, legacy .bin + .vsv) read natively, for Volatility 3 and the command line.
 
-Layers, from the bottom up: :mod:`.storage` (the HyperVStorage key-value container),
-:mod:`.codecs` (XPRESS), :mod:`.savedstate` (RAM map, page records, CPU state, legacy .bin), then
-the provider layer: :mod:`.interface` (what every backend offers), :mod:`.native` and :mod:`.dll`
-(the two backends), :mod:`.files` (recognising files, finding partners) and :mod:`.provider`
-(:func:`open_saved_state`).  Above it: the Volatility glue, the CLI, the exporters and triage.
+Layers, from the bottom up: :mod:`.errors` and :mod:`.outputs`; :mod:`.storage` (the HyperVStorage
+key-value container); :mod:`.codecs` (XPRESS); :mod:`.memory` (RAM map, RamBlocks, page records, guest
+memory, legacy .bin); :mod:`.cpu` (partition_state, registers, paging, translation); :mod:`.images` (raw,
+LiME, ELF readers and writers); :mod:`.vmrs` (the saved state assembled from and into a container); then
+the provider layer: :mod:`.interface` (what every backend offers), :mod:`.summary` (what info shows),
+:mod:`.native` and :mod:`.dll` (the two backends), :mod:`.files` (recognising files, finding partners) and
+:mod:`.provider` (:func:`open_saved_state`).  Above it: the Volatility glue, the CLI, verify and triage.
 Nothing below the Volatility glue imports Volatility; nothing imports upward.
 """
 
@@ -28,13 +30,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from volatility3_vmssd.interface import SavedState, Summary
+    from volatility3_vmssd.interface import SavedState
     from volatility3_vmssd.native import SavedStateProvider
     from volatility3_vmssd.provider import open_saved_state
+    from volatility3_vmssd.summary import Summary
 
 _LAZY = {
     "SavedState": "interface",
-    "Summary": "interface",
+    "Summary": "summary",
     "SavedStateProvider": "native",
     "open_saved_state": "provider",
 }

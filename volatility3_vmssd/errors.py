@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 
 class VmssdError(Exception):
@@ -103,18 +102,19 @@ class _Tally:
         self.last: int | None = None
 
 
-class Findings(list[Finding]):
+class Findings:
     """The findings of one file: strict mode enforced in one place, repeats aggregated.
 
     The first :data:`KEEP_PER_KIND` findings of each (path, kind, group) are kept as they are;
     later ones only increment a counter shown by one summary finding in their place.  ``group``
     names a problem that can repeat once per entry ("object-entry-crc"); call sites that report
     once per structure leave it out and share the default group of their kind.  The summary text
-    is brought up to date whenever the list is read, so adding stays cheap in hot loops.
+    is brought up to date by every read (iteration, indexing, length), so adding stays cheap in hot
+    loops; the list itself is private, so no read can skip that.
     """
 
     def __init__(self, strict: bool = False, *, keep: int = KEEP_PER_KIND) -> None:
-        super().__init__()
+        self._items: list[Finding] = []
         self.strict = strict
         self.keep = keep
         self._tallies: dict[tuple[str, str, str | None], _Tally] = {}
@@ -157,12 +157,12 @@ class Findings(list[Finding]):
             tally = self._tallies[key] = _Tally()
         tally.count += 1
         if tally.count <= self.keep:
-            super().append(Finding(spath, offset, kind, message))
+            self._items.append(Finding(spath, offset, kind, message))
             return
         if tally.index < 0:
-            tally.index = len(self)
+            tally.index = len(self._items)
             tally.first = offset
-            super().append(Finding(spath, offset, kind, ""))
+            self._items.append(Finding(spath, offset, kind, ""))
         if offset is not None:
             tally.last = offset
             if tally.first is None:
@@ -195,53 +195,48 @@ class Findings(list[Finding]):
         tally.last = offsets[-1]
         self._stale = True
 
-    def _refresh(self) -> None:
-        self._stale = False
-        for (path, kind, _group), t in self._tallies.items():
-            if t.index < 0:
-                continue
-            n = t.count - self.keep
-            span = ""
-            if t.first is not None and t.last is not None and t.last != t.first:
-                span = f", offsets {t.first:#x} to {t.last:#x}"
-            message = f"{n} more {kind!r} finding(s) like those above, counted but not listed{span}"
-            list.__setitem__(self, t.index, Finding(path, t.first, kind, message, suppressed=n))
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def _current(self) -> list[Finding]:
+        """The kept findings, summaries brought up to date."""
         if self._stale:
-            self._refresh()
-        return super().__iter__()
+            self._stale = False
+            for (path, kind, _group), t in self._tallies.items():
+                if t.index < 0:
+                    continue
+                n = t.count - self.keep
+                span = ""
+                if t.first is not None and t.last is not None and t.last != t.first:
+                    span = f", offsets {t.first:#x} to {t.last:#x}"
+                message = f"{n} more {kind!r} finding(s) like those above, counted but not listed{span}"
+                self._items[t.index] = Finding(path, t.first, kind, message, suppressed=n)
+        return self._items
+
+    def __iter__(self) -> Iterator[Finding]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> Finding:
+        return self._current()[index]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another collection of the same findings in the same order (a list, or Findings)."""
+        if isinstance(other, Findings | list | tuple):
+            return self._current() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
-        if self._stale:
-            self._refresh()
-        return super().__repr__()
-
-    def __getitem__(self, item):  # type: ignore[no-untyped-def]
-        if self._stale:
-            self._refresh()
-        return super().__getitem__(item)
+        return f"Findings({self._current()!r})"
 
 
-_SUMMARY_TEXT = re.compile(r"^\[([^\]]*)\].*?: (\d+) more '[^']*' finding\(s\) like those above")
-
-
-def _kind_and_extra(f: Finding | str) -> tuple[str, int]:
-    """(kind, suppressed) of a finding or of its ``str()`` (what a Summary carries)."""
-    if isinstance(f, Finding):
-        return f.kind, f.suppressed
-    m = _SUMMARY_TEXT.match(f)
-    if m:
-        return m[1], int(m[2])
-    return (f[1 : f.index("]")] if f.startswith("[") and "]" in f else ""), 0
-
-
-def count_findings(findings: Iterable[Finding | str]) -> int:
+def count_findings(findings: Iterable[Finding]) -> int:
     """How many findings there were, those counted in summaries included."""
-    return sum(extra or 1 for _kind, extra in map(_kind_and_extra, findings))
+    return sum(f.suppressed or 1 for f in findings)
 
 
-def summarize(findings: Iterable[Finding | str], per_kind: int = 3) -> list[str]:
+def summarize(findings: Iterable[Finding], per_kind: int = 3) -> list[str]:
     """Lines for a terminal: the first ``per_kind`` findings of each kind, then one count per kind.
 
     ``vmssd info`` and ``hyperv.info`` print this; ``vmssd info --findings-json`` gives every finding kept.
@@ -250,7 +245,7 @@ def summarize(findings: Iterable[Finding | str], per_kind: int = 3) -> list[str]
     hidden: dict[str, int] = {}
     lines: list[str] = []
     for f in findings:
-        kind, extra = _kind_and_extra(f)
+        kind, extra = f.kind, f.suppressed
         if shown.get(kind, 0) < per_kind and not extra:
             shown[kind] = shown.get(kind, 0) + 1
             lines.append(str(f))

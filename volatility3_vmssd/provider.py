@@ -16,20 +16,12 @@ import os
 
 from .errors import BackendUnavailableError, FormatError
 from .files import BIN_SIGNATURE, STORAGE_SIGNATURE, find_partner, sniff
-from .interface import GpaMemoryChunk, SavedState, Summary
+from .interface import SavedState
 from .memory.guestmemory import DEFAULT_CACHE_LIMIT
 from .native import SavedStateProvider
 from .sources import redact, suffix
 
-__all__ = [
-    "BACKENDS",
-    "GpaMemoryChunk",
-    "SavedState",
-    "SavedStateProvider",
-    "Summary",
-    "apply_pending_replay_log",
-    "open_saved_state",
-]
+__all__ = ["BACKENDS", "apply_pending_replay_log", "open_saved_state"]
 
 BACKENDS = ("native", "dll", "auto")
 

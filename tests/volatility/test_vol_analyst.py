@@ -100,6 +100,7 @@ def test_hyperv_plugins_run_only_the_hyperv_stackers(states, cache: Path) -> Non
     assert {"HyperVSavedStateStacker", "WindowsIntelStacker", "LinuxIntelStacker"} <= tried, tried
 
 
+@pytest.mark.slow
 def test_a_cut_copy_is_reported_once_at_normal_verbosity(tmp_path: Path, cache: Path) -> None:
     import random
 
@@ -122,6 +123,7 @@ def test_a_cut_copy_is_reported_once_at_normal_verbosity(tmp_path: Path, cache: 
     assert proc.returncode == 0 and "truncated" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_vsv_location_that_is_wrong_is_refused_in_one_line(states, cache: Path, tmp_path: Path) -> None:
     pair_bin = states["alone"].parent / "pair" / "p.bin"
     vmcx = tmp_path / "vm.vmcx"

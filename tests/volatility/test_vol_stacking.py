@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -251,24 +250,33 @@ def test_foreign_files_are_left_alone_quickly(tmp_path: Path, monkeypatch: pytes
     for kind, path in foreign_files(tmp_path).items():
         ctx, base = file_context(path)
         reads.clear()
-        start = time.perf_counter()
         assert HyperVSavedStateStacker.stack(ctx, base) is None, kind
-        assert time.perf_counter() - start < 0.5, kind
         assert all(length <= 8 for _, length in reads), (kind, reads)
         assert len(reads) <= 1, (kind, reads)
 
 
 @pytest.mark.parametrize("name", ["test.vmcx", "test.VMRS"])
-def test_real_containers_without_saved_memory_are_not_stacked(tmp_path: Path, name: str) -> None:
+def test_real_containers_without_saved_memory_are_not_stacked(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A VM's configuration and the runtime state of a running VM are HyperVStorage files without RAM."""
     source = need(REAL / name)  # from fox-it/dissect.hypervisor's test data (AGPL-3.0; test data only)
     path = tmp_path / name
     shutil.copyfile(source, path)
     ctx, base = file_context(path)
-    start = time.perf_counter()
+    reads: list[int] = []
+    pread = os.pread
+
+    def counting_pread(fd: int, size: int, offset: int) -> bytes:
+        reads.append(size)
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
     assert HyperVSavedStateStacker.stack(ctx, base) is None
-    assert time.perf_counter() - start < 1.0
     assert list(ctx.layers) == ["base"]
+    # Only the container's metadata is looked at (header copies, object and key tables), in a few reads.
+    print(f"{len(reads)} reads, {sum(reads):,} bytes of {path.stat().st_size:,}")
+    assert len(reads) <= 64, reads
 
 
 def test_stacks_on_file_layers_only(tmp_path: Path, guest: bytearray, state: dict) -> None:
@@ -291,9 +299,7 @@ def write_large_vmrs(path: Path, ram: int, state: dict) -> None:
 def test_large_vmrs_stacks_and_summarises_without_decoding(tmp_path: Path, state: dict) -> None:
     path = tmp_path / "large.vmrs"
     write_large_vmrs(path, 16 << 30, state)
-    start = time.perf_counter()
     layer = our_layer(path)
-    elapsed = time.perf_counter() - start
     assert layer is not None
     memory = layer.provider.memory
     assert memory.blocks_decoded == 0 and memory.blocks_indexed == 0
@@ -303,7 +309,6 @@ def test_large_vmrs_stacks_and_summarises_without_decoding(tmp_path: Path, state
     assert layer.is_valid(0xBFFFF000) and not layer.is_valid(0xC0000000)
     assert len(list(layer.mapping(0, layer.maximum_address + 1, ignore_errors=True))) == 2
     assert memory.blocks_decoded == 0 and memory.blocks_indexed == 0
-    assert elapsed < 10, f"stacking a 16 GiB saved state took {elapsed:.1f} s"
     assert layer.read(0x400000000, 16) == bytes(16)  # reading works (and decodes one block)
 
 

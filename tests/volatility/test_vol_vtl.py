@@ -44,6 +44,7 @@ def _rows(info: list[dict]) -> dict[str, str]:
     return {row["Variable"]: row["Value"] for row in info}
 
 
+@pytest.mark.slow
 def test_vbs_guest_is_analysed_through_vtl0(vbs_vmrs: Path, tmp_path: Path) -> None:
     info = _rows(_json(["-f", str(vbs_vmrs), "hyperv.info"], tmp_path))
     assert info["VTLs"] == "VTL0 (used), VTL1 on every VP"
@@ -59,6 +60,7 @@ def test_vbs_guest_is_analysed_through_vtl0(vbs_vmrs: Path, tmp_path: Path) -> N
     assert [(r["VP"], r["VTL"]) for r in rows][:2] == [(0, 0), (1, 0)]  # every VP's VTL0 first
 
 
+@pytest.mark.slow
 def test_forced_vtl1_is_tried_and_refused_with_the_reason(vbs_vmrs: Path, tmp_path: Path) -> None:
     info = _rows(_json(["-f", str(vbs_vmrs), "--hyperv-vtl", "1", "hyperv.info"], tmp_path))
     assert info["VTLs"] == "VTL0, VTL1 (used, forced) on every VP"

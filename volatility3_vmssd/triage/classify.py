@@ -149,6 +149,6 @@ def _from_provider(f: SavedStateFile, provider: Any) -> Classification:
         ram_bytes=summary.ram_bytes,
         guest_os=summary.guest_os,
         os_family=_os_family(info),
-        findings=list(summary.findings),
+        findings=[str(f) for f in summary.findings],
         note=note,
     )

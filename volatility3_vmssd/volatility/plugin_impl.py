@@ -19,8 +19,8 @@ from volatility3.framework.renderers import format_hints
 from ..cpu.cpumode import architecture, paging_mode
 from ..cpu.registers import SegmentRegister, TableRegister
 from ..errors import VmssdError
-from ..interface import SUMMARY_LABELS
 from ..memory.rammap import flag_names
+from ..summary import SUMMARY_LABELS
 from ..vmconfig import find_vm_config
 from .kernel import kernel_candidates, validate_candidate
 from .layer import HyperVSavedStateLayer
