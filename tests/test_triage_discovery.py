@@ -98,8 +98,12 @@ def test_default_plugins_follow_the_guest_os() -> None:
     # Unknown OS: banners first; a Linux banner picks the Linux set, none the Windows set.
     assert plugins.initial_plugins(None, None) == ["hyperv.info", "banners.Banners"]
     done = ["hyperv.info", "banners.Banners"]
-    assert plugins.after_probe(True, done) == ["linux.pslist", "linux.sockstat"]
-    assert plugins.after_probe(False, done) == list(plugins.WINDOWS)
+    assert plugins.after_probe("banners.Banners", True, done) == (["linux.pslist", "linux.sockstat"], "linux")
+    # No Linux banner: windows.info looks for a Windows kernel, and only then do the other Windows plugins run.
+    assert plugins.after_probe("banners.Banners", False, done) == (["windows.info"], None)
+    done.append("windows.info")
+    assert plugins.after_probe("windows.info", True, done) == ([p for p in plugins.WINDOWS if p not in done], "windows")
+    assert plugins.after_probe("windows.info", False, done) == ([], None)  # unknown OS: nothing more
     assert plugins.initial_plugins("windows", ["a.b", "a.b", "c.d"]) == ["a.b", "c.d"]
 
 
@@ -111,20 +115,24 @@ def test_task_ids_change_with_the_file_and_results_are_written_whole(tmp_path: P
     f.write_bytes(b"x" * 11)
     assert task_id([str(f)], "hyperv.info") != first
     out = OutDir(tmp_path / "out")
-    assert out.load(first) is None
-    out.save(first, {"status": "ok", "rows": [{"a": 1}]})
-    assert out.load(first) == {"status": "ok", "rows": [{"a": 1}]}
+    assert out.load(first, "hyperv.info") is None
+    result = {"status": "ok", "columns": ["a"], "rows": [{"a": 1}], "error": None}
+    out.save(first, "hyperv.info", result)
+    assert out.load(first, "hyperv.info") == {**result, "task": first, "plugin": "hyperv.info"}
     atomic_write(tmp_path / "out" / "x.txt", "whole")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tasks", "x.txt"]  # no temporary left
 
 
-def test_without_dask_triage_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_without_dask_a_scheduler_run_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from volatility3_vmssd.cli.main import main
 
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
-    assert main(["triage", "--out", str(tmp_path / "out"), str(tmp_path)]) == 1
+    (tmp_path / "in").mkdir()
+    args = ["triage", "--out", str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9", str(tmp_path / "in")]
+    assert main(args) == 1
     err = capsys.readouterr().err
-    assert "pip install 'volatility3-vmssd[triage]'" in err and err.count("\n") == 1
+    assert "pip install '.[triage]'" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing written before the check
 
 
 def test_the_single_file_path_does_not_import_dask() -> None:

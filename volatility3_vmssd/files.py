@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -28,6 +28,7 @@ __all__ = [
     "evidence_location",
     "find_partner",
     "find_vmcx",
+    "partner_candidates",
     "path_to_url",
     "read_head",
     "signature_kind",
@@ -69,42 +70,46 @@ def _listing(directory: Path) -> list[str]:
         return []
 
 
-def _pick(name: str, names: Sequence[str], extensions: Sequence[str], is_file: Callable[[str], bool]) -> str | None:
-    """The partner rule, once: same base name as ``name`` with one of ``extensions``; exact first, then any case."""
-    stem = os.path.splitext(name)[0]
+def partner_candidates(name: str, names: Sequence[str], extensions: Sequence[str]) -> Iterator[str]:
+    """The one pairing rule, on a folder's listing: the names in ``names`` (sorted) with ``name``'s base
+    name and one of ``extensions``, best first: an exact base-name match before a case-insensitive one,
+    earlier extensions before later ones.  Triage applies it to the listing it made once per folder
+    (regular files only, so the first candidate is the partner); :func:`find_partner` to a fresh listing."""
+    stem = Path(name).stem
     for fold in (False, True):
         for ext in extensions:
-            for cand in names:
-                if cand == name:
+            for other in names:
+                if other == name:
                     continue
-                cand_stem, cand_ext = os.path.splitext(cand)
-                if cand_ext.lower() != ext.lower():
+                cand = Path(other)
+                if cand.suffix.lower() != ext.lower():
                     continue
-                same = cand_stem.casefold() == stem.casefold() if fold else cand_stem == stem
-                if same and is_file(cand):
-                    return cand
-    return None
+                if (cand.stem.casefold() == stem.casefold()) if fold else (cand.stem == stem):
+                    yield other
 
 
 def find_partner(path: str | os.PathLike[str], extensions: Sequence[str]) -> tuple[Path | str | None, list[Path | str]]:
     """The regular file beside ``path`` with the same base name and one of ``extensions`` (any case).
 
-    Returns the partner (an exact base-name match is preferred over a case-insensitive one, earlier
-    extensions over later ones) and the paths looked at, for a message that tells the user where the
-    partner has to be.  A URL's partner is found in one listing of its folder (prefix), by the same
-    rule; it is returned as a URL (a local one as a :class:`Path`).
+    Returns the partner (the first of :func:`partner_candidates` that is a regular file) and the paths
+    looked at, for a message that tells the user where the partner has to be.  A URL's partner is found
+    in one listing of its folder (prefix), by the same rule, and returned as a URL (a local one as a
+    :class:`Path`).
     """
     if is_remote(path):
         folder, name = folder_of(path), base_name(path)
         stem = os.path.splitext(name)[0]
         listing = list_folder(folder)
-        found = _pick(name, sorted(listing), extensions, lambda n: listing.get(n, False))
+        files = sorted(n for n, is_object in listing.items() if is_object)
+        found = next(partner_candidates(name, files, extensions), None)
         looked: list[Path | str] = [join(folder, stem + ext) for ext in extensions]
         return (join(folder, found) if found is not None else None), looked
     path = Path(path)
     local_looked: list[Path | str] = [path.with_suffix(ext) for ext in extensions]
-    hit = _pick(path.name, _listing(path.parent), extensions, lambda n: (path.parent / n).is_file())
-    return (path.parent / hit if hit is not None else None), local_looked
+    for name in partner_candidates(path.name, _listing(path.parent), extensions):
+        if (path.parent / name).is_file():
+            return path.parent / name, local_looked
+    return None, local_looked
 
 
 def find_vmcx(path: str | os.PathLike[str]) -> Path | str | None:

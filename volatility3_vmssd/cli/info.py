@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..provider import open_saved_state
+from ..triage.evidence import file_identity
 from ..vmconfig import find_vm_config
 
 
@@ -26,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
+        "--hash",
+        action="store_true",
+        help="also the size, modification time and SHA-256 of each file read (reads every byte once)",
+    )
+    p.add_argument(
         "--findings-json",
         action="store_true",
         help="print every finding kept (summaries of repeated ones included) as JSON, and nothing else",
@@ -41,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
         summary = provider.summary()
         vmcx, settings = find_vm_config(provider.paths)
+        evidence = [{"path": str(p), **file_identity(p)} for p in provider.paths] if args.hash else []
     if args.json:
         doc = summary.as_dict()
         doc["vm_configuration"] = None if vmcx is None else {"file": str(vmcx), **dict(settings)}
+        if args.hash:
+            doc["evidence"] = evidence
         json.dump(doc, sys.stdout, indent=1)
         print()
         return 0
@@ -51,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
     split = next(i for i, (label, _) in enumerate(rows) if label == "Findings")
     if vmcx is not None:  # the VM's own settings go before the findings, as in hyperv.info
         rows[split:split] = [("VM configuration", str(vmcx)), *settings]
+    for ev in evidence:  # evidence identity, sha256sum's layout after the label
+        split = next(i for i, (label, _) in enumerate(rows) if label == "Findings")
+        rows[split:split] = [
+            ("Evidence", f"{ev['path']}: {ev['size']:,} bytes, modified {ev['mtime']}"),
+            ("SHA-256", f"{ev['sha256']}  {ev['path']}"),
+        ]
     for label, text in rows:
         print(f"  {text}" if label == "Finding" else f"{label:<22} {text}")
     return 0

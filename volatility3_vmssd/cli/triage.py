@@ -1,11 +1,11 @@
-"""``vmssd triage``: every saved state of a host (or a fleet) classified and analysed in parallel on Dask."""
+"""``vmssd triage``: every saved state of a host (or a fleet) classified and analysed in parallel."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..triage.engine import TriageOptions, human_summary, run_triage, usable_cores
+from ..triage.engine import EXTRA_HINT, TriageOptions, human_summary, run_triage, usable_cores
 
 
 def _plugins(text: str) -> list[str]:
@@ -18,13 +18,14 @@ def _plugins(text: str) -> list[str]:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "triage",
-        help="find, classify and analyse every saved state under some folders, in parallel (Dask)",
+        help="find, classify and analyse every saved state under some folders, in parallel",
         description=(
             "Find every Hyper-V saved state under the given files and folders (recursively), group them by VM"
             " (name and ID from the .vmcx), classify each without reading RAM, and run Volatility plugins on every"
-            " saved state with memory, one Dask task per (saved state, plugin). Results go to --out; a re-run over"
-            " the same --out computes only what did not finish. Needs the 'triage' extra:"
-            " pip install 'volatility3-vmssd[triage]'."
+            " saved state with memory, one task per (saved state, plugin), on a private local pool (one worker per"
+            " usable core) or on a Dask cluster (--scheduler). Every file's size, modification time and SHA-256"
+            " are recorded. Results go to --out; a re-run over the same --out computes only what did not finish."
+            f" --scheduler needs the 'triage' extra: {EXTRA_HINT}."
         ),
         epilog=(
             "examples:\n"
@@ -53,9 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--workers",
         type=int,
         metavar="N",
-        help=f"local process workers (default: one per usable core, here {usable_cores()})",
+        help=f"local workers, at most one per usable core (default: one per usable core, here {usable_cores()})",
     )
-    p.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="use this Dask cluster instead of a local one")
+    p.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        help="use this Dask cluster instead of the local pool (it runs the plugins: trust it, docs/triage.md)",
+    )
     p.add_argument(
         "--timeout", type=float, default=1800.0, metavar="SECONDS", help="time limit per task (default 1800)"
     )
@@ -68,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--retry-failed", action="store_true", help="recompute tasks that failed or timed out before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-hash", action="store_true", help="skip the SHA-256 of each file (size and time still recorded)"
+    )
     p.set_defaults(func=run)
 
 
@@ -75,6 +83,19 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         print("vmssd triage: error: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.workers is not None and args.scheduler:
+        print(
+            "vmssd triage: error: --workers sizes the local pool; a --scheduler's cluster has its own", file=sys.stderr
+        )
+        return 2
+    cores = usable_cores()
+    if args.workers is not None and args.workers > cores:
+        # Each worker runs a whole Volatility process: more than the cores only queues them (and costs memory).
+        print(
+            f"vmssd triage: --workers {args.workers} is more than the {cores} usable core(s): using {cores}",
+            file=sys.stderr,
+        )
+        args.workers = cores
     if args.cache_mib < 1:
         print("vmssd triage: error: --cache-mib must be at least 1", file=sys.stderr)
         return 2
@@ -92,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         cache_mib=args.cache_mib,
         retry_failed=args.retry_failed,
         progress=False if args.no_progress else None,
+        hash=not args.no_hash,
     )
     report = run_triage(opts)
     print(human_summary(report))
-    return 1 if report.lost else 0
+    return 1 if report.failed else 0

@@ -61,17 +61,24 @@ def resolve_plugin(name: str, plugin_list: dict[str, Any]) -> Any:
     raise LookupError(f"plugin name {name!r} matches several plugins: {', '.join(matches)}")
 
 
-def grid_rows(grid: Any) -> tuple[list[str], list[dict[str, Any]]]:
-    """(column names, rows) of a TreeGrid: one dict per node in tree order, values typed as vol's JSON renderer."""
+def grid_rows(grid: Any) -> tuple[list[str], list[dict[str, Any]], list[list[str]]]:
+    """(column names, rows, CSV rows) of a TreeGrid, in tree order.
+
+    ``rows``: one dict per node, values typed as vol's JSON renderer types them, with ``tree_depth``;
+    ``CSV rows``: ``[TreeDepth, value, ...]`` as text, as ``vol -r csv`` writes them.
+    """
     from volatility3.cli import text_renderer
     from volatility3.framework import interfaces
 
     renderers = text_renderer.JsonRenderer._type_renderers
+    csv_renderers = text_renderer.CSVRenderer._type_renderers
     columns = list(grid.columns)
     rows: list[dict[str, Any]] = []
+    csv_rows: list[list[str]] = []
 
     def visit(node: Any, acc: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"tree_depth": node.path_depth - 1}
+        line = [str(max(0, node.path_depth - 1))]
         values = list(node.values)
         for i, column in enumerate(columns):
             renderer = renderers.get(column.type, renderers["default"])
@@ -79,12 +86,14 @@ def grid_rows(grid: Any) -> tuple[list[str], list[dict[str, Any]]]:
             if isinstance(data, interfaces.renderers.BaseAbsentValue):
                 data = None
             row[column.name] = data
+            line.append(str(csv_renderers.get(column.type, csv_renderers["default"])(values[i])))
         acc.append(row)
+        csv_rows.append(line)
         return acc
 
     grid.populate(visit, rows)
     # Through JSON and back, as vol writes them: ints stay ints (Hex is an int), tuples become lists.
-    return [c.name for c in columns], json.loads(json.dumps(rows))
+    return [c.name for c in columns], json.loads(json.dumps(rows)), csv_rows
 
 
 def _configure(spec: dict[str, Any]) -> None:
@@ -116,8 +125,15 @@ def run_plugin(spec: dict[str, Any]) -> dict[str, Any]:
     """
     started = time.monotonic()
     try:
-        columns, rows = _run(spec)
-        return {"status": "ok", "columns": columns, "rows": rows, "error": None, "seconds": time.monotonic() - started}
+        columns, rows, csv_rows = _run(spec)
+        return {
+            "status": "ok",
+            "columns": columns,
+            "rows": rows,
+            "csv_rows": csv_rows,
+            "error": None,
+            "seconds": time.monotonic() - started,
+        }
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -141,7 +157,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def _run(spec: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+def _run(spec: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], list[list[str]]]:
     _configure(spec)
     from volatility3 import framework
     from volatility3.cli import CommandLine
@@ -177,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(spec_path.read_text())
     result = run_plugin(spec)
     tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, result_path)
+    try:
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, result_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written result behind
     return 0
 
 
