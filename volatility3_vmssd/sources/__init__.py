@@ -33,6 +33,7 @@ __all__ = [
     "is_remote",
     "join",
     "list_folder",
+    "object_identity",
     "open_binary",
     "options",
     "redact",
@@ -278,6 +279,15 @@ def list_folder(folder: str | os.PathLike[str]) -> dict[str, bool]:
             while len(_LISTINGS) > _LISTINGS_KEPT:
                 _LISTINGS.pop(next(iter(_LISTINGS)))
     return dict(hit)
+
+
+def object_identity(location: str) -> tuple[int, str]:
+    """(size, ETag or version) of a remote object: what names its exact bytes, as (size, mtime) does a file's."""
+    from .remote import RemoteFile
+
+    with RemoteFile(location, options()) as fh:
+        obj = fh.remote
+        return obj.size, str(obj.version or obj.etag or obj.modified or "")
 
 
 def forget() -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import ObjectChangedError, RemoteOptions, SourceError, redact
 
-__all__ = ["RemoteFile", "RemoteObject", "list_remote", "object_stats"]
+__all__ = ["RemoteFile", "RemoteObject", "list_remote", "list_remote_detail", "object_stats"]
 
 log = logging.getLogger("volatility3_vmssd.sources")
 
@@ -124,8 +124,8 @@ def _reason(exc: BaseException) -> str:
     return _URL.sub(lambda m: redact(m.group(0)), text)[:200]
 
 
-def list_remote(folder: str) -> dict[str, bool]:
-    """One listing of a remote folder (prefix): names -> whether each is an object (not a sub-prefix)."""
+def list_remote_detail(folder: str) -> dict[str, tuple[bool, int | None]]:
+    """One listing of a remote folder (prefix): name -> (is an object, not a sub-prefix; its size)."""
     fs, path = filesystem(folder.rstrip("/") + "/")
     try:
         entries = fs.ls(path.rstrip("/"), detail=True)
@@ -133,14 +133,19 @@ def list_remote(folder: str) -> dict[str, bool]:
         return {}
     except Exception as exc:
         raise SourceError(f"{redact(folder)}: cannot list ({_reason(exc)})") from None
-    out: dict[str, bool] = {}
+    out: dict[str, tuple[bool, int | None]] = {}
     for entry in entries:
         name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
-        if "?" in name:  # an HTTP index page links with query strings: not files
+        if not name or "?" in name or name in (".", ".."):  # an HTTP index page links with query strings
             continue
-        if name:
-            out[name] = entry.get("type") == "file"
+        size = entry.get("size")
+        out[name] = (entry.get("type") == "file", size if isinstance(size, int) else None)
     return out
+
+
+def list_remote(folder: str) -> dict[str, bool]:
+    """One listing of a remote folder (prefix): names -> whether each is an object (not a sub-prefix)."""
+    return {name: is_object for name, (is_object, _) in list_remote_detail(folder).items()}
 
 
 @dataclasses.dataclass
@@ -178,6 +183,7 @@ class RemoteObject:
         self.size = size
         self.etag = info.get("ETag") or info.get("etag")
         self.version = info.get("VersionId") or info.get("version_id")
+        self.modified = info.get("LastModified") or info.get("last_modified")  # a datetime, when the store says
         self.requests = 1
         self._closed = False
         self._lock = threading.Lock()
