@@ -84,10 +84,10 @@ class RemoteOptions:
     ``retries``/``backoff``: attempts after the first for throttling, 5xx and resets; first delay in s.
     """
 
-    min_request: int = 64 << 10
-    part_size: int = 8 * MIB
+    min_request: int = 4 << 10
+    part_size: int = 16 * MIB
     readahead: int = 64 * MIB
-    concurrency: int = 8
+    concurrency: int = 4
     cache: int = 160 * MIB
     retries: int = 4
     backoff: float = 0.2

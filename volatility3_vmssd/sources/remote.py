@@ -38,6 +38,11 @@ log = logging.getLogger("volatility3_vmssd.sources")
 #: HTTP statuses that will not get better by asking again (not found, denied, bad range)
 _PERMANENT = frozenset({400, 401, 403, 404, 405, 410, 416})
 _CHANGED = 412
+PAGE = 4096
+#: a read starting at most this far past the previous one's end continues a forward run
+FORWARD_GAP = 64 << 10
+#: read-ahead starts once a forward run has read this much (RAM: one RamBlock); metadata reads never do
+READAHEAD_AFTER = 256 << 10
 
 
 def _fsspec() -> Any:
@@ -214,7 +219,7 @@ class RemoteObject:
         end = min(offset + max(size, 0), self.size)
         if offset < 0 or end <= offset:
             return b""
-        forward = stream.last_end >= 0 and 0 <= offset - stream.last_end <= self.opts.min_request
+        forward = stream.last_end >= 0 and 0 <= offset - stream.last_end <= FORWARD_GAP
         stream.run = stream.run + (end - offset) if forward else 0
         stream.last_end = end
         parts: list[bytes] = []
@@ -224,11 +229,14 @@ class RemoteObject:
             if piece is None:
                 piece = self._wait_pending(pos, end)
             if piece is None:
-                self._schedule(pos, max(end, pos + self.opts.min_request), background=False)
+                # at least min_request, ending on a page boundary: the container allocates whole pages,
+                # so a rounded read stays inside the structure it reads (no RAM fetched with metadata)
+                stop = -(-max(end, pos + self.opts.min_request) // PAGE) * PAGE
+                self._schedule(pos, stop, background=False)
                 continue
             parts.append(piece)
             pos += len(piece)
-        if stream.run >= 2 * self.opts.min_request and self.opts.readahead:
+        if stream.run >= READAHEAD_AFTER and self.opts.readahead:
             self._read_ahead(end, stream.run)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -248,6 +256,24 @@ class RemoteObject:
         start, stop, fut = hit
         data = fut.result()  # a failure raises here, in the reader's thread
         return data[pos - start : min(end, stop) - start]
+
+    def prefetch(self, spans: list[tuple[int, int]]) -> None:
+        """Fetch ``(offset, size)`` spans a reader is about to parse (key tables), in as few requests as
+        gaps of less than ``FORWARD_GAP`` allow; what is cached already is not fetched again."""
+        wanted = sorted((o, min(o + n, self.size)) for o, n in spans if n > 0 and 0 <= o < self.size)
+        merged: list[list[int]] = []
+        for a, b in wanted:
+            if merged and a - merged[-1][1] < FORWARD_GAP:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        budget = self.opts.cache // 2
+        for a, b in merged:
+            a = self._covered_until(a)
+            if a >= b or b - a > budget:
+                continue
+            budget -= b - a
+            self._schedule(a, -(-b // PAGE) * PAGE, background=False)
 
     def _covered_until(self, pos: int) -> int:
         """How far from ``pos`` the cache and the fetches in flight reach without a gap."""
@@ -469,6 +495,11 @@ class RemoteFile:
         if self._closed:
             raise ValueError(f"{self.name}: read of a closed file")
         return self._obj.pread(offset, size, self._stream)
+
+    def prefetch(self, spans: list[tuple[int, int]]) -> None:
+        """See :meth:`RemoteObject.prefetch`."""
+        if not self._closed:
+            self._obj.prefetch(spans)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:

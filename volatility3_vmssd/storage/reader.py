@@ -453,6 +453,9 @@ class HyperVStorage:
         chosen: dict[int, tuple[int, StorageObject]] = {}
         spans: list[tuple[int, int]] = []  # key tables read so far, sorted, disjoint
         path, findings = self.path, self.findings
+        prefetch = getattr(self._fh, "pread", None) and getattr(self._fh, "prefetch", None)
+        if prefetch is not None:  # a remote object: the key tables in few ranged requests (docs/remote.md)
+            prefetch([(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
         for obj in self.objects.of_type(ObjectType.KEY_TABLE):
             head = self.read_at(obj.offset, min(obj.size, KEY_TABLE_HEADER.size))
             if len(head) < KEY_TABLE_HEADER.size:
