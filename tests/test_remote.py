@@ -398,3 +398,18 @@ def test_keys_and_apply_log_take_urls(
     assert code == 0, err
     assert (tmp_path / "copy.vmrs").read_bytes() == SAMPLE.read_bytes()  # no pending entries: the same bytes
     assert {r.method for r in proxy.take_log()} <= {"GET", "HEAD"}
+
+
+def test_debug_logs_show_no_secret(
+    http_store: tuple[Path, Proxy], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    root, proxy = http_store
+    shutil.copyfile(SAMPLE, root / "vm.vmrs")
+    caplog.set_level("DEBUG")
+    faults = iter([503])
+    proxy.fault = lambda method, path, rng: next(faults, None) if method == "GET" else None
+    code, out, err = run(capsys, "-vv", "info", f"{proxy.url}/vm.vmrs?{SECRET_QUERY}")
+    assert code == 0, err
+    shown = out + err + caplog.text
+    assert "retrying" in caplog.text  # our own line is there, redacted
+    assert "deadbeef" not in shown and "AKIAQUERY" not in shown

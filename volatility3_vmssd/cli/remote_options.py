@@ -41,6 +41,7 @@ def apply(args: argparse.Namespace) -> None:
     def mib(value: int | None) -> int | None:
         return None if value is None else value * MIB
 
+    sources.quiet_client_logs()
     sources.configure(
         concurrency=getattr(args, "remote_concurrency", None),
         part_size=mib(getattr(args, "remote_part_size", None)),

@@ -36,6 +36,7 @@ __all__ = [
     "object_identity",
     "open_binary",
     "options",
+    "quiet_client_logs",
     "redact",
     "suffix",
 ]
@@ -288,6 +289,18 @@ def object_identity(location: str) -> tuple[int, str]:
     with RemoteFile(location, options()) as fh:
         obj = fh.remote
         return obj.size, str(obj.version or obj.etag or obj.modified or "")
+
+
+#: the store clients' own loggers: at DEBUG they print request URLs whole (presigned query strings) and headers
+CLIENT_LOGGERS = ("fsspec", "s3fs", "gcsfs", "adlfs", "aiohttp", "botocore", "aiobotocore", "urllib3", "azure")
+
+
+def quiet_client_logs() -> None:
+    """Keep the store clients' loggers at WARNING whatever ``-v`` asks: only our redacted lines are shown."""
+    import logging
+
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def forget() -> None:

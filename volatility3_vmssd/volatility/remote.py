@@ -17,7 +17,7 @@ from typing import Any
 
 from volatility3.framework.layers import resources
 
-from ..sources import open_binary
+from ..sources import open_binary, quiet_client_logs
 
 __all__ = ["ObjectStoreHandler"]
 
@@ -47,3 +47,6 @@ class ObjectStoreHandler(resources.VolatilityHandler):
         return open_binary(req.full_url) if req.type in OBJECT_SCHEMES else None
 
     s3_open = s3a_open = gs_open = gcs_open = az_open = abfs_open = abfss_open = _open
+
+
+quiet_client_logs()  # vol -vvvv sets the root logger to DEBUG: the clients would print presigned URLs whole
