@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
+#: $VMSSD_SHARED when set and not empty, else ../shared beside the checkout: the one rule of every test,
+#: fuzz seed and benchmark that needs real data
+SHARED = Path(os.environ.get("VMSSD_SHARED") or REPO.parent / "shared")
 REAL = SHARED / "data" / "real"
 LINUX_GUEST = SHARED / "data" / "linux-guest"
 
@@ -20,7 +22,7 @@ LINUX_GUEST = SHARED / "data" / "linux-guest"
 def need(path: Path) -> Path:
     """Return ``path`` or skip the test, saying what is missing (a fresh clone has no ../shared)."""
     if not path.exists():
-        pytest.skip(f"needs {path} (the shared real-data folder beside the repository); not present here")
+        pytest.skip(f"needs {path} (the shared data folder beside the repository, or $VMSSD_SHARED); not present")
     return path
 
 

@@ -23,6 +23,7 @@ RANKS = {
     "errors": 0,
     "outputs": 0,
     "sources": 0,
+    "lifetime": 0,
     "storage": 1,
     "codecs": 2,
     "memory": 3,
@@ -194,3 +195,20 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     assert graph[f"{ROOT}.storage.bad"] == {f"{ROOT}.provider"}
     assert graph[f"{ROOT}.provider"] == {f"{ROOT}.storage.bad"}
     assert _rank(f"{ROOT}.provider") > _rank(f"{ROOT}.storage.bad")  # type: ignore[operator]
+
+
+def room_lines() -> dict[str, int]:
+    """Lines of code per room: each top-level subpackage or module of the package."""
+    rooms: dict[str, int] = {}
+    for name, path in _modules().items():
+        parts = name.split(".")
+        if len(parts) > 1:
+            rooms[parts[1]] = rooms.get(parts[1], 0) + len(path.read_text(encoding="utf-8").splitlines())
+    return rooms
+
+
+def test_no_room_holds_more_than_a_quarter_of_the_package() -> None:
+    """A room that grows past a quarter of the package mixes jobs: split it by what it holds."""
+    rooms = room_lines()
+    total = sum(rooms.values())
+    assert {room: n for room, n in rooms.items() if n > total / 4} == {}

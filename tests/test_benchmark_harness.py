@@ -38,6 +38,7 @@ EXPECTED = {
     "[synthetic] vmssd convert --format raw": "report",
     "[every-form] vmssd convert --format raw": "report",
     "[synthetic-raw] vmssd convert --format raw": "report",
+    "[synthetic] vmssd convert --format dmp / --format raw (throughput)": ">= 0.9",
 }
 
 

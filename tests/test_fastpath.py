@@ -223,7 +223,7 @@ def test_ten_thousand_ram_memory_blocks_open_without_decoding(tmp_path: Path, re
         ]
         assert p.memory.blocks_decoded == 0 and p.memory.blocks_indexed == 0
         mm = p.memory_map()
-        assert [m["flags"] for m in mm[:4]] == [FLAG_HOT_ADDED | FLAG_VTL2_MB, 0, 0, FLAG_HOT_ADDED | FLAG_VTL2_MB]
+        assert [m.flags for m in mm[:4]] == [FLAG_HOT_ADDED | FLAG_VTL2_MB, 0, 0, FLAG_HOT_ADDED | FLAG_VTL2_MB]
         assert p.guest_physical_address_to_raw_saved_memory_offset(2 * 7777 * PAGE_SIZE + 5) == 7777 * MIB + 5
         with pytest.raises(UnmappedAddressError):
             p.read_guest_physical_address((2 * 7777 + 1) * PAGE_SIZE, 8)
@@ -283,7 +283,7 @@ def test_declared_ram_is_bounded_by_its_ramblocks(tmp_path: Path) -> None:
         assert [tuple(c) for c in p.get_guest_physical_memory_chunks()[1]] == [(0, 256)]
         assert p.memory.ram_map.maximum_gpa == MIB - 1
         assert p.get_guest_raw_saved_memory_size() == MIB
-        assert p.memory_map() == [
+        assert [r.as_dict() for r in p.memory_map()] == [
             {"gpa_start": 0, "size": MIB, "raw_offset": 0, "first_ramblock": 0, "last_ramblock": 0}
             | {"ramblocks_present": 1, "flags": 0}
         ]

@@ -216,7 +216,7 @@ def test_holes_short_reads_and_raw_offsets(tmp_path: Path) -> None:
             p.guest_physical_address_to_raw_saved_memory_offset(0x120000)
         assert p.read_guest_physical_address(0x180000, 4096) == data[0x180000:0x181000]
         mm = p.memory_map()
-        assert [m["first_ramblock"] for m in mm] == [0, 1]
+        assert [m.first_ramblock for m in mm] == [0, 1]
 
 
 def test_pending_journal_over_ram_is_applied(tmp_path: Path) -> None:

@@ -5,7 +5,10 @@ and Microsoft's DLL (:class:`~volatility3_vmssd.dll.provider.DllSavedStateProvid
 glue, the CLI, the exporters and triage use only these methods, so either backend serves all of them.
 The method names mirror the DLL's exports (``GetVpCount`` -> :meth:`SavedState.vp_count` ...); a few
 conveniences that the DLL does not export (padded reads, backed runs, the memory map, the summary) are
-built from those answers so that both backends agree by construction.
+built from those answers so that both backends agree by construction.  DLL queries that no caller
+above the provider needs (``InKernelSpace``, the VTL bitmaps, GVA->GPA without a size, GPA->raw offset)
+are not part of this interface: both backends keep them, and ``vmssd verify`` and the parity tests
+compare them.
 
 Where a backend cannot answer, the method raises :class:`~volatility3_vmssd.errors.UnsupportedError`
 and says why; it never returns a made-up value.
@@ -19,6 +22,7 @@ lowest VTL whose registers were saved; a VTL whose registers were not saved is n
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -28,7 +32,7 @@ from .cpu.registers import Architecture, PagingMode, ProcessorVendor, RegisterVa
 from .errors import Finding, NotFoundError, VmssdError
 from .summary import Summary, VpTrustLevels
 
-__all__ = ["GpaMemoryChunk", "RamBlockDamage", "SavedState"]
+__all__ = ["GpaMemoryChunk", "MemoryMapRow", "RamBlockDamage", "SavedState"]
 
 
 class GpaMemoryChunk(NamedTuple):
@@ -36,6 +40,27 @@ class GpaMemoryChunk(NamedTuple):
 
     guest_physical_start_page_index: int
     page_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryMapRow:
+    """One GPA run stored contiguously in raw saved memory: a row of ``vmssd memmap`` and ``hyperv.memmap``.
+
+    ``ramblocks_present`` counts how many of the RamBlocks ``first_ramblock..last_ramblock`` the file
+    holds; ``flags`` are the RamMemoryBlock Flags (IsHotAdded 1, IsSgx 2, IsVtl2Mb 4, IsSpecificPurpose
+    8), None when the backend cannot see them (the DLL).
+    """
+
+    gpa_start: int
+    size: int
+    raw_offset: int
+    first_ramblock: int
+    last_ramblock: int
+    ramblocks_present: int
+    flags: int | None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return dataclasses.asdict(self)
 
 
 class RamBlockDamage(NamedTuple):
@@ -92,14 +117,6 @@ class SavedState(abc.ABC):
         """The guest OS id that ``vtl``'s kernel registered (HV_GUEST_OS_ID), or None when none was saved."""
 
     @abc.abstractmethod
-    def get_guest_enabled_virtual_trust_levels(self) -> int:
-        """Bitmap of the VTLs enabled in the partition."""
-
-    @abc.abstractmethod
-    def get_enabled_virtual_trust_levels(self, vp: int) -> int:
-        """Bitmap of the VTLs this VP saved (a VP-VTL marker, with or without registers)."""
-
-    @abc.abstractmethod
     def get_virtual_trust_levels(self, vp: int) -> list[int]:
         """The VTLs this VP saved (a VP-VTL marker, with or without registers), lowest first."""
 
@@ -115,9 +132,6 @@ class SavedState(abc.ABC):
     @abc.abstractmethod
     def force_active_virtual_trust_level(self, vp: int, vtl: int) -> None:
         """Use ``vtl`` on this VP; NotFoundError when that VTL's registers were not saved."""
-
-    @abc.abstractmethod
-    def is_active_virtual_trust_level_enabled(self, vp: int) -> bool: ...
 
     @abc.abstractmethod
     def is_higher_vtl_runnable(self, vp: int) -> bool | None:
@@ -166,13 +180,6 @@ class SavedState(abc.ABC):
         return x86_levels(mode, mode == PagingMode.LONG and self.is_five_level_paging(vp))
 
     @abc.abstractmethod
-    def in_kernel_space(self, vp: int) -> bool: ...
-
-    @abc.abstractmethod
-    def guest_virtual_to_physical(self, vp: int, va: int) -> int:
-        """GVA -> GPA with the page tables of the VP's used VTL."""
-
-    @abc.abstractmethod
     def guest_virtual_to_physical_with_size(self, vp: int, va: int) -> tuple[int, int]:
         """(GPA, bytes left in the mapping page) - possibly fewer than the page holds, never more."""
 
@@ -194,9 +201,6 @@ class SavedState(abc.ABC):
         """(page size, backed GPA runs in GPA order)."""
 
     @abc.abstractmethod
-    def guest_physical_address_to_raw_saved_memory_offset(self, gpa: int) -> int: ...
-
-    @abc.abstractmethod
     def read_guest_raw_saved_memory(self, offset: int, size: int) -> bytes: ...
 
     @abc.abstractmethod
@@ -209,11 +213,8 @@ class SavedState(abc.ABC):
     def get_memory_block_cache_limit(self) -> int: ...
 
     @abc.abstractmethod
-    def memory_map(self) -> list[dict[str, Any]]:
-        """Per GPA run stored contiguously: ``gpa_start``, ``size``, ``raw_offset``, ``first_ramblock``,
-        ``last_ramblock``, ``ramblocks_present`` (how many of those RamBlocks the file holds) and
-        ``flags``, the RamMemoryBlock Flags (IsHotAdded 1, IsSgx 2, IsVtl2Mb 4, IsSpecificPurpose 8;
-        None when the backend cannot see them)."""
+    def memory_map(self) -> list[MemoryMapRow]:
+        """Per GPA run stored contiguously, in GPA order."""
 
     @abc.abstractmethod
     def backed_runs(self, gpa: int, length: int) -> Iterator[tuple[int, int, int]]:
@@ -231,9 +232,9 @@ class SavedState(abc.ABC):
         """
         used = absent = 0
         for run in self.memory_map():
-            blocks = run["last_ramblock"] - run["first_ramblock"] + 1
+            blocks = run.last_ramblock - run.first_ramblock + 1
             used += blocks
-            absent += max(0, blocks - run["ramblocks_present"])
+            absent += max(0, blocks - run.ramblocks_present)
         return RamBlockDamage(used, absent, 0)
 
     def memory_absence(self) -> str | None:

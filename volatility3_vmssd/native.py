@@ -24,7 +24,7 @@ from .cpu.registers import Architecture, PagingMode, ProcessorVendor, RegisterVa
 from .cpu.translate import translate_with_size
 from .errors import Finding, Findings, NotFoundError
 from .files import signature_kind
-from .interface import GpaMemoryChunk, RamBlockDamage, SavedState
+from .interface import GpaMemoryChunk, MemoryMapRow, RamBlockDamage, SavedState
 from .memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from .memory.guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
 from .memory.legacy_bin import BinFile
@@ -351,22 +351,22 @@ class SavedStateProvider(SavedState):
             self._present = sorted(self._memory.source.block_numbers())
         return self._present
 
-    def memory_map(self) -> list[dict[str, Any]]:
+    def memory_map(self) -> list[MemoryMapRow]:
         present = self._present_blocks()
         out = []
         for rec in sorted(self._memory.ram_map.records, key=lambda r: r.gpa_index_start):
             first = rec.mbp_index_start // PAGES_PER_BLOCK
             last = (rec.mbp_index_start + rec.page_count_total - 1) // PAGES_PER_BLOCK
             out.append(
-                {
-                    "gpa_start": rec.gpa_index_start * PAGE_SIZE,
-                    "size": rec.page_count_total * PAGE_SIZE,
-                    "raw_offset": rec.mbp_index_start * PAGE_SIZE,
-                    "first_ramblock": first,
-                    "last_ramblock": last,
-                    "ramblocks_present": bisect.bisect_right(present, last) - bisect.bisect_left(present, first),
-                    "flags": rec.flags,
-                }
+                MemoryMapRow(
+                    gpa_start=rec.gpa_index_start * PAGE_SIZE,
+                    size=rec.page_count_total * PAGE_SIZE,
+                    raw_offset=rec.mbp_index_start * PAGE_SIZE,
+                    first_ramblock=first,
+                    last_ramblock=last,
+                    ramblocks_present=bisect.bisect_right(present, last) - bisect.bisect_left(present, first),
+                    flags=rec.flags,
+                )
             )
         return out
 
@@ -385,7 +385,7 @@ class SavedStateProvider(SavedState):
             file_size = None
         if file_size is None:
             return base
-        spans = [(r["first_ramblock"], r["last_ramblock"]) for r in self.memory_map()]
+        spans = [(r.first_ramblock, r.last_ramblock) for r in self.memory_map()]
         cut = 0
         for n in source.block_numbers():
             loc = source.block_location(n)

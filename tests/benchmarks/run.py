@@ -53,7 +53,8 @@ try:
 except ImportError:  # T_dec is pyfwnt's time by definition: those rows are skipped without it
     pyfwnt = None
 
-SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
+from shared_data import SHARED  # noqa: E402 - the one rule for where real data lives
+
 GUEST = SHARED / "data" / "linux-guest"
 MIB = 1 << 20
 CHUNK = 16 * MIB
@@ -159,14 +160,14 @@ def write_declared(path: Path, pages: int) -> None:
         w.set("/savedstate/RamBlock0", encode_block(bytes(block)))
 
 
-def convert_rate(path: Path, out: Path) -> float:
-    """``vmssd convert --format raw`` of ``path``: MB of RAM per second (wall time of the process)."""
+def convert_rate(path: Path, out: Path, fmt: str = "raw") -> float:
+    """``vmssd convert --format fmt`` of ``path``: MB of RAM per second (wall time of the process)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     with SavedStateProvider.load_vmrs(path) as p:
         ram = sum(n for _, n in p.get_guest_physical_memory_chunks()[1]) * 4096
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "volatility3_vmssd.cli.main", "convert", str(path), "-o", str(out)]
-    subprocess.run([*cmd, "--format", "raw", "-q"], check=True, env=env, stderr=subprocess.DEVNULL)
+    subprocess.run([*cmd, "--format", fmt, "-q"], check=True, env=env, stderr=subprocess.DEVNULL)
     elapsed = time.perf_counter() - t0
     out.unlink()
     return ram / 1e6 / elapsed
@@ -636,6 +637,20 @@ def main() -> int:
                 None,
                 f"xz -dc of the same RAM: {xz:.0f} MB/s" if xz is not None else "",
             )
+        # --- vmssd convert --format dmp against --format raw of the same file (issue 23) -----------
+        dmp_rates: dict[str, list[float]] = {"raw": [], "dmp": []}
+        for rep in range(max(2, reps)):
+            for fmt in ("raw", "dmp") if rep % 2 == 0 else ("dmp", "raw"):  # neither always runs first
+                dmp_rates[fmt].append(convert_rate(inputs["synthetic"], tmp / "convert.out", fmt))
+        best_raw, best_dmp = max(dmp_rates["raw"]), max(dmp_rates["dmp"])
+        row(
+            "[synthetic] vmssd convert --format dmp / --format raw (throughput)",
+            best_dmp / best_raw,
+            "x",
+            ">= 0.9",
+            best_dmp / best_raw >= 0.9,
+            f"{best_dmp:.0f} vs {best_raw:.0f} MB/s, best of {len(dmp_rates['raw'])}",
+        )
 
     from open_large import described  # the open-cost rows (issue 17), measured in a child process
 

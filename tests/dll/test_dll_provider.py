@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import shutil
 import sys
@@ -79,7 +80,7 @@ def test_every_method_answers_like_the_native_provider(states: dict[str, list[Pa
         assert p.get_memory_block_cache_limit() == 3
         # the native-API conveniences built on the exports
         # The DLL does not expose the RamMemoryBlock flags: everything else agrees.
-        assert [{**m, "flags": None} for m in n.memory_map()] == p.memory_map()
+        assert [dataclasses.replace(m, flags=None) for m in n.memory_map()] == p.memory_map()
         assert p.read_guest_physical_address_padded(0x9E000, 0x64000) == n.read_guest_physical_address_padded(
             0x9E000, 0x64000
         )

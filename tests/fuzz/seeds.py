@@ -42,12 +42,12 @@ from volatility3_vmssd.vmrs.writer import write_bin_vsv, write_vmrs
 
 try:  # run as ``python -m tests.fuzz.seeds``
     from ..builders import add_journal_entries
+    from ..shared_data import REAL, SHARED
 except ImportError:  # imported by the test suite as ``fuzz.seeds`` (tests/ on sys.path)
     from builders import add_journal_entries  # type: ignore[no-redef]
+    from shared_data import REAL, SHARED  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
-REAL = SHARED / "data" / "real"
 LINUX_REGISTERS = SHARED / "data" / "linux-guest" / "registers.json"
 
 TARGETS = ("storage", "bin", "ramblock", "xpress", "partition_state", "layer")

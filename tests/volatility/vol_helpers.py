@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_data import LINUX_GUEST, REAL, REPO, SHARED, need  # noqa: F401 - re-used by the vol tests
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("VMSSD_SHARED") or Path(__file__).resolve().parents[3] / "shared")
-LINUX_GUEST = SHARED / "data" / "linux-guest"
-REAL = SHARED / "data" / "real"
 PLUGIN_DIR = REPO / "volatility3_vmssd" / "volatility_plugins"
 PAGE = 0x1000
 MIB = 1 << 20
@@ -28,12 +25,6 @@ MIB = 1 << 20
 
 def require_volatility() -> None:
     pytest.importorskip("volatility3", reason="volatility3 is not installed (pip install volatility3)")
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"needs {path} (the shared data folder beside the repository, or $VMSSD_SHARED); not present")
-    return path
 
 
 # ------------------------------------------------------------------------------------ saved states

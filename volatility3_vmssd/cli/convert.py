@@ -1,4 +1,4 @@
-"""``vmssd convert``: a saved state's RAM as a raw, LiME or ELF core image, for tools that read those."""
+"""``vmssd convert``: a saved state's RAM as a raw, LiME, ELF core or Windows crash-dump image."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterable
 
 from ..errors import VmssdError
+from ..images.crashdump import DUMP_KINDS
+from ..images.dumpsource import DumpOptions
 from ..images.export import FORMATS, export, provider_ranges
 from ..images.streaming import ExportReport
 from ..outputs import partial_output, same_file
@@ -24,12 +26,14 @@ SHOWN_RANGES = 10
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "convert",
-        help="write the guest RAM as a raw image, a LiME file or an ELF core",
+        help="write the guest RAM as a raw image, a LiME file, an ELF core or a Windows crash dump",
         description=(
             "Write the guest-physical memory of a saved state in a format other tools open:"
             " raw (flat from GPA 0, holes zero-filled, written sparse), lime (one range header per"
             " GPA chunk) or elf (an ELF64 core: one PT_LOAD per chunk with p_paddr = GPA, and one"
-            " NT_PRSTATUS note per VP so gdb and crash see the CPUs). Volatility opens all three."
+            " NT_PRSTATUS note per VP so gdb and crash see the CPUs) or dmp (a Windows x64 kernel crash dump"
+            " for WinDbg and kdmp-parser: VP 0's registers as its context, VP 0's CR3 as its DTB; --symbols"
+            " adds the kernel addresses WinDbg reads, see docs/crashdump.md). Volatility opens all four."
             " Streams 16 MiB at a time: memory use does not grow with the guest. Writes OUT.partial"
             " and renames it when done; on an error, Ctrl-C, SIGTERM or SIGHUP the partial file is removed."
             " RAM that the saved state declares but cannot provide (a cut copy, a missing RamBlock) is an"
@@ -41,13 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "  vmssd convert vm.vmrs -o vm.elf --format elf\n"
             "  vol -f vm.elf windows.pslist\n"
             "  vmssd convert vm.bin -o vm.lime --format lime        (vm.vsv found beside vm.bin)\n"
-            "  vmssd convert vm.bin --vsv other.vsv -o ram.raw --format raw -q"
+            "  vmssd convert vm.bin --vsv other.vsv -o ram.raw --format raw -q\n"
+            "  vmssd convert vm.vmrs -o vm.dmp --format dmp --symbols ~/symbols    (windows/ntkrnlmp.pdb/...)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", help="the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the image to write")
-    p.add_argument("--format", required=True, choices=FORMATS, help="raw, lime or elf")
+    p.add_argument("--format", required=True, choices=FORMATS, help="raw, lime, elf or dmp")
     p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -56,6 +61,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help=f"keep the image when some RAM cannot be read: those ranges are zeros, listed in OUT{MISSING_SUFFIX}",
     )
+    dmp = p.add_argument_group("--format dmp")
+    dmp.add_argument(
+        "--dump-type",
+        choices=DUMP_KINDS,
+        default="auto",
+        help="full (runs in the header, at most 42), bitmap, or auto: full when the runs fit, else bitmap",
+    )
+    dmp.add_argument(
+        "--symbols",
+        metavar="DIR",
+        help="a Volatility symbol directory (as vol -s) with the kernel's table: windows/<pdb>/<GUID-age>.json.xz",
+    )
+    dmp.add_argument("--dtb", type=lambda s: int(s, 0), metavar="ADDR", help="the kernel DTB (default: VP 0's CR3)")
     p.set_defaults(func=run)
 
 
@@ -99,6 +117,11 @@ def write_missing_sidecar(path: str, source: list[str], report: ExportReport) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format != "dmp" and (args.symbols or args.dtb is not None or args.dump_type != "auto"):
+        raise VmssdError("--symbols, --dtb and --dump-type apply to --format dmp only")
+    if args.symbols and not os.path.isdir(args.symbols):
+        raise VmssdError(f"--symbols {args.symbols}: not a directory")
+    dump = DumpOptions(args.dtb, args.symbols, args.dump_type)
     given = [args.file] + ([args.vsv] if args.vsv else [])
     check_output(args.output, given, force=args.force)
     sidecar = args.output + MISSING_SUFFIX
@@ -115,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.monotonic()
         bar = ProgressBar(total, label=f"convert {args.format}", enabled=None if not args.quiet else False)
         with bar, partial_output(args.output) as out:
-            report = export(provider, out, args.format, progress=bar.update)
+            report = export(provider, out, args.format, progress=bar.update, dump=dump)
             if report.missing and not args.allow_missing:
                 bar.close()
                 _show_missing(report)
@@ -133,10 +156,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  all missing ranges are listed in {sidecar}", file=sys.stderr)
     for finding in absent:
         print(f"vmssd convert: note: {finding}", file=sys.stderr)
+    for note in report.notes:
+        print(f"vmssd convert: note: {note}", file=sys.stderr)
     if not args.quiet:
         rate = human_size(report.ram_bytes / elapsed) if elapsed > 0 else "-"
         print(
-            f"wrote {args.output}: {args.format}, {report.ranges} GPA range(s), {report.ram_bytes:,} bytes of RAM,"
+            f"wrote {args.output}: {args.format}{f' ({report.detail})' if report.detail else ''},"
+            f" {report.ranges} GPA range(s), {report.ram_bytes:,} bytes of RAM,"
             f" file {report.size:,} bytes ({report.stored:,} written, the rest sparse)"
             f" in {human_duration(elapsed)} ({rate}/s)",
             file=sys.stderr,

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
             print()
             return 0
         summary = provider.summary()
-        vmcx, settings = find_vm_config(provider.paths)
+        config = find_vm_config(provider.paths)
+        vmcx, settings = (None, ()) if config is None else (config.path, config.rows)
         evidence = [{"path": str(p), **file_identity(p)} for p in provider.paths] if args.hash else []
     if args.json:
         doc = summary.as_dict()

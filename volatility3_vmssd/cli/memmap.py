@@ -53,25 +53,25 @@ def run(args: argparse.Namespace) -> int:
     with open_saved_state(args.file, vsv=args.vsv) as provider:
         ranges = provider.memory_map()
     if args.json:
-        json.dump(ranges, sys.stdout, indent=1)
+        json.dump([r.as_dict() for r in ranges], sys.stdout, indent=1)
         print()
         return 0
     out = sys.stdout
     out.write(f"{'GPA start':<18}  {'GPA end':<18}  {'size':>10}  {'raw offset':<18}  {'RamBlocks':<12}  flags\n")
     pos = 0
     for r in ranges:
-        start, size = r["gpa_start"], r["size"]
+        start, size = r.gpa_start, r.size
         if start > pos:
             out.write(f"{pos:#018x}  {start - 1:#018x}  {human_size(start - pos):>10}  {'-':<18}  (hole)\n")
-        known = r.get("flags")  # None: the backend does not expose them (the DLL)
+        known = r.flags  # None: the backend does not expose them (the DLL)
         flags = "?" if known is None else " ".join(flag_names(known))
         line = (
-            f"{start:#018x}  {start + size - 1:#018x}  {human_size(size):>10}  {r['raw_offset']:#018x}"
-            f"  {_blocks(r['first_ramblock'], r['last_ramblock']):<12}  {flags}"
+            f"{start:#018x}  {start + size - 1:#018x}  {human_size(size):>10}  {r.raw_offset:#018x}"
+            f"  {_blocks(r.first_ramblock, r.last_ramblock):<12}  {flags}"
         )
         out.write(line.rstrip() + "\n")
         pos = max(pos, start + size)
-    total = sum(r["size"] for r in ranges)
-    blocks = _count_blocks([(r["first_ramblock"], r["last_ramblock"]) for r in ranges])
+    total = sum(r.size for r in ranges)
+    blocks = _count_blocks([(r.first_ramblock, r.last_ramblock) for r in ranges])
     out.write(f"{len(ranges)} range(s), {total:,} bytes ({human_size(total)}) of RAM in {blocks} RamBlock(s)\n")
     return 0

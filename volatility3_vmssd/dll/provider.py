@@ -32,7 +32,7 @@ from ..cpu.registers import (
     TableRegister,
 )
 from ..errors import BackendUnavailableError, Finding, NotFoundError, UnmappedAddressError, UnsupportedError, VmssdError
-from ..interface import GpaMemoryChunk, SavedState
+from ..interface import GpaMemoryChunk, MemoryMapRow, SavedState
 from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE
 from . import binding as b
 from .binding import DumpProviderLibrary, is_windows, unavailable_message
@@ -224,11 +224,6 @@ class DllSavedStateProvider(SavedState):
         except ValueError:
             return Architecture.UNKNOWN
 
-    def force_architecture(self, vp: int, arch: Architecture | int) -> None:
-        self._check_vp(vp)
-        self._call("ForceArchitecture", vp, int(arch), context=f"VP {vp}")
-        self._arch_cache.pop(vp, None)
-
     def get_paging_mode(self, vp: int) -> PagingMode:
         self._check_vp(vp)
         out = b.ENUM()
@@ -237,10 +232,6 @@ class DllSavedStateProvider(SavedState):
             return PagingMode(out.value)
         except ValueError:
             return PagingMode.INVALID
-
-    def force_paging_mode(self, vp: int, mode: PagingMode | int) -> None:
-        self._check_vp(vp)
-        self._call("ForcePagingMode", vp, int(mode), context=f"VP {vp}")
 
     def get_processor_vendor(self) -> ProcessorVendor:
         """Not answerable: the DLL exports no processor-vendor query (VIRTUAL_PROCESSOR_VENDOR is only a type)."""
@@ -297,11 +288,6 @@ class DllSavedStateProvider(SavedState):
         """Not answerable: the DLL exports no query for the VP VTL control page."""
         self._check_vp(vp)
         raise UnsupportedError("vmsavedstatedumpprovider.dll exports no VtlIsRunnable query")
-
-    def is_nested_virtualization_enabled(self) -> bool:
-        out = b.BOOL()
-        self._call("IsNestedVirtualizationEnabled", byref(out))
-        return bool(out.value)
 
     def in_kernel_space(self, vp: int) -> bool:
         self._check_vp(vp)
@@ -562,7 +548,7 @@ class DllSavedStateProvider(SavedState):
             ]
         return self._runs
 
-    def memory_map(self) -> list[dict[str, Any]]:
+    def memory_map(self) -> list[MemoryMapRow]:
         """Per GPA run: start, size, raw saved-memory offset and the 1 MiB RamBlock numbers it uses.
 
         The DLL does not say which RamBlocks a file holds; every block it maps counts as present.
@@ -571,15 +557,15 @@ class DllSavedStateProvider(SavedState):
         for gpa, raw, size in self._all_runs():
             first, last = raw // BLOCK_SIZE, (raw + size - 1) // BLOCK_SIZE
             out.append(
-                {
-                    "gpa_start": gpa,
-                    "size": size,
-                    "raw_offset": raw,
-                    "first_ramblock": first,
-                    "last_ramblock": last,
-                    "ramblocks_present": last - first + 1,
-                    "flags": None,  # the DLL does not expose the RamMemoryBlock flags
-                }
+                MemoryMapRow(
+                    gpa_start=gpa,
+                    size=size,
+                    raw_offset=raw,
+                    first_ramblock=first,
+                    last_ramblock=last,
+                    ramblocks_present=last - first + 1,
+                    flags=None,  # the DLL does not expose the RamMemoryBlock flags
+                )
             )
         return out
 

@@ -1,1 +1,1 @@
-"""Flat memory images (raw, LiME, ELF core): readers and writers side by side, one module per format."""
+"""Memory images other tools open (raw, LiME, ELF core, Windows crash dump): one module per format."""

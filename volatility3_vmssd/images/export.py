@@ -1,4 +1,4 @@
-"""``vmssd convert``: a saved state's RAM streamed into a raw, LiME or ELF image.
+"""``vmssd convert``: a saved state's RAM streamed into a raw, LiME, ELF or Windows crash-dump image.
 
 What cannot be read (a RamBlock that is absent, a page record stream cut short) is written as zeros *and
 recorded* (:class:`CheckedReader`): the caller decides whether such an image may be kept, and lists the
@@ -12,13 +12,15 @@ from typing import Any, BinaryIO, Protocol
 
 from ..cpu.registers import Architecture
 from ..errors import VmssdError
+from .crashdump import write_dmp
+from .dumpsource import DumpOptions, dump_inputs
 from .elf import EM_AARCH64, EM_X86_64, NT_PRSTATUS, elf_note, prstatus_aarch64, prstatus_x86_64, write_elf
 from .lime import write_lime
 from .ranges import MissingRange
 from .raw import write_raw
 from .streaming import ExportReport, Progress
 
-FORMATS = ("raw", "lime", "elf")
+FORMATS = ("raw", "lime", "elf", "dmp")
 
 
 class MemorySource(Protocol):
@@ -101,8 +103,15 @@ def provider_notes(provider: MemorySource) -> tuple[int, bytes]:
     return (EM_AARCH64 if arm else EM_X86_64), b"".join(notes)
 
 
-def export(provider: MemorySource, out: BinaryIO, fmt: str, *, progress: Progress | None = None) -> ExportReport:
-    """Write the saved state's RAM to ``out`` as ``fmt`` (raw, lime or elf), streaming.
+def export(
+    provider: MemorySource,
+    out: BinaryIO,
+    fmt: str,
+    *,
+    progress: Progress | None = None,
+    dump: DumpOptions | None = None,
+) -> ExportReport:
+    """Write the saved state's RAM to ``out`` as ``fmt`` (raw, lime, elf or dmp), streaming.
 
     Unreadable ranges are zero-filled and listed in the report's ``missing``.
     """
@@ -115,6 +124,10 @@ def export(provider: MemorySource, out: BinaryIO, fmt: str, *, progress: Progres
     elif fmt == "elf":
         machine, notes = provider_notes(provider)
         report = write_elf(out, ranges, read, machine=machine, notes=notes, progress=progress)
+    elif fmt == "dmp":
+        options = dump or DumpOptions()
+        inputs = dump_inputs(provider, options)  # type: ignore[arg-type]  # the provider satisfies DumpSource too
+        report = write_dmp(out, ranges, read, inputs, kind=options.kind, progress=progress)
     else:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     report.missing = read.missing

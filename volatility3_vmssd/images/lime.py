@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from ..errors import FormatError
-from .ranges import MemoryRange, sorted_ranges
-from .streaming import READ_SIZE, ExportReport, Progress, Read, SparseWriter, copy_range
+from .ranges import MemoryRange
+from .streaming import READ_SIZE, ExportReport, Progress, Read, stream_ranges
 
 LIME_MAGIC = 0x4C694D45  # "EMiL" little-endian
 LIME_VERSION = 1
@@ -50,11 +50,12 @@ def write_lime(
     read_size: int = READ_SIZE,
 ) -> ExportReport:
     """A LiME file: for each range, its header (inclusive end) followed by its bytes."""
-    rs = sorted_ranges(ranges)
-    writer = SparseWriter(out)
-    for gpa, length in rs:
-        writer.write(lime_header(gpa, length))
-        copy_range(writer, read, gpa, length, progress, read_size)
-    report = ExportReport("lime", len(rs), sum(n for _, n in rs))
-    report.size, report.stored = writer.finish(), writer.stored
-    return report
+    return stream_ranges(
+        "lime",
+        out,
+        ranges,
+        read,
+        lambda w, gpa, n: w.write(lime_header(gpa, n)),
+        progress=progress,
+        read_size=read_size,
+    )

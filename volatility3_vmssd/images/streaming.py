@@ -9,11 +9,11 @@ at the end, so a trailing zero stretch still counts.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from ..errors import VmssdError
-from .ranges import MissingRange
+from .ranges import MissingRange, sorted_ranges
 
 READ_SIZE = 16 << 20
 SPARSE_MIN = 1 << 20
@@ -34,6 +34,8 @@ class ExportReport:
     size: int = 0
     stored: int = 0
     missing: list[MissingRange] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user must know about the image
+    detail: str = ""  # what kind of image of its format, for the summary line
 
     @property
     def missing_bytes(self) -> int:
@@ -103,3 +105,24 @@ def copy_range(
         done += take
         if progress is not None:
             progress(take)
+
+
+def stream_ranges(
+    fmt: str,
+    out: BinaryIO,
+    ranges: Sequence[tuple[int, int]],
+    read: Read,
+    before: Callable[[SparseWriter, int, int], None],
+    *,
+    progress: Progress | None = None,
+    read_size: int = READ_SIZE,
+) -> ExportReport:
+    """Each range in GPA order: ``before(writer, gpa, length)`` (a header, a hole), then its bytes."""
+    rs = sorted_ranges(ranges)
+    writer = SparseWriter(out)
+    for gpa, length in rs:
+        before(writer, gpa, length)
+        copy_range(writer, read, gpa, length, progress, read_size)
+    report = ExportReport(fmt, len(rs), sum(n for _, n in rs))
+    report.size, report.stored = writer.finish(), writer.stored
+    return report

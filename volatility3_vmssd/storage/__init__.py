@@ -3,7 +3,7 @@
 from .defs import KeyType, ObjectType
 from .journal import ReplayLogInfo
 from .keytree import Key, NumberedKeys
-from .reader import FileHeader, HyperVStorage, StorageObject, commit_replay_log, is_hyperv_storage
+from .reader import FileHeader, HyperVStorage, StorageObject, commit_replay_log
 from .writer import HyperVStorageWriter, TypedValue, uint
 
 __all__ = [
@@ -18,6 +18,5 @@ __all__ = [
     "StorageObject",
     "TypedValue",
     "commit_replay_log",
-    "is_hyperv_storage",
     "uint",
 ]

@@ -760,14 +760,6 @@ class Key:
         return 0 if self.is_root else self._tree.seq[self._id]
 
     @property
-    def parent_ref(self) -> tuple[int, int]:
-        """(ParentNodeTable, ParentNodeOffset) as stored in the entry."""
-        if self.is_root:
-            return (0, 0)
-        h = self._tree.header(self._id)
-        return (h[3], h[4])
-
-    @property
     def parent(self) -> Key | None:
         if self.is_root:
             return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 import threading
 import zlib
 from array import array
@@ -61,7 +60,6 @@ __all__ = [
     "StorageObject",
     "commit_replay_log",
     "decode_utf16",
-    "is_hyperv_storage",
 ]
 
 Value = int | float | str | bytes | bool | None
@@ -93,13 +91,6 @@ class StorageObject:
     offset: int
     size: int
     flags: int
-
-    @property
-    def type_name(self) -> str:
-        try:
-            return ObjectType(self.type).name
-        except ValueError:
-            return f"TYPE_{self.type}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,8 +581,3 @@ def commit_replay_log(src: str | os.PathLike[str], dst: str | os.PathLike[str]) 
     """
     with HyperVStorage.open(src, strict=True) as storage:
         return commit(storage, dst)
-
-
-def is_hyperv_storage(prefix: bytes) -> bool:
-    """Cheap signature test on the first bytes of a file (used by stackers and the CLI)."""
-    return len(prefix) >= 4 and struct.unpack_from("<I", prefix)[0] == FILE_SIGNATURE

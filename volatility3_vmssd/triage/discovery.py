@@ -28,7 +28,7 @@ from ..files import HEAD_SIZE, partner_candidates, signature_kind
 from ..files import sniff as remote_sniff
 from ..sources import base_name, folder_of, is_remote, redact
 from ..sources.remote import list_remote_detail
-from .identity import VmConfig, read_vm_config
+from ..vmconfig import VmConfig, read_vm_config
 
 __all__ = [
     "HYPERV_EXTENSIONS",

@@ -14,37 +14,14 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from ..lifetime import die_with_parent
+
 __all__ = ["grid_rows", "resolve_plugin", "run_plugin"]
-
-_PDEATHSIG = 1  # PR_SET_PDEATHSIG
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """End this process when the worker that started it goes (a killed worker must not leave plugins running)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            ctypes.CDLL(None, use_errno=True).prctl(_PDEATHSIG, int(signal.SIGKILL))
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent is already gone (it died before prctl took effect)
-        os._exit(3)
-
-    def watch() -> None:  # portable fallback, and a second net on Linux
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(3)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def resolve_plugin(name: str, plugin_list: dict[str, Any]) -> Any:
@@ -188,7 +165,7 @@ def _run(spec: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], list[li
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec_path, result_path, parent = Path(args[0]), Path(args[1]), int(args[2])
-    _die_with_parent(parent)
+    die_with_parent(parent, exit_code=3)  # a killed worker must not leave plugins running
     logging.basicConfig(level=logging.ERROR)
     spec = json.loads(spec_path.read_text())
     result = run_plugin(spec)

@@ -29,7 +29,6 @@ from typing import Any
 
 __all__ = ["SCRATCH_PREFIX", "execute", "kill_running", "pid_alive", "remove_stale_scratch", "worker_cache_blocks"]
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 #: ``vmssd-triage-<pid>-<random>``: the pid says whether the folder is still in use.
 SCRATCH_PREFIX = "vmssd-triage-"
 _SCRATCH = re.compile(re.escape(SCRATCH_PREFIX) + r"(\d+)-")
@@ -121,8 +120,6 @@ def execute(spec: dict[str, Any], timeout: float | None, cache_mib_per_worker: i
     started = time.monotonic()
     spec = dict(spec, cache_blocks=worker_cache_blocks(cache_mib_per_worker))
     env = dict(os.environ)
-    # The child imports the same package as this worker (a checkout's copy in tests), first.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     global _CLEANED
     if not _CLEANED:  # once per worker process
         _CLEANED = True

@@ -13,14 +13,9 @@ with a bounded number of blocks in flight, so memory use does not grow with the 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import ctypes
 import dataclasses
 import os
 import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 from ..cpu.chunkwriter import build_partition_state
@@ -28,6 +23,7 @@ from ..cpu.cpustate import PartitionState
 from ..errors import FormatError
 from ..images.memoryimage import MemoryImage
 from ..images.ranges import MemoryRange, subtract_holes
+from ..lifetime import die_with_parent
 from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from ..memory.legacy_bin import write_bin
 from ..memory.ramblock import encode_block
@@ -84,22 +80,10 @@ def _worker_init(parent: int) -> None:
     """Encoding workers leave signals to the parent and end with it, even when it is killed (SIGKILL).
 
     Ctrl-C reaches the whole process group: the parent stops and cleans up, so a worker's own
-    KeyboardInterrupt traceback is noise.  On Linux the kernel kills the worker with its parent
-    (PR_SET_PDEATHSIG); elsewhere a thread notices the parent is gone within a second.
+    KeyboardInterrupt traceback is noise.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="vmssd-parent-watch", daemon=True).start()
+    die_with_parent(parent)
 
 
 def encoded_blocks(

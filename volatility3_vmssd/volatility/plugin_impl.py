@@ -91,7 +91,8 @@ def info_table(layer: HyperVSavedStateLayer) -> Iterator[InfoRow]:
             + f" ({meta.get('architecture')}{', PAE' if meta.get('pae') else ''}; validated)",
             format_hints.Hex(meta["page_map_offset"]),
         )
-    vmcx, settings = find_vm_config(provider.paths)
+    config = find_vm_config(provider.paths)
+    vmcx, settings = (None, ()) if config is None else (config.path, config.rows)
     if vmcx is not None:
         yield "VM configuration", str(vmcx), None
         for label, text in settings:
@@ -272,18 +273,18 @@ class MemmapPlugin(_SavedStatePlugin):
         layer = self._saved_state_layer()
         provider = layer.provider
         for rng in provider.memory_map():
-            first, last, have = rng["first_ramblock"], rng["last_ramblock"], rng["ramblocks_present"]
+            first, last, have = rng.first_ramblock, rng.last_ramblock, rng.ramblocks_present
             yield (
                 0,
                 (
-                    format_hints.Hex(rng["gpa_start"]),
-                    format_hints.Hex(rng["gpa_start"] + rng["size"] - 1),
-                    format_hints.Hex(rng["size"]),
-                    format_hints.Hex(rng["raw_offset"]),
+                    format_hints.Hex(rng.gpa_start),
+                    format_hints.Hex(rng.gpa_start + rng.size - 1),
+                    format_hints.Hex(rng.size),
+                    format_hints.Hex(rng.raw_offset),
                     first,
                     last,
                     f"{have}/{last - first + 1}",
-                    "?" if rng.get("flags") is None else " ".join(flag_names(rng["flags"])),
+                    "?" if rng.flags is None else " ".join(flag_names(rng.flags)),
                 ),
             )
 
