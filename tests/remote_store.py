@@ -225,7 +225,10 @@ def range_server(root: Path) -> Iterator[tuple[str, int]]:
 
 
 class S3:
-    """moto's S3 on loopback, a proxy in front of it, and the environment a client process needs."""
+    """moto's S3 on loopback, a proxy in front of it, and the environment a client process needs.
+
+    moto keeps its buckets in one in-memory backend per process, shared by every server started in it:
+    each test module uses buckets of its own names."""
 
     def __init__(self) -> None:
         pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra)")

@@ -45,7 +45,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def s3(host: Path) -> Iterator[S3]:
     store = S3()
     for path in sorted(p for p in host.rglob("*") if p.is_file()):
-        store.upload("evidence", f"host42/{path.relative_to(host).as_posix()}", path)
+        store.upload("triage-evidence", f"host42/{path.relative_to(host).as_posix()}", path)
     yield store
     store.close()
 
@@ -76,6 +76,16 @@ def _normal(out: Path, root: str) -> dict[str, list[dict]]:
     return docs
 
 
+def _assert_same(got: dict[str, list[dict]], want: dict[str, list[dict]]) -> None:
+    """Equal documents; else the first row and keys that differ (the whole documents are too long to read)."""
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert len(got[name]) == len(want[name]), name
+        for g, w in zip(got[name], want[name], strict=True):
+            keys = sorted(k for k in set(g) | set(w) if g.get(k) != w.get(k))
+            assert not keys, f"{name}: {[(k, g.get(k), w.get(k)) for k in keys]}"
+
+
 @pytest.fixture(scope="module")
 def local_run(host: Path, s3: S3, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("triage-local") / "out"
@@ -86,10 +96,10 @@ def local_run(host: Path, s3: S3, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_triage_of_a_prefix_equals_the_local_run(s3: S3, local_run: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     s3.proxy.take_log()
-    _triage(out, "s3://evidence/host42/", s3.env)
+    _triage(out, "s3://triage-evidence/host42/", s3.env)
     log = s3.proxy.take_log()
-    got = _normal(out, "s3://evidence/host42")
-    assert got == local_run
+    got = _normal(out, "s3://triage-evidence/host42")
+    _assert_same(got, local_run)
     summary = got["summary.jsonl"]
     assert {r["class"] for r in summary} >= {"saved-memory", "configuration", "bin-without-vsv"}
     assert any(r.get("vm_name") for r in summary)  # identity from the .vmcx
@@ -167,11 +177,11 @@ def test_triage_on_a_cluster_sharing_no_disk(s3: S3, host: Path, local_run: dict
     away = host.with_name(host.name + ".away")
     host.rename(away)  # the evidence is only in the bucket while the cluster runs
     try:
-        _triage(out, "s3://evidence/host42/", s3.env, "--scheduler", cluster, cwd=out.parent)
+        _triage(out, "s3://triage-evidence/host42/", s3.env, "--scheduler", cluster, cwd=out.parent)
     finally:
         away.rename(host)
-    got = _normal(out, "s3://evidence/host42")
-    assert got == local_run
+    got = _normal(out, "s3://triage-evidence/host42")
+    _assert_same(got, local_run)
     workers = set()
     for path in (out / "tasks").rglob("*.json"):
         doc = json.loads(path.read_text())
