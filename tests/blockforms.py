@@ -1,6 +1,6 @@
 """Saved states written with every legitimate RamBlock form, for tests and the benchmark harness.
 
-Our writer (``savedstate/writer.py``) writes one form: openvmm's layout with multi-fill, XPRESS and
+Our writer (``vmrs/writer.py``) writes one form: openvmm's layout with multi-fill, XPRESS and
 raw page records and an end marker after 256 pages.  Other writers may legitimately produce more,
 and a reader's fast path must take all of them (issue 14):
 

@@ -1,7 +1,8 @@
 """The house rules of the package's structure, checked from its own import statements.
 
-Data flows one way: storage -> codecs -> savedstate -> provider layer (the interface, both backends,
-file recognition, the factory) -> Volatility glue / CLI / exporters / triage.  A module may import
+Data flows one way: errors/outputs/lifetime -> storage -> codecs -> memory -> cpu -> images -> vmrs ->
+provider layer (the interface, both backends, file recognition, the factory, the summary view model) ->
+Volatility glue / CLI / verify / triage (ranks in RANKS below).  A module may import
 only from its own layer or lower ones, nothing outside the glue imports Volatility, and the module
 graph has no circle.  Every import counts, also those inside functions or under TYPE_CHECKING: a lazy
 import is still an arrow a maintainer has to follow.

@@ -1,6 +1,6 @@
 """A Hyper-V host's folder tree in miniature, for the ``vmssd triage`` tests.
 
-Every saved state is written by the project's writer (``savedstate/writer.py``); ``.vmcx`` files by
+Every saved state is written by the project's writer (``vmrs/writer.py``); ``.vmcx`` files by
 the storage writer with the keys a real ``.vmcx`` holds.  ``EXPECTED`` says what each file is,
 because this module made it so: the tests check that discovery and classification find the same.
 """

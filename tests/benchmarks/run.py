@@ -335,6 +335,44 @@ def write_lime(src: Path, out: Path) -> None:
         write_lime(fh, ranges, p.read_guest_physical_address_padded)
 
 
+def windows_rows(tmp: Path, env: dict[str, str], reps: int, row: Callable[..., None]) -> None:
+    """``windows.pslist`` on a Windows-shaped guest (tests/windows_guest.py) as .vmrs and as LiME.
+
+    Two contexts: every VP idle in the kernel (the saved CR3 is the DTB) and every VP in user mode
+    under KVA shadow (no saved CR3 qualifies: Volatility's scan runs, as on the LiME form).  Skipped
+    when the shared kernel symbol tables are absent.
+    """
+    from windows_guest import build_windows_guest, shared_isfs, wrap
+
+    isfs = shared_isfs(SHARED)
+    if not isfs:
+        print(f"(windows rows skipped: no kernel symbol tables under {SHARED}/data/windows-symbols)")
+        return
+    sys.path.insert(2, str(REPO / "tests" / "volatility"))
+    from vol_helpers import preseed_isf_validation
+
+    preseed_isf_validation(Path(env["XDG_CACHE_HOME"]), isfs[:1])
+    symbols = ["--offline", "-s", str(SHARED / "data" / "windows-symbols")]
+    for context in ("kernel", "kvashadow"):
+        guest = build_windows_guest(isfs[0], context, 5, tmp / f"windows-{context}")
+        vmrs = wrap(guest, "vmrs", tmp / f"windows-{context}")
+        run_vol([*symbols, "-f", str(guest.lime), "windows.pslist"], env)  # warm the caches
+        times: dict[str, list[float]] = {"vmrs": [], "lime": []}
+        for _ in range(max(3, reps)):  # interleaved, so that load from elsewhere hits both alike
+            for label, f in (("vmrs", vmrs), ("lime", guest.lime)):
+                times[label].append(run_vol([*symbols, "-f", str(f), "windows.pslist"], env)[0])
+        res = {label: min(values) for label, values in times.items()}
+        ratio = res["vmrs"] / res["lime"]
+        row(
+            f"vol windows.pslist ({context} VPs): .vmrs / LiME wall time",
+            ratio,
+            "x",
+            "<= 1.10",
+            ratio <= 1.10,
+            f"{res['vmrs']:.2f} s vs {res['lime']:.2f} s, {guest.ram_size // MIB} MiB guest",
+        )
+
+
 # ----------------------------------------------------------------------------- the run
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -578,6 +616,7 @@ def main() -> int:
                 remote_rows(inputs["linux-guest"], symbols, run_vol, row, max(1, reps - 1), tmp)
             else:
                 print("(moto[server]/s3fs not installed: the S3 rows are skipped)")
+        windows_rows(tmp, env, reps, row)
 
         # --- bounded memory while scanning ------------------------------------------------------
         from volatility3_vmssd.memory.ramblock import encode_block

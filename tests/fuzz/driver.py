@@ -309,10 +309,11 @@ def run_atheris(target: str, seconds: float, corpus: Path, out: Path, stats_file
 
     # Only the package is instrumented: coverage of the harness itself would be noise (and slower).
     with atheris.instrument_imports(include=["volatility3_vmssd"]):
-        import volatility3_vmssd.savedstate.partition_state
-
         import volatility3_vmssd.codecs._xpress_python
         import volatility3_vmssd.codecs.xpress
+        import volatility3_vmssd.cpu.chunkparser
+        import volatility3_vmssd.cpu.cpumode
+        import volatility3_vmssd.cpu.guestos
         import volatility3_vmssd.memory.guestmemory
         import volatility3_vmssd.memory.legacy_bin
         import volatility3_vmssd.memory.ramblock
@@ -350,7 +351,7 @@ def run_atheris(target: str, seconds: float, corpus: Path, out: Path, stats_file
         str(corpus),
         f"-max_len={max_len}",
         f"-max_total_time={int(seconds) + 30}",
-        "-timeout=20",  # libFuzzer's own kill switch; the harness already flags anything over 1 s
+        "-timeout=20",  # libFuzzer's own kill switch; the harness already flags anything over SLOW_SECONDS
         "-rss_limit_mb=3072",
         "-print_final_stats=0",
         "-close_fd_mask=0",

@@ -1,7 +1,8 @@
 """The CR3 fast path: a Windows kernel layer straight from a VP's saved CR3, validated, without scanning.
 
-The guest is synthetic: page tables that map a KUSER_SHARED_DATA page at its kernel and user
-addresses, which is what Volatility's own ``Intel64LayerCheck``/``Intel32LayerCheck`` look at.
+The guest is synthetic: page tables with the mode's self-reference, a kernel PE header that LSTAR
+points into (what ``cpu/kernel_dtb.py`` proves) and a KUSER_SHARED_DATA page at its kernel and user
+addresses (what Volatility's own ``Intel64LayerCheck``/``Intel32LayerCheck`` look at).
 """
 
 from __future__ import annotations
@@ -185,3 +186,38 @@ def test_upstream_stacker_list_includes_ours() -> None:
 
 class _FakeLinuxPlugin:
     __module__ = "volatility3.plugins.linux.fake"
+
+
+def test_kva_shadow_cr3_on_every_vp_is_refused_and_hyperv_info_says_why(tmp_path: Path) -> None:
+    """User-mode VPs on a shadow table (user half + KUSER_SHARED_DATA, which Volatility's own check
+    accepts, but no self-reference and no kernel image): nothing is stacked, and hyperv.info says so."""
+    from vol_helpers import KUSER_USER, PageTables
+
+    from volatility3_vmssd.volatility.plugin_impl import info_rows
+
+    image = windows_like_image(root=ROOT)
+    shadow = 0x38000  # in the zeroed table area, above what the kernel's tables use
+    tables = PageTables(image, "long", shadow, shadow + 0x1000)
+    tables.map(KUSER_KERNEL_64, KUSER_PAGE)
+    tables.map(KUSER_USER, KUSER_PAGE, user=True)
+    user = {"cpl": 3, "cs": {"selector": "0x33", "attributes": "0xa0fb"}}
+    windows_nt = hex(1 << 48 | 4 << 40 | 10 << 32 | 19041)
+    state = state_json([vp_registers("long", shadow | 1, **user) for _ in range(2)], guest_os_id=windows_nt)
+    path = write_vmrs(tmp_path / "kva.vmrs", image, state)
+    ctx, names = stack(path)
+    layer = ctx.layers[names[0]]
+    assert isinstance(layer, HyperVSavedStateLayer)  # the shadow CR3 was not stacked
+    probe = build_probe(ctx, names[0], shadow)
+    assert windows.Intel64LayerCheck.check(probe)  # ... although Volatility's own check accepts it
+    rows = dict(info_rows(layer))
+    # the kernel's DTB (0x10000) lies outside Volatility's scan windows, so the scan finds none either
+    assert rows["Kernel DTB"] == (
+        "none: no saved CR3 maps the kernel (user-mode shadow tables on every VP), and Volatility's DTB scan found none"
+    )
+
+
+def build_probe(ctx: interfaces.context.ContextInterface, memory: str, dtb: int) -> intel.Intel:
+    from volatility3_vmssd.volatility.kernel import KernelCandidate, build_kernel_layer
+
+    candidate = KernelCandidate(0, 0, 4, dtb, dtb, intel.WindowsIntel32e, windows.Intel64LayerCheck, "Intel64")
+    return build_kernel_layer(ctx, memory, candidate)

@@ -224,6 +224,10 @@ KUSER_USER = 0x7FFE0000
 NT_MAJOR_OFFSET = 0x26C
 KUSER_PAGE = 0x40000  # physical page holding the synthetic KUSER_SHARED_DATA
 ROOT_DEFAULT = 0x10000  # where windows_like_image puts the top-level page table
+KERNEL_PAGE = 0x48000  # physical page holding the synthetic kernel's PE header
+KERNEL_VA_64 = 0xFFFFF80000400000
+KERNEL_VA_32 = 0x80400000
+SELF_REF_64 = 0x1ED
 
 
 class PageTables:
@@ -270,7 +274,11 @@ class PageTables:
 
 
 def windows_like_image(mode: str = "long", size: int = 4 * MIB, root: int = ROOT_DEFAULT) -> bytearray:
-    """Guest RAM whose tables at ``root`` map KUSER_SHARED_DATA as Volatility's Windows checks expect."""
+    """Guest RAM whose tables at ``root`` are a Windows kernel DTB in miniature: the mode's self-reference,
+    KUSER_SHARED_DATA at its kernel and user addresses, and a kernel PE header (CodeView ``ntkrnlmp.pdb``)
+    at ``KERNEL_VA_*``, which :func:`vp_registers`' LSTAR points into (docs/windows.md, "The kernel DTB")."""
+    from windows_guest import pe_header
+
     image = mixed_image(size, seed=7)
     image[root : root + 0x30000] = bytes(0x30000)  # room for the tables
     image[KUSER_PAGE : KUSER_PAGE + PAGE] = bytes(PAGE)
@@ -278,6 +286,21 @@ def windows_like_image(mode: str = "long", size: int = 4 * MIB, root: int = ROOT
     tables = PageTables(image, mode, root, root + PAGE)
     tables.map(KUSER_KERNEL_64 if mode == "long" else KUSER_KERNEL_32, KUSER_PAGE)
     tables.map(KUSER_USER, KUSER_PAGE, user=True)
+    kernel_va = KERNEL_VA_64 if mode == "long" else KERNEL_VA_32
+    image[KERNEL_PAGE : KERNEL_PAGE + PAGE] = pe_header(
+        kernel_va, 0x10000, "0123456789ABCDEF0123456789ABCDEF", 1, "ntkrnlmp.pdb", 0x5F000000
+    )
+    tables.map(kernel_va, KERNEL_PAGE)
+    if mode == "long":
+        image[root + 8 * SELF_REF_64 : root + 8 * SELF_REF_64 + 8] = (root | 0x63).to_bytes(8, "little")
+    elif mode == "pae":  # all four page directories, and the last one mapping them (PTEs at 0xC0000000)
+        for quarter in range(4):
+            tables.map(quarter << 30 | 0x3FE00000, KUSER_PAGE)
+        pds = [int.from_bytes(image[root + 8 * i : root + 8 * i + 8], "little") & ~0xFFF for i in range(4)]
+        for i, pd in enumerate(pds):
+            image[pds[3] + 8 * i : pds[3] + 8 * i + 8] = (pd | 0x63).to_bytes(8, "little")
+    else:
+        image[root + 4 * 0x300 : root + 4 * 0x300 + 4] = (root | 0x63).to_bytes(4, "little")
     return image
 
 
@@ -290,6 +313,14 @@ def vp_registers(mode: str, cr3: int, **regs: Any) -> dict[str, Any]:
         efer = 0x800
     elif mode == "32bit":
         cr4, efer = 0x690, 0x0
-    base = {"cr0": hex(cr0), "cr3": hex(cr3), "cr4": hex(cr4), "efer": hex(efer), "rip": "0x401000"}
+    kernel = KERNEL_VA_64 if mode.startswith("long") else KERNEL_VA_32
+    base = {
+        "cr0": hex(cr0),
+        "cr3": hex(cr3),
+        "cr4": hex(cr4),
+        "efer": hex(efer),
+        "rip": "0x401000",
+        "lstar": hex(kernel + 0x800),  # the syscall entry: a kernel address the DTB proof starts from
+    }
     base.update(regs)
     return {"0": base}

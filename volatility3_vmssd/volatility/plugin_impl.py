@@ -14,6 +14,7 @@ from typing import Any
 
 from volatility3.framework import exceptions, interfaces, renderers
 from volatility3.framework.configuration import requirements
+from volatility3.framework.layers import intel
 from volatility3.framework.renderers import format_hints
 
 from ..cpu.cpumode import architecture, paging_mode
@@ -22,7 +23,7 @@ from ..errors import VmssdError
 from ..memory.rammap import flag_names
 from ..summary import SUMMARY_LABELS
 from ..vmconfig import find_vm_config
-from .kernel import kernel_candidates, validate_candidate
+from .kernel import KernelCandidate, kernel_candidates, refusal_summary, validate_candidate
 from .layer import HyperVSavedStateLayer
 from .plugin_requirements import SavedStateContents, SavedStateLayerRequirement, find_saved_state_layer
 
@@ -61,17 +62,67 @@ InfoRow = tuple[str, str, int | None]
 _SUMMARY_KEYS = {label: key for key, label in SUMMARY_LABELS}
 
 
-def info_rows(layer: HyperVSavedStateLayer) -> Iterator[tuple[str, str]]:
-    """``(variable, value)`` rows of ``hyperv.info``; reads no guest RAM."""
-    for label, text, _ in info_table(layer):
+def info_rows(layer: HyperVSavedStateLayer, top: str | None = None) -> Iterator[tuple[str, str]]:
+    """``(variable, value)`` rows of ``hyperv.info``; reads no guest RAM (but page tables when the kernel
+    DTB was scanned for: see :func:`info_table`)."""
+    for label, text, _ in info_table(layer, top):
         yield label, text
 
 
-def info_table(layer: HyperVSavedStateLayer) -> Iterator[InfoRow]:
+def _scanned_windows_dtb(layer: HyperVSavedStateLayer, top: str | None) -> int | None:
+    """The DTB of a Windows Intel layer Volatility's scan stacked on ours (``top``), if that is what happened."""
+    if top is None or top not in layer.context.layers:
+        return None
+    above = layer.context.layers[top]
+    if not isinstance(above, (intel.WindowsIntel, intel.WindowsIntelPAE, intel.WindowsIntel32e)):
+        return None
+    if layer.name not in getattr(above, "dependencies", []):
+        return None
+    dtb = above.config.get("page_map_offset", None)
+    return dtb if isinstance(dtb, int) else None
+
+
+def _windows_guest(provider: Any) -> bool:
+    """VTL0's guest OS id says Windows NT (Microsoft, closed-source layout): the kernel DTB is worth a scan."""
+    try:
+        info = provider.get_guest_os_info(0) if provider.has_cpu_state() else None
+    except VmssdError:
+        return False
+    return bool(info is not None and not info.is_open_source and info.vendor_id == 1 and info.os_id == 4)
+
+
+def _scan_windows_dtb(layer: HyperVSavedStateLayer) -> int | None:
+    """What Volatility's own Windows DTB scan finds on our layer (hyperv.* runs skip the OS stackers)."""
+    from volatility3.framework.automagic import windows as windows_automagic
+
+    found = windows_automagic.WindowsIntelStacker.stack(layer.context, layer.name)
+    dtb = found.config.get("page_map_offset", None) if found is not None else None
+    return dtb if isinstance(dtb, int) else None
+
+
+def _refusals(layer: HyperVSavedStateLayer) -> str:
+    """Why no saved CR3 was used (the stacker's verdicts again: a few page-table walks)."""
+    scratch = interfaces.configuration.path_join("IntelHelper", f"{layer.name}_info_check")
+    refused: list[tuple[KernelCandidate, str]] = []
+    for candidate in kernel_candidates(layer.provider):
+        if candidate.reason is not None:
+            refused.append((candidate, candidate.reason))
+            continue
+        kernel, why = validate_candidate(
+            layer.context, layer.name, candidate, name=f"{layer.name}_info_check", config_path=scratch
+        )
+        if kernel is None:
+            refused.append((candidate, why))
+    return refusal_summary(refused)
+
+
+def info_table(layer: HyperVSavedStateLayer, top: str | None = None) -> Iterator[InfoRow]:
     """``(variable, text, number)`` rows of ``hyperv.info``; the number is what ``-r json`` carries.
 
     The summary rows are the ones ``vmssd info`` prints (one label table, in the provider interface);
-    the layer adds what only Volatility knows: the forced VTL and the kernel page table in use.
+    the layer adds what only Volatility knows: the forced VTL and the kernel page table in use, and
+    where it came from: a saved CR3, or Volatility's scan when ``top`` (the plugin's primary layer)
+    is a Windows Intel layer found by scanning because no saved CR3 maps the kernel.
     """
     provider = layer.provider
     summary = provider.summary()
@@ -91,6 +142,15 @@ def info_table(layer: HyperVSavedStateLayer) -> Iterator[InfoRow]:
             + f" ({meta.get('architecture')}{', PAE' if meta.get('pae') else ''}; validated)",
             format_hints.Hex(meta["page_map_offset"]),
         )
+    elif _windows_guest(provider) or _scanned_windows_dtb(layer, top) is not None:
+        scanned = _scanned_windows_dtb(layer, top)
+        if scanned is None:
+            scanned = _scan_windows_dtb(layer)
+        why = f"no saved CR3 maps the kernel ({_refusals(layer)})"
+        if scanned is None:
+            yield "Kernel DTB", f"none: {why}, and Volatility's DTB scan found none", None
+        else:
+            yield "Kernel DTB", f"{scanned:#x}: {why}: Volatility's scan found {scanned:#x}", format_hints.Hex(scanned)
     config = find_vm_config(provider.paths)
     vmcx, settings = (None, ()) if config is None else (config.path, config.rows)
     if vmcx is not None:
@@ -118,7 +178,7 @@ class InfoPlugin(_SavedStatePlugin):
     def _generator(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
         layer = self._saved_state_layer()
         na = renderers.NotApplicableValue()
-        for variable, value, number in info_table(layer):
+        for variable, value, number in info_table(layer, self.config["primary"]):  # type: ignore[attr-defined]
             yield 0, (variable, value, na if number is None else number)
 
     def run(self) -> renderers.TreeGrid:

@@ -7,8 +7,9 @@ beside it, or given with ``--hyperv-vsv-location``) and a ``.vsv`` given with ``
 found beside it), adding a second FileLayer for the partner as upstream's VMware stacker does.
 
 ``HyperVIntelStacker`` (order 30: before the Linux (34/35) and Windows (40) scanners) builds the
-Windows Intel layer straight from a VP's saved CR3 when Volatility's own check accepts it, and
-otherwise steps aside so the normal scanners run.
+Windows Intel layer straight from a VP's saved CR3 when its tables prove a kernel DTB (the
+self-reference and the kernel image, ``volatility/kernel.py``) and Volatility's own check accepts it,
+and otherwise steps aside so the normal scanners run (a KVA-shadow user CR3 must not hide the kernel).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..codecs import xpress
 from ..files import evidence_location, find_partner, path_to_url, read_head, signature_kind
 from ..sources import base_name, suffix
 from .diagnose import vsv_problem
-from .kernel import kernel_candidates, validate_candidate
+from .kernel import KernelCandidate, kernel_candidates, refusal_summary, validate_candidate
 from .layer import HyperVSavedStateLayer, NoSavedMemoryError
 from .options import option
 
@@ -193,7 +194,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
 
 
 class HyperVIntelStacker(interfaces.automagic.StackerLayerInterface):
-    """Builds the Windows Intel layer from a saved CR3 that passes Volatility's KUSER_SHARED_DATA check."""
+    """Builds the Windows Intel layer from a saved CR3 whose tables prove a Windows kernel DTB."""
 
     stack_order = 30
     exclusion_list = ["linux", "mac"]
@@ -209,6 +210,7 @@ class HyperVIntelStacker(interfaces.automagic.StackerLayerInterface):
         if not isinstance(base, HyperVSavedStateLayer):
             return None
         tried: set[tuple[int, type]] = set()
+        refused: list[tuple[KernelCandidate, str]] = []
         candidates = kernel_candidates(base.provider)
         five_level = [c.vp for c in candidates if c.levels == 5]
         if five_level:
@@ -218,6 +220,7 @@ class HyperVIntelStacker(interfaces.automagic.StackerLayerInterface):
             )
         for candidate in candidates:
             if candidate.reason is not None:
+                refused.append((candidate, candidate.reason))
                 vollog.log(
                     constants.LOGLEVEL_VVV,
                     f"HyperVIntelStacker: VP {candidate.vp}: saved CR3 not usable: {candidate.reason}",
@@ -230,6 +233,7 @@ class HyperVIntelStacker(interfaces.automagic.StackerLayerInterface):
             tried.add(key)
             layer, why = validate_candidate(context, layer_name, candidate)
             if layer is None:
+                refused.append((candidate, why))
                 vollog.log(
                     constants.LOGLEVEL_VVV,
                     f"HyperVIntelStacker: VP {candidate.vp} VTL {candidate.vtl} CR3 {candidate.cr3:#x}"
@@ -251,6 +255,7 @@ class HyperVIntelStacker(interfaces.automagic.StackerLayerInterface):
             return layer
         vollog.log(
             constants.LOGLEVEL_VV,
-            "HyperVIntelStacker: no saved CR3 validated as a Windows kernel page table; leaving it to the scanners",
+            f"HyperVIntelStacker: no saved CR3 maps the kernel ({refusal_summary(refused)}); leaving it to the"
+            " scanners",
         )
         return None
