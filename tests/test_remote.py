@@ -413,3 +413,15 @@ def test_debug_logs_show_no_secret(
     shown = out + err + caplog.text
     assert "retrying" in caplog.text  # our own line is there, redacted
     assert "deadbeef" not in shown and "AKIAQUERY" not in shown
+
+
+def test_the_dll_backend_refuses_a_url_in_one_line(http_store: tuple[Path, Proxy]) -> None:
+    from volatility3_vmssd import open_saved_state
+    from volatility3_vmssd.errors import BackendUnavailableError
+
+    root, proxy = http_store
+    shutil.copyfile(SAMPLE, root / "vm.vmrs")
+    with pytest.raises(BackendUnavailableError, match="reads local files only"):
+        open_saved_state(f"{proxy.url}/vm.vmrs?{SECRET_QUERY}", backend="dll")
+    with open_saved_state(f"{proxy.url}/vm.vmrs", backend="auto") as provider:  # auto: read natively
+        assert provider.kind == "vmrs" and provider.paths == [f"{proxy.url}/vm.vmrs"]

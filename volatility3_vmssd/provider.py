@@ -19,7 +19,7 @@ from .files import BIN_SIGNATURE, STORAGE_SIGNATURE, find_partner, sniff
 from .interface import SavedState
 from .memory.guestmemory import DEFAULT_CACHE_LIMIT
 from .native import SavedStateProvider
-from .sources import redact, suffix
+from .sources import is_remote, redact, suffix
 
 __all__ = ["BACKENDS", "apply_pending_replay_log", "open_saved_state"]
 
@@ -56,6 +56,12 @@ def open_saved_state(
     """
     kind = sniff(path)
     dll = _use_dll(backend)
+    if dll and is_remote(path):
+        if backend == "dll":
+            raise BackendUnavailableError(
+                f"{redact(path)}: Microsoft's DLL reads local files only; use the native backend for a URL"
+            )
+        dll = False  # "auto": the native reader reads URLs (docs/remote.md)
     if kind == "bin":
         found = vsv if vsv is not None else find_partner(path, [".vsv"])[0] if partner else None
         if found is not None:
