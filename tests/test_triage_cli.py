@@ -255,19 +255,22 @@ def test_scheduler_addresses_that_cannot_work_get_one_line(tmp_path: Path, addre
     assert not (tmp_path / "out").exists()
 
 
-def test_scheduler_at_an_http_port_answers_promptly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "expected"), [("tcp", "is not a Dask scheduler"), ("tls", "cannot connect to the Dask scheduler")]
+)
+def test_scheduler_at_an_http_port_answers_promptly(tmp_path: Path, scheme: str, expected: str) -> None:
     pytest.importorskip("distributed", reason="dask/distributed are not installed (pip install '.[triage]')")
     tree = small_tree(tmp_path / "ev")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        address = f"tcp://127.0.0.1:{server.server_address[1]}"
+        address = f"{scheme}://127.0.0.1:{server.server_address[1]}"
         # The hang guard: Dask's own client waits forever on such a port; ours must answer well before 10 s.
         line = one_line_error(vmssd("triage", "--out", tmp_path / "out", "--scheduler", address, tree, timeout=10))
     finally:
         server.shutdown()
         server.server_close()
-    assert f"{address} is not a Dask scheduler" in line
+    assert expected in line and address in line
 
 
 @pytest.mark.slow
@@ -341,3 +344,15 @@ def test_scratch_folders_of_dead_runs_are_removed_and_no_others(tmp_path: Path) 
     r = vmssd("triage", "--out", tmp_path / "out", "--no-progress", tree, env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in scratch.iterdir()) == sorted([alive.name, foreign.name, unrelated.name])
+
+
+def test_a_local_run_needs_no_dask(tmp_path: Path) -> None:
+    tree = small_tree(tmp_path / "ev")
+    code = (
+        "import sys; from volatility3_vmssd.cli.main import main;"
+        f" rc = main(['triage', '--out', {str(tmp_path / 'out')!r}, '--no-progress', {str(tree)!r}]);"
+        " bad = [m for m in ('dask', 'distributed') if m in sys.modules]; assert rc == 0 and not bad, (rc, bad)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr

@@ -1,6 +1,6 @@
-"""How ``vmssd triage`` scales: the same N saved states on a local cluster of 1 worker, then of 2.
+"""How ``vmssd triage`` scales: the same N saved states on the local pool of 1 worker, then of 2.
 
-Run from the repository root (needs the ``triage`` extra):
+Run from the repository root:
 
     python tests/benchmarks/triage_scaling.py                  # 8 saved states of 32 MiB
     python tests/benchmarks/triage_scaling.py --states 4 --mib 8 --plugins hyperv.info
@@ -8,7 +8,7 @@ Run from the repository root (needs the ``triage`` extra):
 Each saved state is written by the project's writer from memory-like pages (zero, text, random);
 the default plugins are ``hyperv.info`` and ``banners.Banners`` (which reads, and so decodes, all of
 the guest's RAM).  Both runs start from an empty ``--out`` (nothing resumes) and include starting
-the cluster, as a user's run does.  Not part of the test suite: it prints times and the speed-up,
+the pool, as a user's run does.  Not part of the test suite: it prints times and the speed-up,
 and asserts nothing.
 """
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -110,6 +113,21 @@ def test_summary_classifies_every_file(host, run) -> None:
         "windows.netscan",
     }
     assert json_rows[f"Hyper-V/Virtual Machines/{VM_D}.vmrs"]["findings"]  # damaged: its findings are listed
+    for rel, r in rows.items():  # evidence identity, computed here from the files themselves
+        path = Path(r["path"])
+        assert r["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), rel
+        assert int(r["size"]) == path.stat().st_size, rel
+        if r["partner"]:
+            assert r["partner_sha256"] == hashlib.sha256(Path(r["partner"]).read_bytes()).hexdigest(), rel
+    assert rows[f"Hyper-V/Virtual Machines/{VM_A}.vmrs"]["os_family"] == "windows"
+    assert rows[f"Hyper-V/Virtual Machines/{VM_A}.vmrs"]["os_from"] == "guest-os-id"
+    # No guest OS id, no Linux banner, no Windows kernel: said so, and no more OS plugins run into failures.
+    unknown = json_rows["loose/memory.bin"]
+    assert list(unknown["plugins"]) == ["hyperv.info", "banners.Banners", "windows.info"]
+    assert unknown["os_family"] == "unknown" and "guest OS unknown" in unknown["note"]
+    assert "unknown OS: " in stdout
+    for event in jsonl(out / "tasks.log"):
+        assert datetime.fromisoformat(event["time"]).tzinfo is not None, event
     for rel, r in json_rows.items():
         if r["class"] in ("configuration", "guest-state", "no-memory", "vsv-without-bin", "not-hyperv"):
             assert r["plugins"] == {}, rel  # nothing to analyse
@@ -122,7 +140,7 @@ def test_real_linux_guest_gets_the_linux_set(host, run) -> None:
     out, _ = run
     row = next(r for r in jsonl(out / "summary.jsonl") if r["path"].endswith(f"{VM_G}.vmrs"))
     # The QEMU-made guest never set HV_GUEST_OS_ID: banners.Banners decided, and found Linux.
-    assert row["os_family"] is None
+    assert (row["os_family"], row["os_from"]) == ("linux", "banner")
     assert list(row["plugins"]) == ["hyperv.info", "banners.Banners", "linux.pslist", "linux.sockstat"]
     assert row["plugins"]["banners.Banners"]["rows"] > 0
     assert row["plugins"]["linux.pslist"]["status"] == "ok" and row["plugins"]["linux.pslist"]["rows"] > 10
@@ -249,3 +267,46 @@ def test_time_limit_and_crash_are_results_and_the_others_finish(host, vol_cache:
         and "exited with code 9" in st["triagetest.stuck.Crash"]["error"]
     )
     assert "timeout: triagetest.stuck.Sleep" in stdout
+
+
+def test_plugin_csv_has_headers_and_the_rows_of_vol_csv(host, run, vol_cache: Path) -> None:
+    out, _ = run
+    summary = jsonl(out / "summary.jsonl")
+    ran = {p for r in summary for p in r["plugins"]}
+    for plugin in ran:
+        with open(out / "results" / f"{plugin}.csv", newline="") as fh:
+            table = list(csv.reader(fh))
+        assert table[0][:4] == ["vm_name", "vm_id", "file", "TreeDepth"], plugin  # even with no rows
+        assert len(table) - 1 == len(jsonl(out / "results" / f"{plugin}.jsonl")), plugin
+    # One file and plugin against vol -r csv on that file alone: the same table after our three columns.
+    target = next(r for r in summary if r["path"].endswith(f"{VM_A}.vmrs") and "Snapshots" not in r["path"])
+    done = run_vol(["-q", "--offline", "-r", "csv", "-f", target["path"], "hyperv.info"], cache=vol_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    vol_table = [row for row in csv.reader(done.stdout.splitlines(), escapechar="\\") if row]
+    with open(out / "results" / "hyperv.info.csv", newline="") as fh:
+        ours = [row for row in csv.reader(fh)]
+    assert [ours[0][3:]] + [row[3:] for row in ours[1:] if row[2] == target["path"]] == vol_table
+
+
+def test_the_pandas_recipe_in_the_docs_runs_as_written(host, run, tmp_path: Path) -> None:
+    pytest.importorskip("pandas", reason="pandas is not installed")
+    if not host[2]:
+        pytest.skip(f"the recipe reads linux.pslist rows: needs {LINUX_GUEST} (the shared real-data folder)")
+    out, _ = run
+    doc = (REPO / "docs" / "triage.md").read_text()
+    section = doc[doc.index("### Loading the outputs in pandas") :]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:1]
+    (tmp_path / "triage").symlink_to(out)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # The recipe as written, then checks that what it loaded is the run's (not an empty frame).
+    n_rows = len(jsonl(out / "summary.jsonl"))
+    n_procs = len(jsonl(out / "results" / "linux.pslist.jsonl"))
+    checks = f"""
+assert len(summary) == len(full) == len(status) == {n_rows}
+assert len(procs) == {n_procs} > 10 and "COMM" in procs.columns
+assert summary["sha256"].notna().all()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code + checks], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr

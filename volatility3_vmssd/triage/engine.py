@@ -199,8 +199,10 @@ def _dask_client(address: str) -> Any:
     t.join(3 * CONNECT_SECONDS)
     if "client" not in box:
         err = box.get("error")
-        detail = f": {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}" if err else ""
-        raise SchedulerError(f"{where} did not complete Dask's handshake within {3 * CONNECT_SECONDS:g} s{detail}")
+        if err is None:
+            raise SchedulerError(f"{where} did not complete Dask's handshake within {3 * CONNECT_SECONDS:g} s")
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise SchedulerError(f"cannot connect to the Dask scheduler at {where}: {type(err).__name__}: {first}")
     client = box["client"]
     try:
         client.wait_for_workers(1, timeout=NO_WORKER_SECONDS)
