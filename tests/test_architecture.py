@@ -24,6 +24,7 @@ RANKS = {
     "errors": 0,
     "outputs": 0,
     "host": 0,
+    "sources": 0,
     "lifetime": 0,
     "storage": 1,
     "codecs": 2,

@@ -20,6 +20,7 @@ from urllib.request import url2pathname
 
 from .errors import VmssdError
 from .memory.legacy_bin import BIN_SIGNATURE
+from .sources import base_name, folder_of, is_remote, join, list_folder, open_binary
 from .storage import HyperVStorage
 from .storage.defs import FILE_SIGNATURE
 from .vmrs.reader import PARTITION_STATE_PATHS, ram_block_keys
@@ -27,6 +28,7 @@ from .vmrs.reader import PARTITION_STATE_PATHS, ram_block_keys
 __all__ = [
     "BIN_SIGNATURE",
     "STORAGE_SIGNATURE",
+    "evidence_location",
     "find_partner",
     "find_vmcx",
     "partner_candidates",
@@ -53,15 +55,15 @@ def signature_kind(head: bytes) -> str | None:
 def read_head(path: str | os.PathLike[str]) -> bytes:
     """The first bytes of a file (b"" when it cannot be read): enough for :func:`signature_kind`."""
     try:
-        with open(path, "rb") as fh:
+        with open_binary(path) as fh:
             return fh.read(HEAD_SIZE)
     except OSError:
         return b""
 
 
 def sniff(path: str | os.PathLike[str]) -> str | None:
-    """:func:`signature_kind` of a file on disk; OSError (missing, a directory, unreadable) propagates."""
-    with open(path, "rb") as fh:
+    """:func:`signature_kind` of a file (or remote object); OSError (missing, a directory, unreadable) propagates."""
+    with open_binary(path) as fh:
         return signature_kind(fh.read(HEAD_SIZE))
 
 
@@ -90,36 +92,57 @@ def partner_candidates(name: str, names: Sequence[str], extensions: Sequence[str
                     yield other
 
 
-def find_partner(path: str | os.PathLike[str], extensions: Sequence[str]) -> tuple[Path | None, list[Path]]:
+def find_partner(path: str | os.PathLike[str], extensions: Sequence[str]) -> tuple[Path | str | None, list[Path | str]]:
     """The regular file beside ``path`` with the same base name and one of ``extensions`` (any case).
 
     Returns the partner (the first of :func:`partner_candidates` that is a regular file) and the paths
-    looked at, for a message that tells the user where the partner has to be.
+    looked at, for a message that tells the user where the partner has to be.  A URL's partner is found
+    in one listing of its folder (prefix), by the same rule, and returned as a URL (a local one as a
+    :class:`Path`).
     """
+    if is_remote(path):
+        folder, name = folder_of(path), base_name(path)
+        stem = os.path.splitext(name)[0]
+        listing = list_folder(folder)
+        files = sorted(n for n, is_object in listing.items() if is_object)
+        found = next(partner_candidates(name, files, extensions), None)
+        looked: list[Path | str] = [join(folder, stem + ext) for ext in extensions]
+        return (join(folder, found) if found is not None else None), looked
     path = Path(path)
-    looked = [path.with_suffix(ext) for ext in extensions]
+    local_looked: list[Path | str] = [path.with_suffix(ext) for ext in extensions]
     for name in partner_candidates(path.name, _listing(path.parent), extensions):
         if (path.parent / name).is_file():
-            return path.parent / name, looked
-    return None, looked
+            return path.parent / name, local_looked
+    return None, local_looked
 
 
-def find_vmcx(path: str | os.PathLike[str]) -> Path | None:
-    """The VM configuration (``<GUID>.vmcx``) that belongs to a saved state, if it is on disk.
+def find_vmcx(path: str | os.PathLike[str]) -> Path | str | None:
+    """The VM configuration (``<GUID>.vmcx``) that belongs to a saved state, if it is there.
 
     Hyper-V keeps ``<VM GUID>.vmcx`` beside ``<VM GUID>.vmrs`` in ``Virtual Machines/`` and
     ``<snapshot GUID>.vmcx`` beside the snapshot's ``.vmrs`` in ``Snapshots/``; a copied evidence set
     may have either layout, so the sibling folder of the other name is tried as well.
     """
-    path = Path(path)
     found, _ = find_partner(path, [".vmcx"])
     if found is not None:
         return found
-    parent = path.parent
+    if is_remote(path):
+        parent = folder_of(path)
+        grand = folder_of(parent)
+        for other in ("Virtual Machines", "Snapshots"):
+            for base in (parent, grand):
+                if base_name(base) == other or list_folder(base).get(other, True):
+                    continue  # the folder itself, or no such sub-prefix (a name listed as a file)
+                found, _ = find_partner(join(join(base, other), base_name(path)), [".vmcx"])
+                if found is not None:
+                    return found
+        return None
+    local = Path(path)
+    parent = local.parent
     for other in ("Virtual Machines", "Snapshots"):
         for folder in (parent / other, parent.parent / other):
             if folder != parent and folder.is_dir():
-                found, _ = find_partner(folder / path.name, [".vmcx"])
+                found, _ = find_partner(folder / local.name, [".vmcx"])
                 if found is not None:
                     return found
     return None
@@ -144,7 +167,9 @@ def url_to_path(location: str) -> Path | None:
 
 
 def path_to_url(path: str | os.PathLike[str]) -> str:
-    """A ``file:`` URL as Volatility builds them (absolute, percent-encoded)."""
+    """A ``file:`` URL as Volatility builds them (absolute, percent-encoded); a remote URL as it is."""
+    if is_remote(path):
+        return os.fspath(path)
     return Path(os.path.abspath(path)).as_uri()
 
 
@@ -158,16 +183,22 @@ def vsv_problem(bin_path: str | os.PathLike[str], vsv_path: str | os.PathLike[st
     an identity map.  A ``.vsv`` found beside the ``.bin`` is not judged here: the reader opens it
     and records what it could not read as findings (docs/format.md, legacy .bin + .vsv).
     """
-    vsv, name = Path(vsv_path), os.fspath(vsv_path)
-    if not vsv.exists():
-        return f"{name} does not exist"
-    if not vsv.is_file():
-        return f"{name} is not a regular file"
-    try:
-        if os.path.samefile(vsv, bin_path):
+    name = os.fspath(vsv_path)
+    vsv: Path | str = name
+    if is_remote(name):  # an object in a store (docs/remote.md): its kind is told by its bytes below
+        if name == os.fspath(bin_path):
             return f"{name} is the .bin itself; the .vsv is the other file of the pair"
-    except OSError:
-        pass
+    else:
+        vsv = Path(name)
+        if not vsv.exists():
+            return f"{name} does not exist"
+        if not vsv.is_file():
+            return f"{name} is not a regular file"
+        try:
+            if os.path.samefile(vsv, bin_path):
+                return f"{name} is the .bin itself; the .vsv is the other file of the pair"
+        except OSError:
+            pass
     try:
         kind = sniff(vsv)
     except OSError as exc:
@@ -188,3 +219,13 @@ def vsv_problem(bin_path: str | os.PathLike[str], vsv_path: str | os.PathLike[st
         return None
     what = "a VM configuration (.vmcx)" if configuration or name.lower().endswith(".vmcx") else "a HyperVStorage file"
     return f"{name} is not the .vsv of {os.fspath(bin_path)}: it is {what} without CPU state (no partition_state)"
+
+
+def evidence_location(location: str) -> Path | str | None:
+    """What a Volatility location names for us: a local :class:`Path`, a remote URL we read, or None."""
+    try:
+        if is_remote(location):
+            return location
+    except OSError:
+        return None  # a scheme we do not read
+    return url_to_path(location)

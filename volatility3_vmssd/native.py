@@ -28,6 +28,7 @@ from .interface import GpaMemoryChunk, MemoryMapRow, RamBlockDamage, SavedState
 from .memory.geometry import BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK
 from .memory.guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
 from .memory.legacy_bin import BinFile
+from .sources import open_binary, redact
 from .storage import HyperVStorage, commit_replay_log
 from .vmrs import reader as vmrs
 
@@ -94,12 +95,12 @@ class SavedStateProvider(SavedState):
         cache_limit: int = DEFAULT_CACHE_LIMIT,
     ) -> SavedStateProvider:
         """Open a legacy pair (LoadSavedStateFiles): memory from the ``.bin``, CPU state and map from the ``.vsv``."""
-        vsv = os.fspath(vsv_path)
+        vsv = redact(vsv_path)  # shown in paths and findings; vsv_path is what is opened
         bin_findings = Findings(strict=strict)
         bin_file = BinFile.open(bin_path, findings=bin_findings)
         vsv_storage: HyperVStorage | None = None
         try:
-            with open(vsv, "rb") as fh:
+            with open_binary(vsv_path) as fh:
                 head = fh.read(8)
             if signature_kind(head) != "storage":
                 bin_findings.add(
@@ -111,7 +112,7 @@ class SavedStateProvider(SavedState):
                 )
                 memory = bin_file.guest_memory(cache_limit=cache_limit)
                 return cls("bin+vsv", [bin_file.path, vsv], memory, None, [bin_findings], bin_file=bin_file)
-            vsv_storage = HyperVStorage.open(vsv, strict=strict)
+            vsv_storage = HyperVStorage.open(vsv_path, strict=strict)
             findings = vsv_storage.findings
             ram_map = vmrs.ram_map(vsv_storage, findings, bin_file.block_numbers())
             memory = GuestMemory(ram_map, bin_file, findings=bin_findings, cache_limit=cache_limit)

@@ -13,13 +13,13 @@ Windows only) or ``"auto"`` (the DLL when an acceptable one is found, else nativ
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .errors import BackendUnavailableError, FormatError
 from .files import BIN_SIGNATURE, STORAGE_SIGNATURE, find_partner, sniff
 from .interface import SavedState
 from .memory.guestmemory import DEFAULT_CACHE_LIMIT
 from .native import SavedStateProvider
+from .sources import is_remote, redact, suffix
 
 __all__ = ["BACKENDS", "apply_pending_replay_log", "open_saved_state"]
 
@@ -56,34 +56,40 @@ def open_saved_state(
     """
     kind = sniff(path)
     dll = _use_dll(backend)
+    if dll and is_remote(path):
+        if backend == "dll":
+            raise BackendUnavailableError(
+                f"{redact(path)}: Microsoft's DLL reads local files only; use the native backend for a URL"
+            )
+        dll = False  # "auto": the native reader reads URLs (docs/remote.md)
     if kind == "bin":
-        found = Path(vsv) if vsv is not None else find_partner(path, [".vsv"])[0] if partner else None
+        found = vsv if vsv is not None else find_partner(path, [".vsv"])[0] if partner else None
         if found is not None:
             return _open_pair(path, found, dll, strict=strict, cache_limit=cache_limit, dll_path=dll_path)
         if dll and backend == "dll":
             raise BackendUnavailableError(
-                f"{os.fspath(path)}: the DLL opens a legacy .bin only with its .vsv (none found beside it);"
+                f"{redact(path)}: the DLL opens a legacy .bin only with its .vsv (none found beside it);"
                 " use the native backend to read its memory alone"
             )
         provider = SavedStateProvider.load_bin(path, strict=strict, cache_limit=cache_limit)
         if partner:
             looked = find_partner(path, [".vsv"])[1]
             provider.add_finding(
-                os.fspath(path), None, "no-partner", f"no .vsv found beside it (looked for {looked[0]}, any case)"
+                redact(path), None, "no-partner", f"no .vsv found beside it (looked for {looked[0]}, any case)"
             )
         return provider
     if kind == "storage":
         if vsv is not None:
             raise FormatError(
-                os.fspath(path),
+                redact(path),
                 0,
                 "is a HyperVStorage container (.vmrs/.vsv), not a legacy .bin: --vsv goes with a .bin",
             )
-        if partner and Path(path).suffix.lower() == ".vsv":
+        if partner and suffix(path).lower() == ".vsv":
             bin_path, looked = find_partner(path, [".bin"])
             if bin_path is None:
                 raise FormatError(
-                    os.fspath(path), None, f"a .vsv needs its .bin: none found (looked for {looked[0]}, any case)"
+                    redact(path), None, f"a .vsv needs its .bin: none found (looked for {looked[0]}, any case)"
                 )
             return _open_pair(bin_path, path, dll, strict=strict, cache_limit=cache_limit, dll_path=dll_path)
         if dll:
@@ -92,7 +98,7 @@ def open_saved_state(
             return DllSavedStateProvider.load_vmrs(path, dll_path=dll_path)
         return SavedStateProvider.load_vmrs(path, strict=strict, cache_limit=cache_limit)
     raise FormatError(
-        os.fspath(path),
+        redact(path),
         0,
         f"not a Hyper-V saved state: expected signature {STORAGE_SIGNATURE:#010x} (.vmrs/.vsv) or"
         f" {BIN_SIGNATURE:#010x} (legacy .bin)",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import VmssdError
 from .files import find_vmcx
+from .sources import is_remote, suffix
 from .storage import HyperVStorage
 from .vmrs.reader import version_text
 
@@ -136,7 +137,8 @@ def find_vm_config(paths: Iterable[str | os.PathLike[str]]) -> VmConfig | None:
     A ``.vmcx`` given itself is its own configuration.
     """
     for path in paths:
-        vmcx = Path(path) if Path(path).suffix.lower() == ".vmcx" else find_vmcx(path)
+        given = path if is_remote(path) else Path(path)  # Path() would fold a URL's "//"
+        vmcx = given if suffix(path).lower() == ".vmcx" else find_vmcx(path)
         if vmcx is not None:
             return read_vm_config(vmcx)
     return None

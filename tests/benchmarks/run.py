@@ -606,6 +606,16 @@ def main() -> int:
             expected = (GUEST / "expected" / "linux.pslist.txt").read_text().splitlines()[1:]
             same = out.splitlines()[1:] == expected
             row("vol linux.pslist with the pure-Python decoder", t, "s", "finishes, same rows", same)
+
+            # --- the same .vmrs read in place from S3 (moto on loopback; tests/benchmarks/remote.py) ---
+            import importlib.util
+
+            if all(importlib.util.find_spec(m) for m in ("moto", "s3fs", "boto3")):
+                from remote import remote_rows
+
+                remote_rows(inputs["linux-guest"], symbols, run_vol, row, max(1, reps - 1), tmp)
+            else:
+                print("(moto[server]/s3fs not installed: the S3 rows are skipped)")
         windows_rows(tmp, env, reps, row)
 
         # --- bounded memory while scanning ------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import NoReturn
 from .. import __version__
 from ..errors import VmssdError
 from ..outputs import WRITE_ERRNOS, OutputError
-from . import apply_log, convert, create, info, keys, memmap, read, registers, triage, verify
+from . import apply_log, convert, create, info, keys, memmap, read, registers, remote_options, triage, verify
 
 COMMANDS = [info, keys, registers, memmap, read, convert, apply_log, verify, create, triage]
 CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbose_help = "more detail; tracebacks on errors (before or after COMMAND)"
     parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    remote_options.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.register(sub)
@@ -127,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    try:
+        remote_options.apply(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         with cleanup_on_signals():
             code = int(args.func(args) or 0)

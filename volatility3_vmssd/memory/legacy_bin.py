@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from ..errors import Findings, FormatError, NotFoundError, TruncatedError, VmssdError
+from ..sources import open_binary, redact
 from .geometry import BLOCK_SIZE, PAGES_PER_BLOCK
 from .guestmemory import DEFAULT_CACHE_LIMIT, GuestMemory
 from .rammap import RamMap
@@ -118,8 +119,8 @@ class BinFile:
     def open(cls, path: str | os.PathLike[str], findings: Findings | None = None) -> BinFile:
         """Open and index a .bin (header, index table, names); no value is read."""
         findings = findings if findings is not None else Findings()
-        spath = os.fspath(path)
-        fh = open(spath, "rb")  # noqa: SIM115 - owned by the BinFile, closed by close()
+        spath = redact(path)  # what is shown: a URL without credentials or query string
+        fh = open_binary(path)  # a local file, or a remote object (docs/remote.md); closed by close()
         try:
             header, entries = _parse(spath, fh, findings)
             return cls(spath, fh, header, entries, findings)
@@ -195,7 +196,8 @@ class BinFile:
 
 
 def _parse(path: str, fh: BinaryIO, findings: Findings) -> tuple[tuple[int, ...], list[BinEntry]]:
-    file_size = os.fstat(fh.fileno()).st_size
+    file_size = fh.seek(0, os.SEEK_END)
+    fh.seek(0)
     raw = fh.read(BIN_HEADER.size)
     if len(raw) < BIN_HEADER.size:
         raise TruncatedError(path, 0, f"legacy .bin header needs {BIN_HEADER.size} bytes, file has {len(raw)}")

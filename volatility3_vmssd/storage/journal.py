@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ChecksumError, FormatError, VmssdError
 from ..outputs import partial_paths
+from ..sources import is_remote, open_binary
 from .defs import (
     REPLAY_LOG_ENTRY,
     REPLAY_LOG_ENTRY_CRC_OFFSET,
@@ -270,12 +271,17 @@ def commit(storage: _Opened, dst: str | os.PathLike[str]) -> int:
     is only read.  Opening is the caller's (``reader.commit_replay_log``), so this module does not import the reader.
     """
     ssrc, sdst = storage.path, os.fspath(dst)
-    if os.path.exists(sdst) and os.path.samefile(ssrc, sdst):
+    remote = is_remote(ssrc)
+    if not remote and os.path.exists(sdst) and os.path.samefile(ssrc, sdst):
         raise VmssdError(f"refusing to write the committed copy over its input {ssrc}")
     log = storage.replay_log
     overlay = storage.overlay.entries if storage.overlay is not None else []
     with partial_paths(sdst, force=True) as (tmp,):
-        shutil.copyfile(ssrc, tmp)
+        if remote:  # an object in a store (docs/remote.md): streamed through the ranged reader
+            with open_binary(ssrc) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 8 << 20)
+        else:
+            shutil.copyfile(ssrc, tmp)
         with open(tmp, "r+b") as fh:
             for dest, data in overlay:
                 fh.seek(dest)

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from ..errors import ChecksumError, Findings, FormatError, NotFoundError, TruncatedError
+from ..sources import open_binary, redact
 from .defs import (
     FILE_HEADER,
     FILE_HEADER_CRC_OFFSET,
@@ -181,9 +182,9 @@ class HyperVStorage:
         finding and reads on with the best valid copy.
         """
         spath = os.fspath(path)
-        fh = open(spath, "rb")  # noqa: SIM115 - kept open for lazy value reads; closed by close()
+        fh = open_binary(spath)  # a local file, or a remote object (docs/remote.md); closed by close()
         try:
-            return cls(fh, spath, strict=strict, apply_replay_log=apply_replay_log)
+            return cls(fh, redact(spath), strict=strict, apply_replay_log=apply_replay_log)
         except BaseException:
             fh.close()
             raise
@@ -215,6 +216,9 @@ class HyperVStorage:
         if size <= 0 or offset >= self.file_size:
             return b""
         size = min(size, self.file_size - offset)
+        pread = getattr(self._fh, "pread", None)
+        if pread is not None:  # a remote object: ranged requests, cached (sources/remote.py)
+            return pread(offset, size)
         if hasattr(os, "pread"):
             return os.pread(self._fh.fileno(), size, offset)
         with self._lock:
@@ -440,6 +444,9 @@ class HyperVStorage:
         chosen: dict[int, tuple[int, StorageObject]] = {}
         spans: list[tuple[int, int]] = []  # key tables read so far, sorted, disjoint
         path, findings = self.path, self.findings
+        prefetch = getattr(self._fh, "pread", None) and getattr(self._fh, "prefetch", None)
+        if prefetch is not None:  # a remote object: the key tables in few ranged requests (docs/remote.md)
+            prefetch([(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
         for obj in self.objects.of_type(ObjectType.KEY_TABLE):
             head = self.read_at(obj.offset, min(obj.size, KEY_TABLE_HEADER.size))
             if len(head) < KEY_TABLE_HEADER.size:

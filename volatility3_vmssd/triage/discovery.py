@@ -25,6 +25,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..files import HEAD_SIZE, partner_candidates, signature_kind
+from ..files import sniff as remote_sniff
+from ..sources import base_name, folder_of, is_remote, redact
+from ..sources.remote import list_remote_detail
 from ..vmconfig import VmConfig, read_vm_config
 
 __all__ = [
@@ -32,7 +35,9 @@ __all__ = [
     "Discovery",
     "FolderEntry",
     "SavedStateFile",
+    "absolute",
     "discover",
+    "list_any",
     "list_folder",
     "shown",
     "sniff",
@@ -50,6 +55,24 @@ def shown(path: str | os.PathLike[str]) -> str:
     """A path as text that can always be printed and written as UTF-8: bytes that are not UTF-8 (a name
     made on another system) appear as ``\\xNN`` instead of ending the run with UnicodeEncodeError."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """``os.path.abspath`` for a local path; a URL (docs/remote.md) as it is (abspath would mangle ``//``)."""
+    text = os.fspath(path)
+    return text if is_remote(text) else os.path.abspath(text)
+
+
+def list_any(folder: str) -> list[FolderEntry]:
+    """:func:`list_folder` for a local folder; one listing of a remote prefix (objects and sub-prefixes)."""
+    if not is_remote(folder):
+        return list_folder(folder)
+    entries = [
+        FolderEntry(name, "file" if is_object else "dir", size)
+        for name, (is_object, size) in list_remote_detail(folder).items()
+    ]
+    entries.sort(key=lambda x: x.name)
+    return entries
 
 
 def _reason(exc: OSError) -> str:
@@ -109,6 +132,8 @@ def _read_head(path: str) -> bytes:
 def sniff(path: str | os.PathLike[str]) -> str:
     """'storage' (HyperVStorage: .vmrs, .vmcx, modern .vsv), 'bin' (legacy memory file) or 'other'
     (including empty files), from the first bytes (:mod:`volatility3_vmssd.files`); OSError propagates."""
+    if is_remote(path):
+        return remote_sniff(path) or "other"
     return signature_kind(_read_head(os.fspath(path))) or "other"
 
 
@@ -164,10 +189,11 @@ def _folder_state(path: Path) -> str | None:
 def _store(path: str) -> str:
     """The configuration store a file belongs to: the folder holding ``Virtual Machines``/``Snapshots``
     (a legacy ``<ID>/`` folder counts as part of its ``Virtual Machines``), else the file's own folder."""
-    p = Path(os.path.abspath(path)).parent
-    if _GUID.match(p.name) and p.parent.name.casefold() == _CURRENT_FOLDER:
-        p = p.parent
-    return os.fspath(p.parent if p.name.casefold() in (_CURRENT_FOLDER, _CHECKPOINT_FOLDER) else p)
+    # string operations, not Path: a URL's "//" must survive (docs/remote.md)
+    p = os.path.dirname(absolute(path))
+    if _GUID.match(os.path.basename(p)) and os.path.basename(os.path.dirname(p)).casefold() == _CURRENT_FOLDER:
+        p = os.path.dirname(p)
+    return os.path.dirname(p) if os.path.basename(p).casefold() in (_CURRENT_FOLDER, _CHECKPOINT_FOLDER) else p
 
 
 @dataclasses.dataclass
@@ -195,7 +221,7 @@ class _Folders:
         self.cache: dict[str, _Index | OSError] = {}
 
     def get(self, folder: str) -> _Index | OSError:
-        key = os.path.abspath(folder)
+        key = absolute(folder)
         if key not in self.cache:
             try:
                 self.cache[key] = _Index.of(self.lister(key))
@@ -203,13 +229,18 @@ class _Folders:
                 self.cache[key] = exc
         return self.cache[key]
 
+    def has_listing(self, folder: str) -> bool:
+        """Whether ``folder`` lists anything (a remote prefix exists only while it holds objects)."""
+        got = self.get(folder)
+        return not isinstance(got, OSError) and bool(got.entries)
+
     def has_folder(self, folder: str, name: str) -> bool:
         got = self.get(folder)
         return not isinstance(got, OSError) and name in got.folders
 
     def partner(self, path: str, extensions: Sequence[str]) -> str | None:
         """files.partner_candidates on the names that can match at all (same base name, any case)."""
-        folder, name = os.path.split(os.path.abspath(path))
+        folder, name = os.path.split(absolute(path))
         got = self.get(folder)
         if isinstance(got, OSError):
             return None
@@ -234,6 +265,8 @@ class _Walk:
 
     def given(self, item: str) -> bool:
         """One path from the command line; False when it does not exist."""
+        if is_remote(item):
+            return self._given_remote(item)
         try:
             st = os.stat(item)
         except FileNotFoundError:
@@ -250,6 +283,25 @@ class _Walk:
             self.problems.append((item, f"not a regular file ({_special_kind(st.st_mode)}): not read"))
         return True
 
+    def _given_remote(self, item: str) -> bool:
+        """A URL: a prefix (listed like a folder) or an object; OSError from the store is a problem."""
+        try:
+            if item.endswith("/") or self.folders.has_listing(item):
+                self.folder(item.rstrip("/"))
+                return True
+            got = self.folders.get(folder_of(item))
+            entry = (
+                None if isinstance(got, OSError) else next((e for e in got.entries if e.name == base_name(item)), None)
+            )
+        except OSError as exc:
+            self.problems.append((redact(item), f"cannot be read: {_reason(exc)}"))
+            return True
+        if entry is None or entry.kind != "file":
+            return False
+        if self._once(item):
+            self.found.append((item, True, entry.size))
+        return True
+
     def folder(self, top: str) -> None:
         stack = [top]
         while stack:
@@ -264,7 +316,7 @@ class _Walk:
                 if e.kind == "dir":
                     subfolders.append(path)
                 elif e.kind == "file":
-                    if self._once(e.ident if e.ident is not None else os.path.abspath(path)):
+                    if self._once(e.ident if e.ident is not None else absolute(path)):
                         self.found.append((path, False, e.size))
                 elif e.kind == "error":
                     self.problems.append((path, f"cannot be read: {e.error}"))
@@ -285,7 +337,7 @@ def _special_kind(mode: int) -> str:
     return "not a file"
 
 
-def discover(inputs: Sequence[str | os.PathLike[str]], lister: Lister = list_folder) -> Discovery:
+def discover(inputs: Sequence[str | os.PathLike[str]], lister: Lister = list_any) -> Discovery:
     """Every Hyper-V file under ``inputs`` (files or folders, recursive), paired and assigned to its VM.
 
     Files given explicitly are always listed (a random file given by name is reported as not
@@ -309,7 +361,7 @@ def discover(inputs: Sequence[str | os.PathLike[str]], lister: Lister = list_fol
         found.append(SavedStateFile(path, signature, role, folder_state=_folder_state(Path(path)), size=size))
 
     # Pair each .bin with its .vsv (the one pairing rule, files.partner_candidates, on the folder's listing).
-    by_path = {os.path.abspath(f.path): f for f in found}
+    by_path = {absolute(f.path): f for f in found}
     paired: set[int] = set()
     for f in found:
         if f.role == "bin":
@@ -326,7 +378,7 @@ def discover(inputs: Sequence[str | os.PathLike[str]], lister: Lister = list_fol
     def config_at(p: str | None) -> VmConfig | None:
         if p is None:
             return None
-        key = os.path.abspath(p)
+        key = absolute(p)
         if key not in configs:
             configs[key] = read_vm_config(p)
         return configs[key]
@@ -344,7 +396,7 @@ def discover(inputs: Sequence[str | os.PathLike[str]], lister: Lister = list_fol
 def _config_candidates(folders: _Folders, f: SavedStateFile):  # type: ignore[no-untyped-def]
     """The ``.vmcx`` of a saved state, as :func:`~volatility3_vmssd.files.find_vmcx` finds it (beside it,
     else in the sibling ``Virtual Machines``/``Snapshots`` folder), or beside its legacy ``<ID>/`` folder."""
-    path = os.path.abspath(f.path)
+    path = absolute(f.path)
     yield folders.partner(path, [".vmcx"])
     parent, name = os.path.split(path)
     for other in _STORE_FOLDERS:

@@ -28,10 +28,11 @@ from urllib.parse import urlsplit
 
 from ..errors import VmssdError
 from ..host import usable_cores
+from ..sources import is_remote, redact
 from . import plugins as plugin_sets
 from .classify import Classification, classify
-from .discovery import Discovery, SavedStateFile, discover, shown
-from .evidence import file_identity, iso_time
+from .discovery import Discovery, SavedStateFile, absolute, discover, shown
+from .evidence import file_identity, iso_time, remote_identity
 from .outputs import OutDir, task_id
 from .progress import TaskProgress
 from .tasks import execute, kill_running, remove_stale_scratch
@@ -245,8 +246,8 @@ class _Pool:
 
 def _spec(opts: TriageOptions, out: OutDir, f: SavedStateFile, plugin: str, tid: str) -> dict[str, Any]:
     return {
-        "file": os.path.abspath(f.path),
-        "vsv": os.path.abspath(f.partner) if f.partner else None,
+        "file": absolute(f.path),
+        "vsv": absolute(f.partner) if f.partner else None,
         "plugin": plugin,
         "symbol_dirs": [os.path.abspath(p) for p in opts.symbol_dirs],
         "plugin_dirs": [os.path.abspath(p) for p in opts.plugin_dirs],
@@ -274,6 +275,8 @@ def hash_files(paths: Sequence[str]) -> dict[str, Any]:
 
 
 def _stat_identity(path: str) -> dict[str, Any]:
+    if is_remote(path):
+        return remote_identity(path, digest=False)
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -306,7 +309,7 @@ def run_triage(opts: TriageOptions, stream: TextIO | None = None) -> TriageRepor
     if found.missing:
         raise VmssdError(f"not found: {', '.join(map(shown, found.missing))}")
     out = OutDir(opts.out)
-    out.log("run", None, paths=[shown(os.path.abspath(p)) for p in opts.paths], pid=os.getpid())
+    out.log("run", None, paths=[shown(redact(absolute(p))) for p in opts.paths], pid=os.getpid())
     for path, why in found.problems:
         out.log("problem", None, file=shown(path), error=why)
     entries = [Entry(f, classify(f)) for f in found.files]
@@ -379,7 +382,7 @@ class _Jobs:
 
     def submit_args(self, entry: Entry, plugin: str, tid: str) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         if plugin == HASH_TASK:
-            return hash_files, ([os.path.abspath(p) for p in entry.file.files],)
+            return hash_files, ([absolute(p) for p in entry.file.files],)
         spec = _spec(self.opts, self.out, entry.file, plugin, tid)
         return execute, (spec, self.opts.timeout, self.opts.cache_mib)
 
@@ -387,7 +390,7 @@ class _Jobs:
         if plugin == HASH_TASK:
             by_shown = {r.get("path"): r for r in result.get("rows") or []}
             for p in entry.file.files:
-                row = by_shown.get(shown(os.path.abspath(p)))
+                row = by_shown.get(shown(absolute(p)))
                 entry.evidence[p] = (
                     {k: row.get(k) for k in ("size", "mtime", "sha256")}
                     if row

@@ -13,7 +13,9 @@ import hashlib
 import os
 from typing import Any
 
-__all__ = ["CHUNK", "file_identity", "iso_time"]
+from ..sources import is_remote, open_binary
+
+__all__ = ["CHUNK", "file_identity", "iso_time", "remote_identity"]
 
 CHUNK = 4 << 20
 
@@ -23,8 +25,25 @@ def iso_time(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat()
 
 
+def remote_identity(url: str, *, digest: bool = True) -> dict[str, Any]:
+    """The same for an object in a store: its size and modification time as the store states them, the
+    SHA-256 of one sequential pass through our reader (every range pinned to the ETag seen at open, so an
+    object replaced while hashed is refused, not mixed: docs/remote.md)."""
+    h = hashlib.sha256()
+    with open_binary(url) as fh:
+        modified = getattr(getattr(fh, "remote", None), "modified", None)
+        if digest:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+        size = fh.seek(0, os.SEEK_END)
+    when = iso_time(modified.timestamp()) if isinstance(modified, datetime.datetime) else None
+    return {"size": size, "mtime": when, "sha256": h.hexdigest() if digest else None}
+
+
 def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"size", "mtime", "sha256"}`` of ``path``; OSError propagates, a file that changes while read raises."""
+    if is_remote(path):
+        return remote_identity(os.fspath(path))
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         before = os.fstat(fh.fileno())

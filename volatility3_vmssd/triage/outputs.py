@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..outputs import partial_output
+from ..sources import is_remote, object_identity
 from .discovery import shown
 from .evidence import iso_time
 from .tasks import pid_alive
@@ -62,9 +63,13 @@ def task_id(files: Iterable[str], plugin: str) -> str:
     first = None
     for f in files:
         first = first or f
+        if is_remote(f):  # an object: its size and ETag (docs/remote.md)
+            size, version = object_identity(f)
+            h.update(b"\0" + f.encode() + f"\0{size}\0{version}".encode())
+            continue
         st = os.stat(f)
         h.update(b"\0" + os.fsencode(os.path.abspath(f)) + f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    stem = _SAFE.sub("_", shown(Path(first or "none").stem))[:40]
+    stem = _SAFE.sub("_", shown(os.path.splitext(os.path.basename(first or "none"))[0]))[:40]
     return f"{stem}.{_SAFE.sub('_', plugin)}.{h.hexdigest()[:12]}"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .layer import HyperVSavedStateLayer
 from .options import HyperVSavedStateOptions
+from .remote import ObjectStoreHandler
 from .stackers import HyperVIntelStacker, HyperVSavedStateStacker
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "HyperVSavedStateLayer",
     "HyperVSavedStateOptions",
     "HyperVSavedStateStacker",
+    "ObjectStoreHandler",
     "plugin_dir",
 ]
 

@@ -23,7 +23,7 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.configuration import requirements
 
 from ..errors import UnmappedAddressError, VmssdError
-from ..files import signature_kind, url_to_path
+from ..files import evidence_location, signature_kind
 from ..interface import SavedState
 from ..provider import open_saved_state
 from .options import option
@@ -176,10 +176,10 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
     def _file_path(self, layer_name: str) -> str:
         layer = self.context.layers[layer_name]
         location = getattr(layer, "location", None)
-        path = url_to_path(location) if isinstance(location, str) else None
+        path = evidence_location(location) if isinstance(location, str) else None
         if path is None:
             raise exceptions.LayerException(
-                self.name, f"layer {layer_name} is not a local file ({location!r}); copy it to a local disk first"
+                self.name, f"layer {layer_name} is neither a local file nor a URL we read ({location!r})"
             )
         return str(path)
 

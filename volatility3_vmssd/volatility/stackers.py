@@ -21,7 +21,8 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.layers import physical
 
 from ..codecs import xpress
-from ..files import find_partner, path_to_url, read_head, signature_kind, url_to_path
+from ..files import evidence_location, find_partner, path_to_url, read_head, signature_kind
+from ..sources import base_name, suffix
 from .diagnose import vsv_problem
 from .kernel import KernelCandidate, kernel_candidates, refusal_summary, validate_candidate
 from .layer import HyperVSavedStateLayer, NoSavedMemoryError
@@ -53,14 +54,14 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         except exceptions.InvalidAddressException:
             return None  # shorter than any header
         kind = signature_kind(head)
-        path = url_to_path(base.location)
-        if kind is None and not (path is not None and path.suffix.lower() == ".vsv"):
+        path = evidence_location(base.location)
+        if kind is None and not (path is not None and suffix(path).lower() == ".vsv"):
             return None
         if path is None or read_head(path) != head:
             vollog.warning(
-                f"{base.location} looks like a Hyper-V saved state, but it is not a plain local file (remote, or"
-                " compressed and unpacked by Volatility on the fly); save it uncompressed on a local disk and"
-                " pass that path with -f"
+                f"{base.location} looks like a Hyper-V saved state, but it is neither a plain local file nor an"
+                " object URL we read (s3://, gs://, az://, http(s)://: docs/remote.md); it may be compressed and"
+                " unpacked by Volatility on the fly: save it uncompressed and pass that path or URL with -f"
             )
             return None
         vtl = option(context, "hyperv_vtl")
@@ -83,7 +84,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
 
     @classmethod
     def _stack_storage(
-        cls, context: interfaces.context.ContextInterface, layer_name: str, path: Path, vtl: int | None
+        cls, context: interfaces.context.ContextInterface, layer_name: str, path: Path | str, vtl: int | None
     ) -> HyperVSavedStateLayer | None:
         """A HyperVStorage file: a .vmrs with RAM, a modern .vsv, or something without memory.
 
@@ -93,25 +94,25 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         try:
             layer = cls._build(context, layer_name, None, vtl)
         except NoSavedMemoryError as exc:
-            if exc.has_ram_map or path.suffix.lower() == ".vsv":
+            if exc.has_ram_map or suffix(path).lower() == ".vsv":
                 return cls._stack_vsv(context, layer_name, path, vtl)
             vollog.warning(f"{path}: {exc.explanation}")
             return None
-        vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {path.name} is a .vmrs with saved RAM")
+        vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {base_name(path)} is a .vmrs with saved RAM")
         return layer
 
     @classmethod
     def _stack_bin(
-        cls, context: interfaces.context.ContextInterface, layer_name: str, path: Path, vtl: int | None
+        cls, context: interfaces.context.ContextInterface, layer_name: str, path: Path | str, vtl: int | None
     ) -> HyperVSavedStateLayer | None:
         """A legacy .bin: its .vsv from --hyperv-vsv-location, or beside it; else memory only."""
         override = option(context, "hyperv_vsv_location")
-        vsv: Path | None = None
+        vsv: Path | str | None = None
         if override:
-            vsv = url_to_path(override)
-            problem = f"{override} is not a local file" if vsv is None else vsv_problem(path, vsv)
+            vsv = evidence_location(override)
+            problem = f"{override} is not a file we can read" if vsv is None else vsv_problem(path, vsv)
             if problem is not None:  # named explicitly: refuse it rather than read the .bin without CPU state
-                vollog.error(f"--hyperv-vsv-location: {problem}; {path.name} is not read")
+                vollog.error(f"--hyperv-vsv-location: {problem}; {base_name(path)} is not read")
                 return None
         else:
             vsv, looked = find_partner(path, [".vsv"])
@@ -123,18 +124,18 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
                     " .bin with the same base name, or pass --hyperv-vsv-location."
                 )
         if vsv is not None:
-            vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {path.name} with its .vsv {vsv}")
+            vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {base_name(path)} with its .vsv {vsv}")
             vsv_layer = cls._add_file_layer(context, vsv, "HyperVVsvLayer")
             if vsv_layer is not None:
                 try:
                     return cls._build(context, layer_name, vsv_layer, vtl)
                 except exceptions.LayerException as exc:
-                    vollog.warning(f"{vsv} cannot be used ({exc}); reading {path.name} alone (memory only)")
+                    vollog.warning(f"{vsv} cannot be used ({exc}); reading {base_name(path)} alone (memory only)")
         return cls._build(context, layer_name, None, vtl)
 
     @classmethod
     def _stack_vsv(
-        cls, context: interfaces.context.ContextInterface, layer_name: str, path: Path, vtl: int | None
+        cls, context: interfaces.context.ContextInterface, layer_name: str, path: Path | str, vtl: int | None
     ) -> HyperVSavedStateLayer | None:
         """A .vsv given with -f: the memory is in the .bin beside it."""
         bin_path, looked = find_partner(path, [".bin"])
@@ -149,7 +150,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
                 " (and this file with --hyperv-vsv-location)."
             )
             return None
-        vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {path.name} with its .bin {bin_path}")
+        vollog.log(constants.LOGLEVEL_VV, f"HyperVSavedStateStacker: {base_name(path)} with its .bin {bin_path}")
         bin_layer = cls._add_file_layer(context, bin_path, "HyperVBinLayer")
         if bin_layer is None:
             return None
@@ -158,7 +159,7 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
     # -- helpers ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _add_file_layer(context: interfaces.context.ContextInterface, path: Path, prefix: str) -> str | None:
+    def _add_file_layer(context: interfaces.context.ContextInterface, path: Path | str, prefix: str) -> str | None:
         """A FileLayer for a partner file, configured by URL so that the stack can be rebuilt."""
         name = context.layers.free_layer_name(prefix)
         config_path = interfaces.configuration.path_join("automagic", "layer_stacker", "stack", name)
