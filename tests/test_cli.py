@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from shared_data import REAL, REPO, need
 
 SAMPLE = REPO / "tests" / "data" / "sample.vmrs"
@@ -54,6 +55,7 @@ def test_garbage_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
     assert "Traceback" in r.stderr
 
 
+@pytest.mark.slow
 def test_create_refuses_to_overwrite_and_writes_a_pair(tmp_path: Path) -> None:
     raw = tmp_path / "ram.raw"
     raw.write_bytes(bytes(range(256)) * 4096 * 2)  # 2 MiB

@@ -220,6 +220,7 @@ def test_progress_bar_never_cuts_a_word() -> None:
     assert "ETA" in bar.line(now, width=79) and "[" in bar.line(now, width=79)
 
 
+@pytest.mark.slow
 def test_verbose_after_the_sub_command_and_wrapped_help(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.vmrs"
     quiet = vmssd("info", missing)

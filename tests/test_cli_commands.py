@@ -289,6 +289,7 @@ def test_read_virtual_stops_at_an_unmapped_page(tmp_path: Path) -> None:
     assert r.returncode == 1 and "nothing read at VA 0x401000 (VP 0)" in r.stderr
 
 
+@pytest.mark.slow
 def test_read_virtual_on_the_real_guest(guest: tuple[Path, Path], tmp_path: Path) -> None:
     vmrs, elf = guest
     with SavedStateProvider.load_vmrs(vmrs) as p:
@@ -434,6 +435,7 @@ def legacy_pair(tmp_path: Path) -> tuple[Path, Path, bytes]:
     return bin_path, tmp_path / "vm.vsv", ram
 
 
+@pytest.mark.slow
 def test_legacy_pairs_everywhere(tmp_path: Path) -> None:
     bin_path, vsv, ram = legacy_pair(tmp_path)
     out = tmp_path / "vm.lime"
@@ -456,6 +458,7 @@ def test_legacy_pairs_everywhere(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no CPU state" in r.stderr
 
 
+@pytest.mark.slow
 def test_convert_refuses_inputs_and_existing_outputs(tmp_path: Path) -> None:
     vm = tmp_path / "vm.vmrs"
     shutil.copy(SAMPLE, vm)
@@ -509,6 +512,7 @@ def test_apply_log_commits_a_copy(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ errors and usage
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["registers", "memmap", "read", "convert", "apply-log"])
 def test_bad_paths_are_one_line_errors(command: str, tmp_path: Path) -> None:
     extra = {"read": ["0", "16"], "convert": ["-o", str(tmp_path / "o"), "--format", "raw"]}.get(command, [])

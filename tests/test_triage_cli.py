@@ -258,6 +258,7 @@ def test_scheduler_addresses_that_cannot_work_get_one_line(tmp_path: Path, addre
 @pytest.mark.parametrize(
     ("scheme", "expected"), [("tcp", "is not a Dask scheduler"), ("tls", "cannot connect to the Dask scheduler")]
 )
+@pytest.mark.slow
 def test_scheduler_at_an_http_port_answers_promptly(tmp_path: Path, scheme: str, expected: str) -> None:
     pytest.importorskip("distributed", reason="dask/distributed are not installed (pip install '.[triage]')")
     tree = small_tree(tmp_path / "ev")

@@ -91,6 +91,7 @@ def check_reads(path: Path, p: SavedStateProvider, used: dict[int, int]) -> None
         assert path.with_suffix(f".vp{vp}").read_bytes() == marker(vtl)
 
 
+@pytest.mark.slow
 def test_vtl0_and_vtl1_use_vtl0_whatever_vtl_is_runnable_says(tmp_path: Path) -> None:
     vps = [
         {"vp_index": 0, "vtls": {"0": bank(0), "1": bank(1)}},  # VtlIsRunnable written as 1, as openvmm does
@@ -171,6 +172,7 @@ def test_a_vp_without_any_registers_is_reported_not_invented(tmp_path: Path, vtl
             assert messages == []
 
 
+@pytest.mark.slow
 def test_vmssd_read_virtual_with_a_forced_vtl(tmp_path: Path) -> None:
     """`vmssd read --virtual --vtl N` uses that VTL's page tables when it was saved, and refuses one that was not."""
     vps = [{"vp_index": 0, "vtls": {"0": bank(0), "2": bank(2)}}]

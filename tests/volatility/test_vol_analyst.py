@@ -59,6 +59,7 @@ def test_empty_file(states, cache: Path) -> None:
     assert line.endswith(f"{states['empty']} is empty (0 bytes): not a Hyper-V saved state")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["test.VMRS", "test.vmcx"])
 def test_files_without_saved_memory_say_what_they_are_and_what_to_collect(name: str, cache: Path) -> None:
     path = need(REAL / name)  # fox-it/dissect.hypervisor test data (AGPL-3.0; used as data only)
@@ -79,6 +80,7 @@ def test_registers_of_a_bin_without_its_vsv(states, cache: Path) -> None:
     assert "--hyperv-vsv-location" in line
 
 
+@pytest.mark.slow
 def test_registers_of_a_vp_that_does_not_exist(states, cache: Path) -> None:
     line = unmet_line(run_vol(["-q", "-f", str(states["vmrs"]), "hyperv.registers", "--vp", "7"], cache=cache))
     assert (
@@ -88,6 +90,7 @@ def test_registers_of_a_vp_that_does_not_exist(states, cache: Path) -> None:
     assert proc.returncode == 0 and "\n1\t0\tTrue\tcr3\t0x20000\t" in proc.stdout
 
 
+@pytest.mark.slow
 def test_hyperv_plugins_run_only_the_hyperv_stackers(states, cache: Path) -> None:
     proc = run_vol(["-vvvv", "-f", str(states["vmrs"]), "hyperv.info"], cache=cache)
     assert proc.returncode == 0, proc.stderr
