@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from ..cpu.registers import FpControlStatus, SegmentRegister, XmmControlStatus
 from ..errors import VmssdError
@@ -462,6 +462,13 @@ def file_prefix(plan: DumpPlan, inputs: DumpInputs) -> Iterator[bytes]:
         yield from bitmap_chunks(plan)
 
 
+class DeferredDtb(Protocol):
+    """A DTB still to be found in the pages being written (dumpsource.DtbScan): fed, then asked once."""
+
+    def feed(self, data: bytes, gpa: int) -> None: ...
+    def inputs(self, first: DumpInputs) -> DumpInputs: ...
+
+
 def write_dmp(
     out: BinaryIO,
     ranges: Sequence[tuple[int, int]],
@@ -471,17 +478,35 @@ def write_dmp(
     kind: str = "auto",
     progress: Progress | None = None,
     read_size: int = READ_SIZE,
+    deferred: DeferredDtb | None = None,
 ) -> ExportReport:
-    """A Windows x64 crash dump: header (and bitmap), then the pages of every run back to back."""
+    """A Windows x64 crash dump: header (and bitmap), then the pages of every run back to back.
+
+    With ``deferred``, every page written is also shown to it, and the header is written again at the
+    end with what it found (the header's size does not depend on its values).
+    """
     plan = plan_dump(sorted_ranges(ranges), kind)
     writer = SparseWriter(out)
     for part in file_prefix(plan, inputs):
         writer.write(part)
     writer.skip(plan.data_offset - writer.pos)
+    if deferred is not None:
+        plain = read
+
+        def read(gpa: int, size: int) -> bytes:
+            data = plain(gpa, size)
+            deferred.feed(data, gpa)
+            return data
+
     for gpa, length in plan.ranges:
         copy_range(writer, read, gpa, length, progress, read_size)
     report = ExportReport("dmp", len(plan.runs), plan.pages * PAGE_SIZE)
     report.size, report.stored = writer.finish(), writer.stored
+    if deferred is not None:
+        inputs = deferred.inputs(inputs)
+        out.seek(0)
+        out.write(build_header(plan, inputs))
+        out.flush()
     kind_text = "full dump" if plan.dump_type == DUMP_TYPE_FULL else "bitmap dump"
     report.detail = f"{kind_text}, type {plan.dump_type}, DirectoryTableBase {inputs.dtb:#x} = {inputs.dtb_source}"
     if inputs.symbols is None:

@@ -8,15 +8,15 @@ of the provider.  How the DTB is chosen and why: docs/crashdump.md, "DirectoryTa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from ..cpu import kernel_dtb as proof
 from ..cpu.registers import Architecture
 from ..errors import VmssdError
 from .crashdump import DTB_MASK, DumpInputs, context_record
 from .winsymbols import KernelImage, kernel_symbols, self_referencing_tables
 
-DTB_SCAN_READ = 16 << 20
 COMMENT = "Hyper-V saved state converted by vmssd"
 
 
@@ -42,21 +42,29 @@ class DumpOptions:
     kind: str = "auto"
 
 
-def dump_inputs(source: DumpSource, options: DumpOptions) -> DumpInputs:
-    """The crash-dump header's guest facts: VP 0's VTL0 registers, the VP count, the DTB, the kernel symbols."""
+def dump_inputs(source: DumpSource, options: DumpOptions) -> tuple[DumpInputs, DtbScan | None]:
+    """The crash-dump header's guest facts: VP 0's VTL0 registers, the VP count, the DTB, the kernel symbols.
+
+    When no saved CR3 is the kernel's (KVA shadow on every VP), the DTB is found by a scan of RAM that
+    the dump writer feeds with the pages it writes anyway (:class:`DtbScan`): one pass over RAM, not
+    two; the header is rewritten with what the scan found.
+    """
     count = source.vp_count() if source.has_cpu_state() else 0
     if not count or source.get_architecture(0) != Architecture.X64:
         raise VmssdError("a Windows crash dump needs the saved registers of an x64 guest (VP 0)")
     banks = [source.get_registers(i, 0) for i in range(count)]
+    scan = None
     if options.dtb is not None:
         dtb, origin, image = options.dtb & DTB_MASK, "given with --dtb", None
     else:
         dtb, origin, image = kernel_dtb(source)
+        if image is None:  # no saved CR3 will do: the writer's pass over RAM looks for the kernel's table
+            scan = DtbScan(source, options, banks)
     symbols = None
-    if options.symbols_dir is not None:
+    if options.symbols_dir is not None and scan is None:
         symbols = kernel_symbols(source.read_guest_physical_address, dtb, banks, options.symbols_dir, image)
     rip = banks[0].get("rip")
-    return DumpInputs(
+    inputs = DumpInputs(
         dtb=dtb,
         processors=count,
         context=context_record(banks[0]),
@@ -65,22 +73,11 @@ def dump_inputs(source: DumpSource, options: DumpOptions) -> DumpInputs:
         comment=COMMENT,
         dtb_source=origin,
     )
+    return inputs, scan
 
 
-def kernel_dtb(source: DumpSource) -> tuple[int, str, KernelImage | None]:
-    """``(DTB, where it came from, the kernel image when known)`` for a crash-dump header.
-
-    With ``cpu/kernel_dtb.py`` (the Windows kernel-DTB proof) every VP's saved CR3, VTL0 first, is
-    tried and the first that Windows' own tables vouch for is used; when none qualifies, RAM is
-    scanned for a table the proof accepts (as Volatility scans); failing both, or without the proof,
-    VP 0's VTL0 CR3.
-    """
-    cr3 = source.get_registers(0, 0).get("cr3")
-    fallback = (cr3 if isinstance(cr3, int) else 0) & DTB_MASK
-    try:
-        from ..cpu import kernel_dtb as proof  # issue 23 item 1 (branch winguest); VP 0's CR3 until merged
-    except ImportError:
-        return fallback, "VP 0's saved CR3 (VTL0)", None
+def _proof(source: DumpSource) -> tuple[list[tuple[int, int, Mapping[str, Any]]], Callable[[int], KernelImage | None]]:
+    """Every saved register bank, and the test that a table is the kernel's (cpu/kernel_dtb.py's proof)."""
 
     def read(gpa: int, size: int) -> bytes | None:
         try:
@@ -89,31 +86,68 @@ def kernel_dtb(source: DumpSource) -> tuple[int, str, KernelImage | None]:
             return None
         return data if len(data) == size else None
 
+    banks = register_banks(source)
+    code, idts = proof.register_hints(regs for _, _, regs in banks)
+
     def accepted(table: int) -> KernelImage | None:
         verdict = proof.check_kernel_dtb(read, table, 4, code, idts)
         if verdict.ok and verdict.kernel_base is not None and verdict.pdb_name and verdict.guid:
             return KernelImage(verdict.kernel_base, 0, verdict.pdb_name.lower(), f"{verdict.guid}-{verdict.age}")
         return None
 
-    banks = register_banks(source)
-    code, idts = proof.register_hints(regs for _, _, regs in banks)
+    return banks, accepted
+
+
+def kernel_dtb(source: DumpSource) -> tuple[int, str, KernelImage | None]:
+    """``(DTB, where it came from, the kernel image when known)`` from the saved register banks.
+
+    Every VP's saved CR3, VTL0 first, is tried and the first that Windows' own tables vouch for
+    (cpu/kernel_dtb.py) is used.  When none qualifies the image is None and the DTB is VP 0's VTL0
+    CR3 until :class:`DtbScan` finds the kernel's table in RAM.
+    """
+    cr3 = source.get_registers(0, 0).get("cr3")
+    fallback = (cr3 if isinstance(cr3, int) else 0) & DTB_MASK
+    banks, accepted = _proof(source)
     for vp, vtl, regs in banks:
         value = regs.get("cr3")
         image = accepted(value & DTB_MASK) if isinstance(value, int) else None
         if image is not None:
             return value & DTB_MASK, f"the saved CR3 of VP {vp} VTL {vtl}", image
-    page_size, chunks = source.get_guest_physical_memory_chunks()
-    for chunk in sorted(
-        chunks, key=lambda c: c.guest_physical_start_page_index
-    ):  # no saved CR3 will do (KVA shadow on every VP): scan RAM for the kernel's table
-        gpa, length = chunk.guest_physical_start_page_index * page_size, chunk.page_count * page_size
-        for off in range(0, length, DTB_SCAN_READ):
-            data = source.read_guest_physical_address_padded(gpa + off, min(DTB_SCAN_READ, length - off))
-            for table in self_referencing_tables(data, gpa + off):
-                image = accepted(table)
-                if image is not None:
-                    return table, "found by a scan of RAM (no saved CR3 maps the kernel)", image
     return fallback, "VP 0's saved CR3 (VTL0): no saved CR3 maps the kernel and no RAM page is its table", None
+
+
+class DtbScan:
+    """The scan of RAM for the kernel's top-level table when no saved CR3 is it (as Volatility scans).
+
+    The dump writer calls :meth:`feed` with every stretch of pages it writes; the first self-referencing
+    table that the proof accepts is the DTB, and :meth:`inputs` gives the header to write over the first.
+    """
+
+    def __init__(self, source: DumpSource, options: DumpOptions, banks: list[Mapping[str, Any]]) -> None:
+        self._source, self._options, self._banks = source, options, banks
+        self._accepted = _proof(source)[1]
+        self.found: tuple[int, KernelImage] | None = None
+
+    def feed(self, data: bytes, gpa: int) -> None:
+        if self.found is not None:
+            return
+        for table in self_referencing_tables(data, gpa):
+            image = self._accepted(table)
+            if image is not None:
+                self.found = (table, image)
+                return
+
+    def inputs(self, first: DumpInputs) -> DumpInputs:
+        """The header's facts once every page was fed: the DTB found (and the symbols through it)."""
+        dtb, image = first.dtb, None
+        origin = first.dtb_source
+        if self.found is not None:
+            (dtb, image), origin = self.found, "found by a scan of RAM (no saved CR3 maps the kernel)"
+        symbols = None
+        if self._options.symbols_dir is not None:
+            read = self._source.read_guest_physical_address
+            symbols = kernel_symbols(read, dtb, self._banks, self._options.symbols_dir, image)
+        return dataclasses.replace(first, dtb=dtb, dtb_source=origin, symbols=symbols)
 
 
 def register_banks(source: DumpSource) -> list[tuple[int, int, Mapping[str, Any]]]:

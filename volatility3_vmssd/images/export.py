@@ -126,8 +126,8 @@ def export(
         report = write_elf(out, ranges, read, machine=machine, notes=notes, progress=progress)
     elif fmt == "dmp":
         options = dump or DumpOptions()
-        inputs = dump_inputs(provider, options)  # type: ignore[arg-type]  # the provider satisfies DumpSource too
-        report = write_dmp(out, ranges, read, inputs, kind=options.kind, progress=progress)
+        inputs, scan = dump_inputs(provider, options)  # type: ignore[arg-type]  # the provider is a DumpSource too
+        report = write_dmp(out, ranges, read, inputs, kind=options.kind, progress=progress, deferred=scan)
     else:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     report.missing = read.missing
