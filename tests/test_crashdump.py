@@ -494,3 +494,63 @@ def test_symbols_errors_are_one_line(tmp_path: Path) -> None:
         and "no symbol table for the guest kernel ntkrnlmp.pdb BBED7C2955FBE4522AAA23F4B8677AD9-1" in r.stderr
     )
     assert not list(tmp_path.glob("o.dmp*"))
+
+
+class _NoKernelSource:
+    """One x64 VP whose saved CR3 maps no kernel, RAM that holds none, and a given guest OS id."""
+
+    def __init__(self, guest_os_id: int, ram: bytes) -> None:
+        from volatility3_vmssd.cpu.guestos import decode_guest_os_id
+
+        self._os, self._ram = decode_guest_os_id(guest_os_id), ram
+        self._regs = vp_registers(random.Random(5), 0x5000)
+
+    def has_cpu_state(self) -> bool:
+        return True
+
+    def vp_count(self) -> int:
+        return 1
+
+    def get_guest_os_info(self, vtl: int = 0):  # type: ignore[no-untyped-def]
+        return self._os
+
+    def get_architecture(self, vp: int):  # type: ignore[no-untyped-def]
+        from volatility3_vmssd.cpu.registers import Architecture
+
+        return Architecture.X64
+
+    def get_virtual_trust_levels(self, vp: int) -> list[int]:
+        return [0]
+
+    def get_registers(self, vp: int, vtl: int | None = None) -> dict[str, object]:
+        return self._regs
+
+    def read_guest_physical_address(self, gpa: int, size: int) -> bytes:
+        return self._ram[gpa : gpa + size]
+
+    def read_guest_physical_address_padded(self, gpa: int, size: int) -> bytes:
+        return self._ram[gpa : gpa + size].ljust(size, b"\0")
+
+    def get_guest_physical_memory_chunks(self):  # type: ignore[no-untyped-def]
+        from volatility3_vmssd.interface import GpaMemoryChunk
+
+        return 4096, [GpaMemoryChunk(0, len(self._ram) // 4096)]
+
+
+def test_ram_is_scanned_for_the_kernel_table_only_when_the_guest_registered_as_windows() -> None:
+    """The scan costs a look at every page: worth it for Windows (KVA shadow on every VP), not for others."""
+    from volatility3_vmssd.cpu.guestos import GuestOsMicrosoftId, GuestOsOpenSourceId, GuestOsVendor, encode_guest_os_id
+    from volatility3_vmssd.images.dumpsource import DumpOptions, dump_inputs
+
+    ram = random.Random(9).randbytes(64 * 4096)
+    windows = encode_guest_os_id(os_id=GuestOsMicrosoftId.WINDOWS_NT, vendor_id=GuestOsVendor.MICROSOFT, major=10)
+    linux = encode_guest_os_id(os_id=GuestOsOpenSourceId.LINUX, open_source=True, version=0x060100)
+    for guest_os, scans in ((windows, True), (linux, False), (0, False)):
+        inputs, scan = dump_inputs(_NoKernelSource(guest_os, ram), DumpOptions())  # type: ignore[arg-type]
+        assert (scan is not None) == scans, guest_os
+        assert inputs.dtb == 0x5000  # VP 0's saved CR3 until (unless) the scan finds the kernel's table
+        if scan is None:
+            assert "did not register as Windows" in inputs.dtb_source
+        else:
+            scan.feed(ram, 0)
+            assert scan.found is None and scan.inputs(inputs).dtb == 0x5000  # no kernel in this RAM

@@ -72,6 +72,17 @@ class GuestOsInfo:
     vendor_specific2: int | None = None
 
     @property
+    def os_family(self) -> str | None:
+        """ "windows" (Microsoft's Windows NT id), "linux" (the open-source Linux id) or None: what to analyse it as."""
+        if not self.value:
+            return None
+        if self.is_open_source:
+            return "linux" if self.os_id == GuestOsOpenSourceId.LINUX else None
+        if self.vendor_id == GuestOsVendor.MICROSOFT and self.os_id == GuestOsMicrosoftId.WINDOWS_NT:
+            return "windows"
+        return None
+
+    @property
     def vendor_name(self) -> str | None:
         if self.vendor_id is None:
             return None

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..cpu import kernel_dtb as proof
+from ..cpu.guestos import GuestOsInfo
 from ..cpu.registers import Architecture
 from ..errors import VmssdError
 from .crashdump import DTB_MASK, DumpInputs, context_record
@@ -24,6 +25,7 @@ class DumpSource(Protocol):
     """What the crash-dump header reads of a saved state (the provider interface satisfies it)."""
 
     def has_cpu_state(self) -> bool: ...
+    def get_guest_os_info(self, vtl: int = 0) -> GuestOsInfo | None: ...
     def vp_count(self) -> int: ...
     def get_architecture(self, vp: int) -> Architecture: ...
     def get_virtual_trust_levels(self, vp: int) -> list[int]: ...
@@ -58,8 +60,13 @@ def dump_inputs(source: DumpSource, options: DumpOptions) -> tuple[DumpInputs, D
         dtb, origin, image = options.dtb & DTB_MASK, "given with --dtb", None
     else:
         dtb, origin, image = kernel_dtb(source)
-        if image is None:  # no saved CR3 will do: the writer's pass over RAM looks for the kernel's table
+        if image is None and _says_windows(source):  # no saved CR3 will do: the writer's pass looks for it
             scan = DtbScan(source, options, banks)
+        elif image is None:
+            origin = (
+                "VP 0's saved CR3 (VTL0): no saved CR3 maps a Windows kernel, and the guest did not register as"
+                " Windows, so RAM was not scanned for one (--dtb gives the table)"
+            )
     symbols = None
     if options.symbols_dir is not None and scan is None:
         symbols = kernel_symbols(source.read_guest_physical_address, dtb, banks, options.symbols_dir, image)
@@ -74,6 +81,15 @@ def dump_inputs(source: DumpSource, options: DumpOptions) -> tuple[DumpInputs, D
         dtb_source=origin,
     )
     return inputs, scan
+
+
+def _says_windows(source: DumpSource) -> bool:
+    """VTL0's guest OS id says Windows NT: only then is RAM worth a scan for the kernel's table."""
+    try:
+        info = source.get_guest_os_info(0)
+    except VmssdError:
+        return False
+    return info is not None and info.os_family == "windows"
 
 
 def _proof(source: DumpSource) -> tuple[list[tuple[int, int, Mapping[str, Any]]], Callable[[int], KernelImage | None]]:

@@ -138,6 +138,9 @@ def find_kernel(read_virtual: ReadVirtual, seeds: Iterable[int], limit: int = KE
     return None
 
 
+_ZERO_HALF = bytes(PAGE_SIZE // 2)
+
+
 def self_referencing_tables(data: bytes, base: int) -> Iterator[int]:
     """Pages of ``data`` (at guest-physical ``base``, page aligned) whose kernel half has a present entry
     pointing back at the page itself: what a Windows x64 top-level table looks like (candidates only).
@@ -146,6 +149,8 @@ def self_referencing_tables(data: bytes, base: int) -> Iterator[int]:
     page finds the few places worth decoding.
     """
     for off in range(0, len(data) - PAGE_SIZE + 1, PAGE_SIZE):
+        if data.startswith(_ZERO_HALF, off + PAGE_SIZE // 2):
+            continue  # an empty kernel half (most free RAM): the search below would step through it a byte at a time
         pa = base + off
         needle = (pa >> 16 & 0xFFFF_FFFF).to_bytes(4, "little")
         pos = data.find(needle, off + PAGE_SIZE // 2 + 2, off + PAGE_SIZE)

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from ..cpu.guestos import GuestOsMicrosoftId, GuestOsOpenSourceId, GuestOsVendor
 from ..errors import VmssdError
 from ..provider import open_saved_state
 from .discovery import SavedStateFile
@@ -73,14 +72,8 @@ class Classification:
 
 
 def _os_family(info: Any) -> str | None:
-    """From a decoded HV_GUEST_OS_ID: Windows NT (Microsoft, closed layout) or Linux (open-source layout)."""
-    if info is None or not getattr(info, "value", 0):
-        return None
-    if info.is_open_source:
-        return "linux" if info.os_id == GuestOsOpenSourceId.LINUX else None
-    if info.vendor_id == GuestOsVendor.MICROSOFT and info.os_id == GuestOsMicrosoftId.WINDOWS_NT:
-        return "windows"
-    return None
+    """From a decoded HV_GUEST_OS_ID (or None when none was saved): "windows", "linux" or None."""
+    return None if info is None else info.os_family
 
 
 def _no_memory_note(f: SavedStateFile) -> str:

@@ -88,7 +88,7 @@ def _windows_guest(provider: Any) -> bool:
         info = provider.get_guest_os_info(0) if provider.has_cpu_state() else None
     except VmssdError:
         return False
-    return bool(info is not None and not info.is_open_source and info.vendor_id == 1 and info.os_id == 4)
+    return info is not None and info.os_family == "windows"
 
 
 def _scan_windows_dtb(layer: HyperVSavedStateLayer) -> int | None:
