@@ -154,13 +154,12 @@ def main() -> int:
     import lzma
 
     from run import run_vol  # the harness's vol runner (this checkout's plugins)
+    from shared_data import LINUX_GUEST as guest  # the one rule for where real data lives
 
     from volatility3_vmssd.cpu.cpujson import state_from_json
     from volatility3_vmssd.images.memoryimage import MemoryImage
     from volatility3_vmssd.vmrs.writer import write_vmrs
 
-    shared = Path(os.environ.get("VMSSD_SHARED", REPO.parent / "shared"))
-    guest = shared / "data" / "linux-guest"
     if not (guest / "memory" / "guest.elf.xz").exists():
         print(f"(no {guest}: nothing to measure)")
         return 0
