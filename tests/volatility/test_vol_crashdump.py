@@ -13,13 +13,9 @@ from pathlib import Path
 
 import pytest
 from vol_helpers import REPO, SHARED, output_rows, preseed_isf_validation, require_volatility, run_vol
+from windows_guest import build_windows_guest, shared_isfs, wrap
 
 require_volatility()
-sys.path.insert(0, str(REPO / "tests"))
-try:
-    from windows_guest import build_windows_guest, shared_isfs, wrap
-except ImportError:  # the builder comes with issue 23 item 2 (branch winguest)
-    pytest.skip("tests/windows_guest.py (the Windows guest builder) is not in this checkout", allow_module_level=True)
 
 SYMBOLS = SHARED / "data" / "windows-symbols"
 ISFS = shared_isfs(SHARED)
