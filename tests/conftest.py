@@ -57,3 +57,14 @@ def guest_vmrs(guest_elf: Path, guest_registers: dict, tmp_path_factory: pytest.
     with MemoryImage.open(guest_elf) as image:
         write_vmrs(out, image, state_from_json(guest_registers), holes=[BIOS_ROM], jobs=2)
     return out
+
+
+# ----------------------------------------------------------------------------- a real S3 endpoint
+@pytest.fixture(scope="module")
+def s3():  # type: ignore[no-untyped-def]
+    """moto's S3 server on loopback for one test module (moto keeps one set of buckets per process)."""
+    from remote_store import S3
+
+    store = S3()
+    yield store
+    store.close()

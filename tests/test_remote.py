@@ -188,13 +188,6 @@ def test_partners_found_by_one_listing_with_the_local_rules(http_store: tuple[Pa
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    store = S3()
-    yield store
-    store.close()
-
-
-@pytest.fixture(scope="module")
 def evidence(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A host folder: the sample .vmrs (with a .vmcx when the real one is there) and a mixed-case legacy pair."""
     root = tmp_path_factory.mktemp("host42")

@@ -7,7 +7,6 @@ moto) shows each byte of the object fetched about once, and nothing but GET and 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import pytest
 from vol_guest import LinuxGuest, VolRuns
@@ -18,13 +17,6 @@ sys.path.insert(0, str(REPO / "tests"))
 from remote_store import S3, SECRET_KEY  # noqa: E402
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    store = S3()
-    yield store
-    store.close()
 
 
 @pytest.fixture(scope="module")
