@@ -13,12 +13,15 @@ from ..errors import VmssdError
 from ..files import sniff
 from ..provider import apply_pending_replay_log
 from ..storage import HyperVStorage
+from .commands import add_command, add_output
 from .convert import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "apply-log",
+        run,
         help="write a copy of a .vmrs/.vsv/.vmcx with its pending journal committed",
         description=(
             "Write a copy of a HyperVStorage container (.vmrs, .vmcx, the .vsv of a legacy pair) with the"
@@ -27,18 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " nothing is pending it says so and writes no copy (the input is already what Hyper-V would"
             " read). `vmssd info` shows the journal state."
         ),
-        epilog=(
-            "examples:\n"
-            "  vmssd info vm.vmrs | grep 'Replay log'\n"
-            "  vmssd apply-log vm.vmrs -o vm-committed.vmrs\n"
-            "  vmssd apply-log vm.vsv -o committed/vm.vsv && cp vm.bin committed/"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "vmssd info vm.vmrs | grep 'Replay log'",
+            "vmssd apply-log vm.vmrs -o vm-committed.vmrs",
+            "vmssd apply-log vm.vsv -o committed/vm.vsv && cp vm.bin committed/",
+        ],
     )
     p.add_argument("file", help="the container whose journal to commit (a legacy .bin has none: use its .vsv)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the committed copy to write")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (never the input)")
-    p.set_defaults(func=run)
+    add_output(p, "the committed copy to write", force="overwrite OUT if it exists (never the input)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from ..images.dumpsource import DumpOptions
 from ..images.export import FORMATS, export, provider_ranges
 from ..images.streaming import ExportReport
 from ..outputs import check_target, partial_output
+from .commands import add_command, add_output, add_quiet, add_saved_state
 from .opening import open_state
 from .progress import ProgressBar, human_duration, human_size
 
@@ -24,8 +25,10 @@ SHOWN_RANGES = 10
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "convert",
+        run,
         help="write the guest RAM as a raw image, a LiME file, an ELF core or a Windows crash dump",
         description=(
             "Write the guest-physical memory of a saved state in a format other tools open:"
@@ -40,22 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " error naming the ranges: nothing is written unless --allow-missing is given, which writes"
             " them as zeros and lists them in OUT.missing.json."
         ),
-        epilog=(
-            "examples:\n"
-            "  vmssd convert vm.vmrs -o vm.elf --format elf\n"
-            "  vol -f vm.elf windows.pslist\n"
-            "  vmssd convert vm.bin -o vm.lime --format lime        (vm.vsv found beside vm.bin)\n"
-            "  vmssd convert vm.bin --vsv other.vsv -o ram.raw --format raw -q\n"
-            "  vmssd convert vm.vmrs -o vm.dmp --format dmp --symbols ~/symbols    (windows/ntkrnlmp.pdb/...)"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "vmssd convert vm.vmrs -o vm.elf --format elf",
+            "vol -f vm.elf windows.pslist",
+            "vmssd convert vm.bin -o vm.lime --format lime        (vm.vsv found beside vm.bin)",
+            "vmssd convert vm.bin --vsv other.vsv -o ram.raw --format raw -q",
+            "vmssd convert vm.vmrs -o vm.dmp --format dmp --symbols ~/symbols    (windows/ntkrnlmp.pdb/...)",
+        ],
     )
-    p.add_argument("file", help="the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the image to write")
+    add_saved_state(p)
+    add_output(p, "the image to write")
     p.add_argument("--format", required=True, choices=FORMATS, help="raw, lime, elf or dmp")
-    p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_quiet(p)
     p.add_argument(
         "--allow-missing",
         action="store_true",
@@ -74,7 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="a Volatility symbol directory (as vol -s) with the kernel's table: windows/<pdb>/<GUID-age>.json.xz",
     )
     dmp.add_argument("--dtb", type=lambda s: int(s, 0), metavar="ADDR", help="the kernel DTB (default: VP 0's CR3)")
-    p.set_defaults(func=run)
 
 
 def check_output(output: str, inputs: Iterable[str], *, force: bool) -> None:

@@ -19,6 +19,7 @@ from ..memory.geometry import BLOCK_SIZE, PAGE_SIZE
 from ..memory.rammap import build_layout
 from ..storage.defs import MAX_ALIGNMENT, MIN_ALIGNMENT
 from ..vmrs.writer import LEGACY_VM_VERSION, VMRS_VM_VERSION, plan_ranges, write_bin_vsv, write_vmrs
+from .commands import add_command, add_output, add_quiet
 from .convert import check_output
 from .progress import ProgressBar
 
@@ -74,8 +75,10 @@ def _version(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "create",
+        run,
         help="build a .vmrs (or a legacy .bin + .vsv) from a memory dump and a registers JSON",
         description=(
             "Build a Hyper-V saved state from guest memory (a raw image, a LiME file, or an ELF core with"
@@ -86,13 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " error, Ctrl-C, SIGTERM or SIGHUP they are removed, and the encoding workers end with this process."
             " OUT is named for its format: a .vmrs, or with --legacy a .bin (its .vsv beside it)."
         ),
-        epilog=(
-            "examples:\n"
-            "  vmssd create --memory guest.elf --registers regs.json -o vm.vmrs\n"
-            "  vmssd create --memory ram.raw --registers regs.json --hole 0xA0000-0xFFFFF -o vm.vmrs\n"
-            "  vmssd create --memory ram.lime --registers regs.json --legacy -o vm.bin   (also writes vm.vsv)"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "vmssd create --memory guest.elf --registers regs.json -o vm.vmrs",
+            "vmssd create --memory ram.raw --registers regs.json --hole 0xA0000-0xFFFFF -o vm.vmrs",
+            "vmssd create --memory ram.lime --registers regs.json --legacy -o vm.bin   (also writes vm.vsv)",
+        ],
     )
     p.add_argument("--memory", required=True, help="guest memory: raw, LiME or ELF core")
     p.add_argument(
@@ -102,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="how to read --memory (default auto: ELF and LiME by their magic, anything else raw)",
     )
     p.add_argument("--registers", required=True, help="registers JSON (vmssd-registers/1 or hvtest-registers/1)")
-    p.add_argument("-o", "--output", required=True, help="the .vmrs (or, with --legacy, the .bin) to write")
+    add_output(p, "the .vmrs (or, with --legacy, the .bin) to write", force="overwrite existing output files")
     p.add_argument("--legacy", action="store_true", help="write a legacy .bin + .vsv pair instead of a .vmrs")
     p.add_argument("--vsv", help="with --legacy: the .vsv path (default: beside the .bin)")
     p.add_argument(
@@ -130,9 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="N",
         help="worker processes for page encoding (default and most: the CPU cores this process may use)",
     )
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
-    p.set_defaults(func=run)
+    add_quiet(p)
 
 
 def read_registers(path: str, vendor: str | None) -> PartitionState:

@@ -8,26 +8,27 @@ import sys
 
 from ..triage.evidence import file_identity
 from ..vmconfig import find_vm_config
+from .commands import add_command, add_json, add_saved_state
 from .opening import open_state
 
 LABEL_WIDTH = 22
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "info",
+        run,
         help="summarise a saved state (.vmrs, .bin + .vsv, .bin alone)",
         description=(
             "Summarise a Hyper-V saved state: file kind, versions, VPs, vendor, architecture, paging mode,"
             " guest OS, RAM size and layout, decoder and cache, and every finding (bad CRCs, pending journal,"
             " unknown chunks, truncation). Reads no RAM. A .bin's .vsv (or a .vsv's .bin) is found beside it."
         ),
-        epilog="examples:\n  vmssd info vm.vmrs\n  vmssd info --json vm.bin --vsv other-name.vsv",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["vmssd info vm.vmrs", "vmssd info --json vm.bin --vsv other-name.vsv"],
     )
-    p.add_argument("file", help="the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin); or a .vmcx")
-    p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_saved_state(p, "the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin); or a .vmcx")
+    add_json(p)
     p.add_argument(
         "--hash",
         action="store_true",
@@ -38,7 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="print every finding kept (summaries of repeated ones included) as JSON, and nothing else",
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,26 +8,26 @@ import json
 import sys
 
 from ..storage import HyperVStorage, Key, KeyType
+from .commands import add_command, add_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "keys",
+        run,
         help="print the key tree of a HyperVStorage container",
         description=(
             "Print every key of a HyperVStorage container (.vmrs, .vmcx, modern .vsv) in tree order:"
             " path, type and value. Large values are summarised by size and SHA-256; file objects are"
             " only read for the hash. A pending replay log is applied in memory, never on disk."
         ),
-        epilog="examples:\n  vmssd keys vm.vmrs\n  vmssd keys --json vm.vmcx | jq '.[].path'\n"
-        "  vmssd keys --findings vm.vmrs",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["vmssd keys vm.vmrs", "vmssd keys --json vm.vmcx | jq '.[].path'", "vmssd keys --findings vm.vmrs"],
     )
     p.add_argument("file", help="the container to read")
-    p.add_argument("--json", action="store_true", help="a JSON list, one object per key")
+    add_json(p, "a JSON list, one object per key")
     p.add_argument("--findings", action="store_true", help="list CRC/journal findings instead of the keys")
     p.add_argument("--strict", action="store_true", help="fail on the first bad CRC instead of reporting it")
-    p.set_defaults(func=run)
 
 
 def key_record(key: Key) -> dict[str, object]:

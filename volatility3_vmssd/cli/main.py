@@ -54,19 +54,6 @@ def cleanup_on_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions wrapped to the terminal; epilogs (the examples) kept line by line.
-
-    argparse fills description and epilog through the same ``_fill_text``; a text with line breaks
-    is an epilog written line by line (one example per line), a text without is a paragraph.
-    """
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if "\n" in text:
-            return super()._fill_text(text, width, indent)  # raw: as written
-        return argparse.HelpFormatter._fill_text(self, text, width, indent)
-
-
 class Parser(argparse.ArgumentParser):
     """Usage errors in one line (exit 2), pointing at ``--help`` instead of printing the whole usage."""
 
@@ -91,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMANDS:
         module.register(sub)
     for command in sub.choices.values():
-        command.formatter_class = HelpFormatter
         # SUPPRESS: a sub-command that is not given -v keeps the count given before it
         command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
     return parser

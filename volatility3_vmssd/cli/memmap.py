@@ -7,13 +7,16 @@ import json
 import sys
 
 from ..memory.rammap import flag_names
+from .commands import add_command, add_json, add_saved_state
 from .opening import open_state
 from .progress import human_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "memmap",
+        run,
         help="list the saved GPA ranges, their raw saved-memory offsets and RamBlocks",
         description=(
             "List the guest-physical ranges a saved state backs (one per RamMemoryBlock record, in GPA"
@@ -21,17 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " concatenated, as `vmssd read --raw-offset` reads it), the RamBlock numbers it uses and its"
             " flags (IsHotAdded, IsSgx, IsVtl2Mb, IsSpecificPurpose). Ends are inclusive. Reads no RAM."
         ),
-        epilog="examples:\n  vmssd memmap vm.vmrs\n  vmssd memmap --json vm.bin --vsv vm.vsv | jq '.[].gpa_start'",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["vmssd memmap vm.vmrs", "vmssd memmap --json vm.bin --vsv vm.vsv | jq '.[].gpa_start'"],
     )
-    p.add_argument("file", help="the saved state: .vmrs, .bin + .vsv or .vsv (+ .bin)")
-    p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="a JSON list: gpa_start, size, raw_offset, first_ramblock, last_ramblock, flags per range",
-    )
-    p.set_defaults(func=run)
+    add_saved_state(p)
+    add_json(p, "a JSON list: gpa_start, size, raw_offset, first_ramblock, last_ramblock, flags per range")
 
 
 def _blocks(first: int, last: int) -> str:

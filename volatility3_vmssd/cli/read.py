@@ -12,6 +12,7 @@ from ..cpu.chunks import MAX_VTL
 from ..errors import VmssdError
 from ..interface import SavedState
 from ..outputs import partial_output
+from .commands import add_command, add_output, add_saved_state
 from .convert import check_output
 from .opening import open_state
 
@@ -44,8 +45,10 @@ def vtl_number(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "read",
+        run,
         help="hexdump (or save) guest memory at a physical or virtual address",
         description=(
             "Read LENGTH bytes of guest memory at ADDRESS: a guest-physical address (default), a virtual"
@@ -55,19 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " that runs into a hole, a missing page or an unmapped virtual page keeps what it read and"
             " says where it stopped; it fails (exit 1) only when nothing could be read."
         ),
-        epilog=(
-            "examples:\n"
-            "  vmssd read vm.vmrs 0x1000 256\n"
-            "  vmssd read vm.vmrs 0xffffffff81000000 64 --virtual --vp 0\n"
-            "  vmssd read vm.vmrs 0 16M -o low16m.bin\n"
-            "  vmssd read vm.bin 0x200000 4K --raw-offset          (vm.vsv found beside vm.bin)"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "vmssd read vm.vmrs 0x1000 256",
+            "vmssd read vm.vmrs 0xffffffff81000000 64 --virtual --vp 0",
+            "vmssd read vm.vmrs 0 16M -o low16m.bin",
+            "vmssd read vm.bin 0x200000 4K --raw-offset          (vm.vsv found beside vm.bin)",
+        ],
     )
-    p.add_argument("file", help="the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin)")
+    add_saved_state(p)
     p.add_argument("address", type=number, help="where to start: 0x..., decimal, or with a K/M/G suffix")
     p.add_argument("length", type=number, help="how many bytes: 0x..., decimal, or with a K/M/G suffix")
-    p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--virtual", action="store_true", help="ADDRESS is virtual: translate with the VP's CR3")
     kind.add_argument("--raw-offset", action="store_true", help="ADDRESS is an offset in raw saved memory")
@@ -78,9 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="N",
         help="with --virtual: that VTL's page tables (default: VTL0 when saved, else the lowest saved)",
     )
-    p.add_argument("-o", "--output", metavar="OUT", help="write the bytes to OUT instead of a hexdump")
-    p.add_argument("--force", action="store_true", help="with -o: overwrite OUT if it exists")
-    p.set_defaults(func=run)
+    add_output(
+        p, "write the bytes to OUT instead of a hexdump", required=False, force="with -o: overwrite OUT if it exists"
+    )
 
 
 class Stopped(Exception):

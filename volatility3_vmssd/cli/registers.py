@@ -14,12 +14,15 @@ from ..cpu.cpujson import FORMAT, VENDORS, register_to_json
 from ..cpu.registers import WIDE_REGISTER_NAMES, RegisterValue, SegmentRegister, TableRegister
 from ..errors import NotFoundError, VmssdError
 from ..interface import SavedState
+from .commands import add_command, add_json, add_saved_state
 from .opening import open_state
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "registers",
+        run,
         help="print the CPU registers of each VP and VTL",
         description=(
             "Print every saved register of each virtual processor, per VTL (the one used for analysis is"
@@ -28,21 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " virtual MSRs. --json writes the vmssd-registers/1 document that `vmssd create --registers`"
             " reads back."
         ),
-        epilog=(
-            "examples:\n"
-            "  vmssd registers vm.vmrs\n"
-            "  vmssd registers vm.vmrs --vp 1 --vtl 0\n"
-            "  vmssd registers --json vm.bin --vsv vm.vsv > regs.json\n"
-            "  vmssd registers --json vm.vmrs | jq -r '.vps[0].vtls[\"0\"].cr3'"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "vmssd registers vm.vmrs",
+            "vmssd registers vm.vmrs --vp 1 --vtl 0",
+            "vmssd registers --json vm.bin --vsv vm.vsv > regs.json",
+            "vmssd registers --json vm.vmrs | jq -r '.vps[0].vtls[\"0\"].cr3'",
+        ],
     )
-    p.add_argument("file", help="the saved state: .vmrs, .bin + .vsv or .vsv (+ .bin)")
-    p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
+    add_saved_state(p)
     p.add_argument("--vp", type=int, metavar="N", help="only this VP (0-based; default: all)")
     p.add_argument("--vtl", type=int, metavar="N", help="only this VTL (default: every VTL saved)")
-    p.add_argument("--json", action="store_true", help="vmssd-registers/1 JSON (filtered by --vp/--vtl)")
-    p.set_defaults(func=run)
+    add_json(p, "vmssd-registers/1 JSON (filtered by --vp/--vtl)")
 
 
 SEGMENT_BITS = (("s", "S"), ("present", "P"), ("avl", "AVL"), ("long", "L"), ("default", "D/B"), ("granularity", "G"))

@@ -7,6 +7,7 @@ import sys
 
 from ..host import usable_cores
 from ..triage.engine import EXTRA_HINT, TriageOptions, human_summary, run_triage
+from .commands import add_command
 
 
 def _plugins(text: str) -> list[str]:
@@ -17,8 +18,10 @@ def _plugins(text: str) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "triage",
+        run,
         help="find, classify and analyse every saved state under some folders, in parallel",
         description=(
             "Find every Hyper-V saved state under the given files and folders (recursively), group them by VM"
@@ -28,16 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " are recorded. Results go to --out; a re-run over the same --out computes only what did not finish."
             f" --scheduler needs the 'triage' extra: {EXTRA_HINT}."
         ),
-        epilog=(
-            "examples:\n"
-            "  vmssd triage --out triage/ 'D:/Hyper-V' 'E:/Exports'\n"
-            "  vmssd triage --out triage/ --symbols ./symbols --offline /mnt/host1\n"
-            "  vmssd triage --out triage/ --plugins hyperv.info,windows.pslist /mnt/host1\n"
-            "  vmssd triage --out /shared/triage --scheduler tcp://10.0.0.5:8786 /shared/evidence\n"
-            "classes: saved-memory, legacy-pair, bin-without-vsv, vsv-without-bin, no-memory, configuration,\n"
-            "  guest-state, damaged, not-hyperv (docs/triage.md)"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "vmssd triage --out triage/ 'D:/Hyper-V' 'E:/Exports'",
+            "vmssd triage --out triage/ --symbols ./symbols --offline /mnt/host1",
+            "vmssd triage --out triage/ --plugins hyperv.info,windows.pslist /mnt/host1",
+            "vmssd triage --out /shared/triage --scheduler tcp://10.0.0.5:8786 /shared/evidence",
+        ],
+        footer=[
+            "classes: saved-memory, legacy-pair, bin-without-vsv, vsv-without-bin, no-memory, configuration,",
+            "  guest-state, damaged, not-hyperv (docs/triage.md)",
+        ],
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; reused to resume)")
@@ -77,7 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--no-hash", action="store_true", help="skip the SHA-256 of each file (size and time still recorded)"
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

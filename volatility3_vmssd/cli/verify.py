@@ -9,12 +9,15 @@ import sys
 from ..dll.binding import is_windows, unavailable_message
 from ..errors import BackendUnavailableError
 from ..verify import DEFAULT_SAMPLES
+from .commands import add_command, add_json, add_saved_state
 from .opening import check_vsv
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "verify",
+        run,
         help="cross-check the native reader against Microsoft's DLL (Windows)",
         description=(
             "Open a saved state with both backends and compare their answers: VP count, architecture,"
@@ -24,11 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             " Windows SDK (--dll, $VMSSD_DUMP_PROVIDER_DLL, or the Windows Kits folders, newest first)."
             " Exit status: 0 identical, 1 differences found or failure."
         ),
-        epilog="examples:\n  vmssd verify vm.vmrs\n  vmssd verify --samples 500 --json vm.bin --vsv vm.vsv",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["vmssd verify vm.vmrs", "vmssd verify --samples 500 --json vm.bin --vsv vm.vsv"],
     )
-    p.add_argument("file", help="the saved state: .vmrs, .bin (+ .vsv) or .vsv (+ .bin)")
-    p.add_argument("--vsv", help="the .vsv of a legacy .bin, when it is not beside it with the same name")
+    add_saved_state(p)
     p.add_argument("--dll", help="path of vmsavedstatedumpprovider.dll (default: discovered)")
     p.add_argument(
         "--samples",
@@ -37,8 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help=f"random pages to compare besides each chunk's first/middle/last (default {DEFAULT_SAMPLES})",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random page sample (default 0)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=run)
+    add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:

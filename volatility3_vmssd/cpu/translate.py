@@ -107,24 +107,20 @@ def _read_entry(read_physical: ReadPhysical, va: int, level: _Level, addr: int) 
     """Read one entry; an unreadable table makes the whole range that table covers unmapped."""
     size = level.entry.size
     table_shift = level.shift + level.index_bits
+    cause: VmssdError | None = None
     try:
         raw = read_physical(addr, size)
     except VmssdError as exc:
-        raise VaNotMappedError(
-            f"VA {va:#x} not mapped: cannot read {level.name} entry at GPA {addr:#x}: {exc}",
-            va,
-            unmapped_size=_remaining(va, table_shift),
-            level=level.name,
-            entry_address=addr,
-        ) from exc
+        raw, cause = b"", exc
     if len(raw) != size:
+        why = cause if cause is not None else f"got {len(raw)} of {size} bytes"
         raise VaNotMappedError(
-            f"VA {va:#x} not mapped: cannot read {level.name} entry at GPA {addr:#x}: got {len(raw)} of {size} bytes",
+            f"VA {va:#x} not mapped: cannot read {level.name} entry at GPA {addr:#x}: {why}",
             va,
             unmapped_size=_remaining(va, table_shift),
             level=level.name,
             entry_address=addr,
-        )
+        ) from cause
     return int(level.entry.unpack(raw)[0])
 
 

@@ -86,31 +86,23 @@ class DllSavedStateProvider(SavedState):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load_vmrs(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        dll_path: str | os.PathLike[str] | None = None,
-        library: DumpProviderLibrary | None = None,
-        abi: str | None = None,
-        strict: bool = False,
-        cache_limit: int | None = None,
-    ) -> DllSavedStateProvider:
-        """LoadSavedStateFile.  ``strict`` is accepted for signature parity; the DLL has no such mode.
-        ``cache_limit`` (1 MiB blocks) is passed to SetMemoryBlockCacheLimit; None keeps the DLL's 0."""
-        lib = _library(dll_path, library, abi)
-        spath = os.path.abspath(os.fspath(path))
-        if not os.path.isfile(spath):
-            raise FileNotFoundError(f"{spath}: no such file")
-        handle = b.VM_SAVED_STATE_DUMP_HANDLE()
-        lib.call("LoadSavedStateFile", spath, byref(handle), context=spath)
-        return cls._opened(lib, handle, "vmrs", [spath], cache_limit)
+    def load_vmrs(cls, path: str | os.PathLike[str], **options: Any) -> DllSavedStateProvider:
+        """LoadSavedStateFile; ``options`` as :meth:`_load` takes them."""
+        return cls._load("LoadSavedStateFile", "vmrs", [path], **options)
 
     @classmethod
     def load_bin_vsv(
+        cls, bin_path: str | os.PathLike[str], vsv_path: str | os.PathLike[str], **options: Any
+    ) -> DllSavedStateProvider:
+        """LoadSavedStateFiles on a legacy pair; ``options`` as :meth:`_load` takes them."""
+        return cls._load("LoadSavedStateFiles", "bin+vsv", [bin_path, vsv_path], **options)
+
+    @classmethod
+    def _load(
         cls,
-        bin_path: str | os.PathLike[str],
-        vsv_path: str | os.PathLike[str],
+        function: str,
+        kind: str,
+        files: list[str | os.PathLike[str]],
         *,
         dll_path: str | os.PathLike[str] | None = None,
         library: DumpProviderLibrary | None = None,
@@ -118,15 +110,17 @@ class DllSavedStateProvider(SavedState):
         strict: bool = False,
         cache_limit: int | None = None,
     ) -> DllSavedStateProvider:
-        """LoadSavedStateFiles on a legacy pair."""
+        """Open ``files`` with the DLL's ``function``.  ``strict`` is accepted for signature parity with the
+        native backend; the DLL has no such mode.  ``cache_limit`` (1 MiB blocks) is passed to
+        SetMemoryBlockCacheLimit; None keeps the DLL's 0."""
         lib = _library(dll_path, library, abi)
-        paths = [os.path.abspath(os.fspath(p)) for p in (bin_path, vsv_path)]
+        paths = [os.path.abspath(os.fspath(p)) for p in files]
         for p in paths:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p}: no such file")
         handle = b.VM_SAVED_STATE_DUMP_HANDLE()
-        lib.call("LoadSavedStateFiles", paths[0], paths[1], byref(handle), context=" + ".join(paths))
-        return cls._opened(lib, handle, "bin+vsv", paths, cache_limit)
+        lib.call(function, *paths, byref(handle), context=" + ".join(paths))
+        return cls._opened(lib, handle, kind, paths, cache_limit)
 
     @classmethod
     def _opened(

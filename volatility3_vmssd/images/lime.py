@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import FormatError
 from .ranges import MemoryRange
-from .streaming import READ_SIZE, ExportReport, Progress, Read, stream_ranges
+from .streaming import ExportReport, Read, SparseWriter, stream_ranges
 
 LIME_MAGIC = 0x4C694D45  # "EMiL" little-endian
 LIME_VERSION = 1
@@ -41,21 +41,13 @@ def lime_header(gpa: int, length: int) -> bytes:
     return LIME_HEADER.pack(LIME_MAGIC, LIME_VERSION, gpa, gpa + length - 1)
 
 
-def write_lime(
-    out: BinaryIO,
-    ranges: Sequence[tuple[int, int]],
-    read: Read,
-    *,
-    progress: Progress | None = None,
-    read_size: int = READ_SIZE,
-) -> ExportReport:
-    """A LiME file: for each range, its header (inclusive end) followed by its bytes."""
-    return stream_ranges(
-        "lime",
-        out,
-        ranges,
-        read,
-        lambda w, gpa, n: w.write(lime_header(gpa, n)),
-        progress=progress,
-        read_size=read_size,
-    )
+def _range_header(writer: SparseWriter, gpa: int, length: int) -> None:
+    writer.write(lime_header(gpa, length))
+
+
+def write_lime(out: BinaryIO, ranges: Sequence[tuple[int, int]], read: Read, **options: Any) -> ExportReport:
+    """A LiME file: for each range, its header (inclusive end) followed by its bytes.
+
+    ``options``: ``progress`` and ``read_size``, as :func:`stream_ranges` takes them.
+    """
+    return stream_ranges("lime", out, ranges, read, _range_header, **options)

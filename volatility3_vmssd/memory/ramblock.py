@@ -159,6 +159,7 @@ _ZERO_OUT = array("I", bytes(4 * PAGES_PER_BLOCK))
 _ALL_FILL_KINDS = bytes([KIND_FILL]) * PAGES_PER_BLOCK
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class BlockIndex:
     """Where each of the 256 pages of one RamBlock value comes from, without its data.
 
@@ -169,40 +170,16 @@ class BlockIndex:
     can be built during a scan.
     """
 
-    __slots__ = (
-        "args",
-        "covered",
-        "file_offset",
-        "kinds",
-        "lengths",
-        "path",
-        "piece_out",
-        "raw",
-        "stats",
-    )
-
-    def __init__(
-        self,
-        kinds: bytes,
-        args: array[int],
-        lengths: array[int],
-        *,
-        path: str,
-        file_offset: int | None,
-        stats: BlockStats,
-        covered: int,
-        piece_out: array[int] | None = None,
-        raw: bool = False,
-    ) -> None:
-        self.kinds = kinds
-        self.args = args
-        self.lengths = lengths
-        self.path = path
-        self.file_offset = file_offset
-        self.stats = stats
-        self.covered = covered  # bytes of output the stream produced (BLOCK_SIZE when complete)
-        self.piece_out = piece_out  # None unless some page is KIND_PIECES
-        self.raw = raw
+    kinds: bytes
+    args: array[int]
+    lengths: array[int]
+    _: dataclasses.KW_ONLY
+    path: str
+    file_offset: int | None
+    stats: BlockStats
+    covered: int  # bytes of output the stream produced (BLOCK_SIZE when complete)
+    piece_out: array[int] | None = None  # None unless some page is KIND_PIECES
+    raw: bool = False
 
     @property
     def missing_pages(self) -> list[int]:
@@ -364,6 +341,7 @@ def index_block(
     )
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class BlockPlan:
     """A record stream after one fast walk: its output in order, the XPRESS parts still to decode.
 
@@ -376,26 +354,14 @@ class BlockPlan:
     pattern when the whole block is one pattern (free RAM), so a reader can share one object.
     """
 
-    __slots__ = ("covered", "paged", "parts", "sizes", "slots", "streams", "uniform")
-
-    def __init__(
-        self,
-        parts: list[bytes | None],
-        slots: list[int],
-        streams: list[bytes],
-        sizes: list[int],
-        *,
-        covered: int,
-        paged: bool,
-        uniform: int | None,
-    ) -> None:
-        self.parts = parts
-        self.slots = slots
-        self.streams = streams
-        self.sizes = sizes
-        self.covered = covered
-        self.paged = paged
-        self.uniform = uniform
+    parts: list[bytes | None]
+    slots: list[int]
+    streams: list[bytes]
+    sizes: list[int]
+    _: dataclasses.KW_ONLY
+    covered: int
+    paged: bool
+    uniform: int | None
 
     @property
     def missing_pages(self) -> range:

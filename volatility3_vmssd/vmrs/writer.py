@@ -18,6 +18,7 @@ import errno
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from ..cpu.chunkwriter import build_partition_state
 from ..cpu.cpustate import PartitionState
@@ -157,32 +158,62 @@ def _refuse_existing(paths: Sequence[str | os.PathLike[str]], overwrite: bool) -
                 raise FileExistsError(errno.EEXIST, "exists; refusing to overwrite it", os.fspath(p))
 
 
+class _RamWrite:
+    """The RAM half both writers share: the ranges planned around the holes, the records laid out, the
+    blocks encoded and counted for the report.  ``overwrite`` is here because it is one of the options
+    both writers take through ``**options``."""
+
+    def __init__(
+        self,
+        image: MemoryImage,
+        *,
+        holes: list[tuple[int, int]] | None = None,
+        compress: bool = True,
+        raw_blocks: bool = False,
+        jobs: int = 1,
+        overwrite: bool = False,
+        progress: Progress | None = None,
+    ) -> None:
+        self.image = image
+        self.ranges = plan_ranges(image, holes or [])
+        self.records = build_layout([(r.gpa, r.length) for r in self.ranges])
+        self.encoding = {"compress": compress, "raw_blocks": raw_blocks, "jobs": jobs, "progress": progress}
+        self.overwrite = overwrite
+        self.blocks = self.stored = 0
+
+    def refuse_existing(self, *paths: str | os.PathLike[str]) -> None:
+        _refuse_existing(paths, self.overwrite)
+
+    def encoded(self) -> Iterator[tuple[int, bytes]]:
+        for n, value in encoded_blocks(self.image, self.records, **self.encoding):
+            self.blocks += 1
+            self.stored += len(value)
+            yield n, value
+
+    def report(self) -> WriteReport:
+        return WriteReport(self.records, self.blocks, sum(r.length for r in self.ranges), self.stored)
+
+
 def write_vmrs(
     path: str | os.PathLike[str],
     image: MemoryImage,
     state: PartitionState,
     *,
-    holes: list[tuple[int, int]] | None = None,
     vm_version: int = VMRS_VM_VERSION,
     saved_state_type: str | None = "Normal",
     alignment: int = 0x1000,
-    compress: bool = True,
-    raw_blocks: bool = False,
-    jobs: int = 1,
-    overwrite: bool = False,
-    progress: Progress | None = None,
+    **options: Any,
 ) -> WriteReport:
     """Write a ``.vmrs`` with the keys the DLL needs (openvmm's minimum set) plus the RAM.
 
     ``saved_state_type`` None leaves out ``/savedstate/type``, which openvmm does not write; with
-    ``raw_blocks`` as well, the file has openvmm's key set, value types and block form.
+    ``raw_blocks`` as well, the file has openvmm's key set, value types and block form.  ``options``:
+    ``holes``, ``compress``, ``raw_blocks``, ``jobs``, ``overwrite``, ``progress`` (:class:`_RamWrite`).
     """
-    ranges = plan_ranges(image, holes or [])
-    records = build_layout([(r.gpa, r.length) for r in ranges])
-    _refuse_existing([path], overwrite)
-    blocks = stored = 0
+    ram = _RamWrite(image, **options)
+    ram.refuse_existing(path)
     with (
-        partial_paths(path, force=overwrite) as (tmp,),
+        partial_paths(path, force=ram.overwrite) as (tmp,),
         HyperVStorageWriter(tmp, alignment=alignment, overwrite=True) as w,
     ):
         w.set("/configuration/properties/version", vm_version)
@@ -190,16 +221,11 @@ def write_vmrs(
         if saved_state_type is not None:
             w.set("/savedstate/type", saved_state_type)
         w.set("/savedstate/savedVM/partition_state", build_partition_state(state))
-        for i, rec in enumerate(records):
+        for i, rec in enumerate(ram.records):
             w.set(f"/savedstate/RamMemoryBlock{i}", rec.build())
-        blocks_out = encoded_blocks(
-            image, records, compress=compress, raw_blocks=raw_blocks, jobs=jobs, progress=progress
-        )
-        for n, value in blocks_out:
+        for n, value in ram.encoded():
             w.set(f"/savedstate/RamBlock{n}", value)
-            blocks += 1
-            stored += len(value)
-    return WriteReport(records, blocks, sum(r.length for r in ranges), stored)
+    return ram.report()
 
 
 def write_bin_vsv(
@@ -208,41 +234,25 @@ def write_bin_vsv(
     image: MemoryImage,
     state: PartitionState,
     *,
-    holes: list[tuple[int, int]] | None = None,
     vm_version: int = LEGACY_VM_VERSION,
-    compress: bool = True,
-    raw_blocks: bool = False,
-    jobs: int = 1,
-    overwrite: bool = False,
-    progress: Progress | None = None,
+    **options: Any,
 ) -> WriteReport:
     """Write a legacy pair: RamBlocks in the ``.bin``; CPU state and the RAM map in the ``.vsv``.
 
     No real ``.vsv`` is available (docs/format.md#legacy-bin-vsv), so the ``.vsv`` is our one fixed assumption: a
     HyperVStorage container with ``/savedVM/partition_state`` and a node ``/RamMemoryBlock`` whose
-    children ``0``, ``1``, … hold version-3 RamMemoryBlock records.
+    children ``0``, ``1``, … hold version-3 RamMemoryBlock records.  ``options`` as :func:`write_vmrs`.
     """
-    ranges = plan_ranges(image, holes or [])
-    records = build_layout([(r.gpa, r.length) for r in ranges])
-    _refuse_existing([bin_path, vsv_path], overwrite)
-    sizes: list[int] = []
-
-    def counted() -> Iterator[tuple[int, bytes]]:
-        blocks_out = encoded_blocks(
-            image, records, compress=compress, raw_blocks=raw_blocks, jobs=jobs, progress=progress
-        )
-        for n, value in blocks_out:
-            sizes.append(len(value))
-            yield n, value
-
-    with partial_paths(bin_path, vsv_path, force=overwrite) as (bin_tmp, vsv_tmp):
-        write_bin(bin_tmp, counted(), vm_version=vm_version)
+    ram = _RamWrite(image, **options)
+    ram.refuse_existing(bin_path, vsv_path)
+    with partial_paths(bin_path, vsv_path, force=ram.overwrite) as (bin_tmp, vsv_tmp):
+        write_bin(bin_tmp, ram.encoded(), vm_version=vm_version)
         with HyperVStorageWriter(vsv_tmp, overwrite=True) as w:
             w.set("/configuration/properties/version", vm_version)
             w.set("/savedVM/partition_state", build_partition_state(state))
-            for i, rec in enumerate(records):
+            for i, rec in enumerate(ram.records):
                 w.set(f"/RamMemoryBlock/{i}", rec.build())
-    return WriteReport(records, len(sizes), sum(r.length for r in ranges), sum(sizes))
+    return ram.report()
 
 
 def write_fill_vmrs(

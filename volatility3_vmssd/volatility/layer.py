@@ -71,6 +71,23 @@ def _warn_if_damaged(provider: SavedState) -> None:
     )
 
 
+_LAYERS = (
+    ("base_layer", False, "The memory file: a .vmrs or a legacy .bin"),
+    ("vsv_layer", True, "The .vsv of a legacy pair (CPU state and RAM map)"),
+)
+"""The layers the saved state is read from: (name, optional, description)."""
+_OPTIONS: tuple[tuple[str, type[interfaces.configuration.RequirementInterface], str], ...] = (
+    ("vtl", requirements.IntRequirement, "Force this virtual trust level on every VP"),
+    ("backend", requirements.StringRequirement, "Provider backend: native (default), dll or auto"),
+    ("page_map_offset", requirements.IntRequirement, "Kernel DTB validated from a saved CR3"),
+    ("kernel_architecture", requirements.StringRequirement, "Intel32 or Intel64 (with page_map_offset)"),
+    ("kernel_pae", requirements.BooleanRequirement, "PAE paging (with page_map_offset)"),
+    ("kernel_vp", requirements.IntRequirement, "The VP whose CR3 gave page_map_offset"),
+    ("kernel_vtl", requirements.IntRequirement, "The VTL of that VP whose CR3 gave page_map_offset"),
+)
+"""The layer's optional settings: (name, requirement class, description)."""
+
+
 class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
     """Guest-physical memory of a Hyper-V saved state (.vmrs, or a legacy .bin with its .vsv)."""
 
@@ -111,35 +128,11 @@ class HyperVSavedStateLayer(interfaces.layers.TranslationLayerInterface):
     # ------------------------------------------------------------------ configuration
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
-        return [
-            requirements.TranslationLayerRequirement(
-                name="base_layer", optional=False, description="The memory file: a .vmrs or a legacy .bin"
-            ),
-            requirements.TranslationLayerRequirement(
-                name="vsv_layer", optional=True, description="The .vsv of a legacy pair (CPU state and RAM map)"
-            ),
-            requirements.IntRequirement(
-                name="vtl", optional=True, description="Force this virtual trust level on every VP"
-            ),
-            requirements.StringRequirement(
-                name="backend", optional=True, description="Provider backend: native (default), dll or auto"
-            ),
-            requirements.IntRequirement(
-                name="page_map_offset", optional=True, description="Kernel DTB validated from a saved CR3"
-            ),
-            requirements.StringRequirement(
-                name="kernel_architecture", optional=True, description="Intel32 or Intel64 (with page_map_offset)"
-            ),
-            requirements.BooleanRequirement(
-                name="kernel_pae", optional=True, description="PAE paging (with page_map_offset)"
-            ),
-            requirements.IntRequirement(
-                name="kernel_vp", optional=True, description="The VP whose CR3 gave page_map_offset"
-            ),
-            requirements.IntRequirement(
-                name="kernel_vtl", optional=True, description="The VTL of that VP whose CR3 gave page_map_offset"
-            ),
+        layers = [
+            requirements.TranslationLayerRequirement(name=name, optional=optional, description=text)
+            for name, optional, text in _LAYERS
         ]
+        return layers + [kind(name=name, optional=True, description=text) for name, kind, text in _OPTIONS]
 
     def _kernel_metadata(self) -> dict[str, Any]:
         return {

@@ -7,6 +7,7 @@ the only way to give stackers options: they are classes with no configuration of
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 from volatility3.framework import constants, interfaces
@@ -14,30 +15,51 @@ from volatility3.framework.configuration import requirements
 
 from ..files import url_to_path
 
-__all__ = ["OPTIONS_PATH", "HyperVSavedStateOptions", "option"]
+__all__ = ["OPTIONS_PATH", "HyperVAutomagic", "HyperVSavedStateOptions", "option"]
 
 OPTIONS_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PATH, "HyperVSavedStateOptions")
 LOCATION_PATH = interfaces.configuration.path_join(constants.AUTOMAGIC_CONFIG_PATH, "LayerStacker", "single_location")
+
+
+Context = interfaces.context.ContextInterface
+Requirement = interfaces.configuration.RequirementInterface
 
 
 class DirectoryGiven(SystemExit):
     """``vol -f`` named a folder: no plugin can run, so vol ends with this one line (exit status 1)."""
 
 
-class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
-    """Holds --hyperv-vsv-location, --hyperv-backend, --hyperv-vtl and --hyperv-cache-blocks for the Hyper-V
-    stackers and layer; and, running first, stops ``vol -f FOLDER`` with one line."""
+class HyperVAutomagic(abc.ABC):
+    """What our automagics share: Volatility's call signature, declared once; :meth:`run` does the work.
 
-    priority = 0
+    A mixin, not an ``AutomagicInterface`` itself: Volatility instantiates every subclass of that
+    interface it finds, and an abstract one would fail.
+    """
+
     exclusion_list: list[str] = []
 
     def __call__(
         self,
-        context: interfaces.context.ContextInterface,
+        context: Context,
         config_path: str,
-        requirement: interfaces.configuration.RequirementInterface,
+        requirement: Requirement,
         progress_callback: constants.ProgressCallback = None,
     ) -> list[Any] | None:
+        self.run(context, config_path, requirement)
+        return None
+
+    @abc.abstractmethod
+    def run(self, context: Context, config_path: str, requirement: Requirement) -> None:
+        """Check or adjust the configuration before the stackers run."""
+
+
+class HyperVSavedStateOptions(HyperVAutomagic, interfaces.automagic.AutomagicInterface):
+    """Holds --hyperv-vsv-location, --hyperv-backend, --hyperv-vtl and --hyperv-cache-blocks for the Hyper-V
+    stackers and layer; and, running first, stops ``vol -f FOLDER`` with one line."""
+
+    priority = 0
+
+    def run(self, context: Context, config_path: str, requirement: Requirement) -> None:
         # vol's LayerStacker would open a folder as a file and fail with "Automagic exception occurred:
         # URLError ... Is a directory" followed by every unmet requirement; nothing can run on a folder.
         location = context.config.get(LOCATION_PATH, None)
@@ -47,7 +69,6 @@ class HyperVSavedStateOptions(interfaces.automagic.AutomagicInterface):
                 f"vol: error: {local} is a directory, not a memory image: give one file with -f (a .vmrs, or a"
                 f" legacy .bin with its .vsv beside it); 'vmssd triage {local}' finds every saved state in a folder"
             )
-        return None
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:

@@ -24,7 +24,7 @@ from volatility3.framework.configuration import requirements
 from ..files import url_to_path
 from .diagnose import vsv_problem, why_not_a_saved_state
 from .layer import HyperVSavedStateLayer
-from .options import LOCATION_PATH, option
+from .options import LOCATION_PATH, Context, HyperVAutomagic, Requirement, option
 
 vollog = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _saved_state_requirements(
         yield from _saved_state_requirements(child, child_path)
 
 
-class HyperVPluginStackers(interfaces.automagic.AutomagicInterface):
+class HyperVPluginStackers(HyperVAutomagic, interfaces.automagic.AutomagicInterface):
     """For ``hyperv.*`` plugins, runs only the Hyper-V stackers (before the layer stacker, priority 10).
 
     The plugins read the saved-state layer only; the OS scanners (DTB and banner scans over all of
@@ -178,21 +178,13 @@ class HyperVPluginStackers(interfaces.automagic.AutomagicInterface):
     """
 
     priority = 5
-    exclusion_list: list[str] = []
 
-    def __call__(
-        self,
-        context: interfaces.context.ContextInterface,
-        config_path: str,
-        requirement: interfaces.configuration.RequirementInterface,
-        progress_callback: constants.ProgressCallback = None,
-    ) -> list[Any] | None:
+    def run(self, context: Context, config_path: str, requirement: Requirement) -> None:
         found = _saved_state_requirements(requirement, config_path)
         if not [path for path, req in found if req.unsatisfied(context, path)]:
-            return None
+            return
         configured = context.config.get(STACKERS_PATH, None) or list(PLUGIN_STACKERS)
         ours = [name for name in configured if name in PLUGIN_STACKERS]
         if ours:
             context.config[STACKERS_PATH] = ours
             vollog.log(constants.LOGLEVEL_VV, f"HyperVPluginStackers: stacking with {', '.join(ours)} only")
-        return None

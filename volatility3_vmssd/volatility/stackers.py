@@ -14,8 +14,10 @@ and otherwise steps aside so the normal scanners run (a KVA-shadow user CR3 must
 
 from __future__ import annotations
 
+import abc
 import logging
 from pathlib import Path
+from typing import Any
 
 from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.layers import physical
@@ -33,11 +35,14 @@ vollog = logging.getLogger(__name__)
 __all__ = ["HyperVIntelStacker", "HyperVSavedStateStacker"]
 
 
-class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
-    """Stacks HyperVSavedStateLayer on a .vmrs, a legacy .bin (+ .vsv) or a .vsv given with -f."""
+class _OnLayer(abc.ABC):
+    """What our stackers share: Volatility's ``stack`` signature, declared once, and the one layer class
+    (``on``) a stacker looks at; :meth:`stack_on` does the work.
 
-    stack_order = 15
-    exclusion_list: list[str] = []
+    A mixin, not a ``StackerLayerInterface`` itself: Volatility runs every subclass of that interface.
+    """
+
+    on: type[interfaces.layers.DataLayerInterface]
 
     @classmethod
     def stack(
@@ -47,8 +52,27 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
         base = context.layers[layer_name]
-        if not isinstance(base, physical.FileLayer):
-            return None
+        return cls.stack_on(context, layer_name, base) if isinstance(base, cls.on) else None
+
+    @classmethod
+    @abc.abstractmethod
+    def stack_on(
+        cls, context: interfaces.context.ContextInterface, layer_name: str, base: Any
+    ) -> interfaces.layers.DataLayerInterface | None:
+        """The layer stacked on ``base`` (an instance of ``on``), or None to step aside."""
+
+
+class HyperVSavedStateStacker(_OnLayer, interfaces.automagic.StackerLayerInterface):
+    """Stacks HyperVSavedStateLayer on a .vmrs, a legacy .bin (+ .vsv) or a .vsv given with -f."""
+
+    stack_order = 15
+    exclusion_list: list[str] = []
+    on = physical.FileLayer
+
+    @classmethod
+    def stack_on(
+        cls, context: interfaces.context.ContextInterface, layer_name: str, base: physical.FileLayer
+    ) -> interfaces.layers.DataLayerInterface | None:
         try:
             head = base.read(0, 8)
         except exceptions.InvalidAddressException:
@@ -193,22 +217,17 @@ class HyperVSavedStateStacker(interfaces.automagic.StackerLayerInterface):
         return HyperVSavedStateLayer(context, config_path, name)
 
 
-class HyperVIntelStacker(interfaces.automagic.StackerLayerInterface):
+class HyperVIntelStacker(_OnLayer, interfaces.automagic.StackerLayerInterface):
     """Builds the Windows Intel layer from a saved CR3 whose tables prove a Windows kernel DTB."""
 
     stack_order = 30
     exclusion_list = ["linux", "mac"]
+    on = HyperVSavedStateLayer
 
     @classmethod
-    def stack(
-        cls,
-        context: interfaces.context.ContextInterface,
-        layer_name: str,
-        progress_callback: constants.ProgressCallback = None,
+    def stack_on(
+        cls, context: interfaces.context.ContextInterface, layer_name: str, base: HyperVSavedStateLayer
     ) -> interfaces.layers.DataLayerInterface | None:
-        base = context.layers[layer_name]
-        if not isinstance(base, HyperVSavedStateLayer):
-            return None
         tried: set[tuple[int, type]] = set()
         refused: list[tuple[KernelCandidate, str]] = []
         candidates = kernel_candidates(base.provider)
