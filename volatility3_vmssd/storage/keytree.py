@@ -133,25 +133,27 @@ class KeyTree:
         heads = self._heads
         fixed = _FIXED
         fo_flag = KEY_FLAG_FILE_OBJECT
-        free, string, array_type = int(KeyType.FREE), int(KeyType.STRING), int(KeyType.ARRAY)
+        free = int(KeyType.FREE)
+        prefixed = frozenset({int(KeyType.STRING), int(KeyType.ARRAY)})  # a u32 length, then the value
         prefix = LENGTH_PREFIX.unpack_from
         n = len(data)
         zeroed = bytearray(data)
+        hsize, zero4 = _HSIZE, _ZERO4
         crc_at = KEY_ENTRY_CRC_OFFSET
         pos = KEY_TABLE_HEADER.size
         count = 0
         bad: list[int] = []  # entries whose CRC fails, reported together after the loop
-        while pos + _HSIZE <= n:
+        while pos + hsize <= n:
             ktype, kflags, ksize, _pt, _po, kcrc, _seq, nsize = unpack(data, pos)
             if ksize == 0:
                 break
             end = pos + ksize
-            if ksize < _HSIZE or end > n:
+            if ksize < hsize or end > n:
                 findings.add(
                     path,
                     offset + pos,
                     "key-table",
-                    f"key entry size {ksize} does not fit: expected {_HSIZE}..{n - pos} bytes"
+                    f"key entry size {ksize} does not fit: expected {hsize}..{n - pos} bytes"
                     f" (rest of key table {index}); rest of the table skipped",
                     error=FormatError,
                     group="key-table",
@@ -160,18 +162,18 @@ class KeyTree:
             if ktype == free:
                 pos = end
                 continue
-            body = pos + _HSIZE + nsize
+            body = pos + hsize + nsize
             vlen: int | str
             if nsize == 0 or body > end:
                 vlen = f"name size {nsize} does not fit in an entry of {ksize} bytes"
             elif kflags & fo_flag:
                 vlen = 12 if end - body >= 12 else "file-object pointer is cut short"
-            elif ktype in (array_type, string) and end - body >= 4:
+            elif ktype in prefixed and end - body >= 4:
                 vlen = 4 + prefix(data, body)[0]
                 if body + vlen > end:
                     vlen = f"value length {vlen - 4} exceeds the entry ({end - body - 4} bytes left)"
-            elif ktype in fixed and end - body >= fixed[ktype]:
-                vlen = fixed[ktype]
+            elif (size := fixed.get(ktype)) is not None and end - body >= size:
+                vlen = size
             else:
                 vlen = _value_extent(ktype, kflags, nsize, body, end, data)
             if vlen.__class__ is str:
@@ -185,11 +187,12 @@ class KeyTree:
                 )
                 pos = end
                 continue
-            zeroed[pos + crc_at : pos + crc_at + 4] = _ZERO4
+            at = pos + crc_at
+            zeroed[at : at + 4] = zero4
             if crc32(zeroed[pos : body + vlen]) != kcrc:  # type: ignore[operator]
                 bad.append(pos)
             pos_col(pos)
-            heads += zeroed[pos : pos + _HSIZE]  # columns are cut from these at C speed (_columns)
+            heads += zeroed[pos : pos + hsize]  # columns are cut from these at C speed (_columns)
             count += 1
             pos = end
         if bad:
@@ -456,15 +459,19 @@ class _ChildIndex:
         tables, first_id, pos_col = tree.tables, tree.first_id, tree.pos
         count = len(pos_col)
         lo, hi, data = 0, 0, b""
-        digits = _DIGITS
+        digits, head = _DIGITS, _HSIZE
+        # Hot loop (a million RamBlock<n> at open): the arrays of the last stem stay bound, so a run
+        # of one stem costs no dict lookup.
+        last: bytes | None = None
+        add_number = add_id = None
         for k in g:
             if not lo <= k < hi:
                 t = bisect_right(first_id, k) - 1
                 lo = first_id[t]
                 hi = first_id[t + 1] if t + 1 < len(first_id) else count
                 data = tables[t]
-            q = pos_col[k]
-            name = data[q + _HSIZE : q + _HSIZE + data[q + _HSIZE - 1]].rstrip(b"\0")
+            q = pos_col[k] + head
+            name = data[q : q + data[q - 1]].rstrip(b"\0")
             stem = name.rstrip(digits)
             cut = len(stem)
             if cut == len(name) or (name[cut] == 48 and cut + 1 < len(name)):  # no number, or a leading zero
@@ -475,11 +482,13 @@ class _ChildIndex:
                 else:
                     bucket.append(k)
                 continue
-            arrays = stems.get(stem)
-            if arrays is None:
-                arrays = stems[stem] = (array("Q"), array("I"))
-            arrays[0].append(int(name[cut:]))
-            arrays[1].append(k)
+            if stem != last:
+                arrays = stems.get(stem)
+                if arrays is None:
+                    arrays = stems[stem] = (array("Q"), array("I"))
+                last, add_number, add_id = stem, arrays[0].append, arrays[1].append
+            add_number(int(name[cut:]))  # type: ignore[misc]
+            add_id(k)  # type: ignore[misc]
         self.stems = stems
         self.other = other
         self.shadowed: list[int] = []
