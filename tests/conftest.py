@@ -12,6 +12,27 @@ from shared_data import BIOS_ROM, LINUX_GUEST, REAL, REPO, SHARED, need  # noqa:
 REAL_GUEST_FIXTURES = frozenset({"guest_elf", "guest_vmrs", "linux_guest", "linux_vol"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads -n
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The developer loop (the whole fast tier, nothing named) runs on every usable core, a file per worker.
+
+    Only that run: the slow tier measures speed and memory (the harness, the fuzz runs' RSS) and starts
+    clusters of its own, so it stays in one process; so does a run of named files or tests, and any run
+    given ``-n`` (``-n 0``: one process). Without pytest-xdist everything runs in one process.
+    """
+    opt = config.option
+    if getattr(opt, "numprocesses", 0) is not None or hasattr(config, "workerinput"):  # no xdist, -n, a worker
+        return
+    if opt.markexpr != "not slow" or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    from volatility3_vmssd.host import usable_cores
+
+    workers = min(usable_cores(), 4)
+    if workers > 1:
+        opt.numprocesses = workers
+        opt.dist = "loadfile"  # module- and session-scoped fixtures (builders, moto servers) made once per file
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:

@@ -24,7 +24,7 @@ from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.cpu.cpujson import register_to_json, state_from_json
 from volatility3_vmssd.images.memoryimage import MemoryImage
 from volatility3_vmssd.storage import HyperVStorage
-from volatility3_vmssd.vmrs.writer import write_fill_vmrs, write_vmrs
+from volatility3_vmssd.vmrs.writer import write_fill_vmrs
 
 SAMPLE = REPO / "tests" / "data" / "sample.vmrs"
 CLI = [sys.executable, "-m", "volatility3_vmssd.cli.main"]
@@ -52,17 +52,9 @@ def sha256(path: Path, offset: int = 0, size: int | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(guest.vmrs, guest.elf): the real Linux guest as a .vmrs, written once per session."""
-    src = need(LINUX_GUEST / "memory" / "guest.elf.xz")
-    registers = json.loads(need(LINUX_GUEST / "registers.json").read_text())
-    folder = tmp_path_factory.mktemp("linux-guest")
-    elf, vmrs = folder / "guest.elf", folder / "guest.vmrs"
-    with lzma.open(src) as fin, open(elf, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 4 * MIB)
-    with MemoryImage.open(elf) as image:
-        write_vmrs(vmrs, image, state_from_json(registers), holes=[BIOS_ROM], jobs=2)
-    return vmrs, elf
+def guest(guest_vmrs: Path, guest_elf: Path) -> tuple[Path, Path]:
+    """(guest.vmrs, guest.elf): the real Linux guest (conftest's, so its tests are in the slow tier)."""
+    return guest_vmrs, guest_elf
 
 
 @pytest.fixture(scope="session")
