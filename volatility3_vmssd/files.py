@@ -22,7 +22,7 @@ from .errors import VmssdError
 from .memory.legacy_bin import BIN_SIGNATURE
 from .sources import base_name, folder_of, is_remote, join, list_folder, open_binary
 from .storage import HyperVStorage
-from .storage.defs import FILE_SIGNATURE
+from .storage.defs import FILE_SIGNATURE, OPEN_REGION
 from .vmrs.reader import PARTITION_STATE_PATHS, ram_block_keys
 
 __all__ = [
@@ -64,6 +64,9 @@ def read_head(path: str | os.PathLike[str]) -> bytes:
 def sniff(path: str | os.PathLike[str]) -> str | None:
     """:func:`signature_kind` of a file (or remote object); OSError (missing, a directory, unreadable) propagates."""
     with open_binary(path) as fh:
+        prefetch = getattr(fh, "prefetch", None)
+        if prefetch is not None:  # a remote object: the open that follows reads these pages first (one request)
+            prefetch([(0, OPEN_REGION)])
         return signature_kind(fh.read(HEAD_SIZE))
 
 

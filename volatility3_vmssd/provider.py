@@ -19,7 +19,7 @@ from .files import BIN_SIGNATURE, STORAGE_SIGNATURE, find_partner, sniff
 from .interface import SavedState
 from .memory.guestmemory import DEFAULT_CACHE_LIMIT
 from .native import SavedStateProvider
-from .sources import is_remote, redact, suffix
+from .sources import is_remote, open_binary, redact, suffix
 
 __all__ = ["BACKENDS", "apply_pending_replay_log", "open_saved_state"]
 
@@ -54,6 +54,26 @@ def open_saved_state(
     looked.  ``partner=False`` opens exactly the files given (the Volatility stacker has chosen them
     already).  A pending replay log is applied in memory only; evidence files are opened read-only.
     """
+    held = open_binary(path) if is_remote(path) else None
+    try:  # a remote object stays open across the sniff and the open: one version, asked for once
+        return _open_saved_state(
+            path, vsv=vsv, partner=partner, backend=backend, strict=strict, cache_limit=cache_limit, dll_path=dll_path
+        )
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _open_saved_state(
+    path: str | os.PathLike[str],
+    *,
+    vsv: str | os.PathLike[str] | None,
+    partner: bool,
+    backend: str,
+    strict: bool,
+    cache_limit: int,
+    dll_path: str | os.PathLike[str] | None,
+) -> SavedState:
     kind = sniff(path)
     dll = _use_dll(backend)
     if dll and is_remote(path):

@@ -21,6 +21,9 @@ FORMAT_VERSION_CURRENT = 0x0400  # verified on both real samples; older layouts 
 HEADER_COPY_OFFSETS = (0x0000, 0x1000)
 HEADER_PAGE_SIZE = 0x1000
 ROOT_OBJECT_TABLE_OFFSET = 0x2000  # fixed, not taken from any header field (verified)
+#: the two header copies and the root object table (one page in every known file): what every open reads
+#: first, fetched in one request from a remote object (docs/remote.md)
+OPEN_REGION = ROOT_OBJECT_TABLE_OFFSET + HEADER_PAGE_SIZE
 
 MIN_ALIGNMENT = 0x1000
 MAX_ALIGNMENT = 0x10000

@@ -21,7 +21,7 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 from ..errors import ChecksumError, Findings, FormatError, NotFoundError, TruncatedError
@@ -32,6 +32,7 @@ from .defs import (
     FILE_SIGNATURE,
     FORMAT_VERSION_CURRENT,
     HEADER_COPY_OFFSETS,
+    HEADER_PAGE_SIZE,
     KEY_TABLE_HEADER,
     KEY_TABLE_HEADER_CRC_OFFSET,
     KEY_TABLE_SIGNATURE,
@@ -40,6 +41,7 @@ from .defs import (
     OBJECT_ENTRY_CRC_OFFSET,
     OBJECT_TABLE_HEADER,
     OBJECT_TABLE_SIGNATURE,
+    OPEN_REGION,
     ROOT_OBJECT_TABLE_OFFSET,
     FileHeaderFields,
     ObjectType,
@@ -148,7 +150,9 @@ class HyperVStorage:
         self.file_size = fh.tell()
         self.overlay: Overlay | None = None  # the pending journal, applied in memory
         self.virtual_size = self.file_size
+        self._prefetch([(0, OPEN_REGION)])
         self.header = self._select_header()
+        self._prefetch(self._open_hint)
         self.replay_log, overlay = load_replay_log(
             path, self.header.fields, self.file_size, self.read_at, self.findings, apply_replay_log
         )
@@ -209,6 +213,31 @@ class HyperVStorage:
     def key_count(self) -> int:
         """Keys read from the key tables (also those left out of the tree)."""
         return len(self._tree)
+
+    def _prefetch(self, spans: list[tuple[int, int]] | Callable[[], list[tuple[int, int]]]) -> None:
+        """Tell a remote object what is about to be parsed (``spans``, or a function that finds them), so
+        that it comes in few ranged requests (docs/remote.md); a local file is read as parsed."""
+        prefetch = getattr(self._fh, "pread", None) and getattr(self._fh, "prefetch", None)
+        if prefetch is not None:
+            prefetch(spans() if callable(spans) else spans)
+
+    def _open_hint(self) -> list[tuple[int, int]]:
+        """The replay log's header and the key tables the root object table names as stored: what the open
+        parses next, fetched together.  Only a hint: the tables are parsed later with the log applied and
+        every check made, and whatever the hint missed is fetched then."""
+        fields = self.header.fields
+        spans = []
+        if fields.replay_log_offset and fields.replay_log_size:
+            spans.append((fields.replay_log_offset, max(1, min(fields.replay_log_header_size, fields.replay_log_size))))
+        raw = self._pread(ROOT_OBJECT_TABLE_OFFSET, HEADER_PAGE_SIZE)  # fetched with the open region
+        if len(raw) >= OBJECT_TABLE_HEADER.size:
+            count = min(
+                OBJECT_TABLE_HEADER.unpack_from(raw)[1], (len(raw) - OBJECT_TABLE_HEADER.size) // OBJECT_ENTRY.size
+            )
+            entries = memoryview(raw)[OBJECT_TABLE_HEADER.size : OBJECT_TABLE_HEADER.size + count * OBJECT_ENTRY.size]
+            key_table = int(ObjectType.KEY_TABLE)
+            spans += [(off, size) for kind, _, off, size, _ in OBJECT_ENTRY.iter_unpack(entries) if kind == key_table]
+        return spans
 
     def _pread(self, offset: int, size: int) -> bytes:
         if self._fh is None:
@@ -444,9 +473,7 @@ class HyperVStorage:
         chosen: dict[int, tuple[int, StorageObject]] = {}
         spans: list[tuple[int, int]] = []  # key tables read so far, sorted, disjoint
         path, findings = self.path, self.findings
-        prefetch = getattr(self._fh, "pread", None) and getattr(self._fh, "prefetch", None)
-        if prefetch is not None:  # a remote object: the key tables in few ranged requests (docs/remote.md)
-            prefetch([(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
+        self._prefetch([(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
         for obj in self.objects.of_type(ObjectType.KEY_TABLE):
             head = self.read_at(obj.offset, min(obj.size, KEY_TABLE_HEADER.size))
             if len(head) < KEY_TABLE_HEADER.size:
