@@ -430,3 +430,36 @@ def test_the_dll_backend_refuses_a_url_in_one_line(http_store: tuple[Path, Proxy
         open_saved_state(f"{proxy.url}/vm.vmrs?{SECRET_QUERY}", backend="dll")
     with open_saved_state(f"{proxy.url}/vm.vmrs", backend="auto") as provider:  # auto: read natively
         assert provider.kind == "vmrs" and provider.paths == [f"{proxy.url}/vm.vmrs"]
+
+
+def test_an_open_asks_for_the_object_once_and_reads_the_fixed_pages_in_one_request(
+    http_store: tuple[Path, Proxy],
+) -> None:
+    """docs/remote.md#what-an-open-costs: one metadata request for the whole open (signature check
+    included); the first GET is the header copies and root object table, the next covers the replay
+    log's header and every key table; no byte of a RamBlock value is fetched."""
+    from volatility3_vmssd import SavedStateProvider, open_saved_state
+    from volatility3_vmssd.storage.defs import OPEN_REGION, ObjectType
+
+    root, proxy = http_store
+    shutil.copyfile(SAMPLE, root / "vm.vmrs")
+    with HyperVStorage.open(SAMPLE) as local:
+        log_header = local.header.fields.replay_log_offset
+        key_tables = [(o.offset, o.offset + o.size) for o in local.objects.of_type(ObjectType.KEY_TABLE)]
+    with SavedStateProvider.load_vmrs(SAMPLE) as p:
+        source = p.memory.source
+        ram = [s for s in (source.block_location(n) for n in source.block_numbers()) if s is not None]
+    proxy.take_log()
+    with open_saved_state(f"{proxy.url}/vm.vmrs") as state:
+        assert state.vp_count() >= 1
+        log = proxy.take_log()
+    assert sum(r.method != "GET" for r in log) == 1  # one HEAD: the object is not asked for again
+    spans = []
+    for r in log:
+        if r.method == "GET":
+            assert r.range is not None and r.range.startswith("bytes=")
+            a, _, b = r.range[6:].partition("-")
+            spans.append((int(a), int(b) + 1))
+    assert spans[0] == (0, OPEN_REGION)
+    assert all(spans[1][0] <= a and b <= spans[1][1] for a, b in [*key_tables, (log_header, log_header + 1)])
+    assert not [(a, b) for a, b in spans for off, size in ram if off < b and a < off + size]
