@@ -20,7 +20,7 @@ from urllib.request import url2pathname
 
 from .errors import VmssdError
 from .memory.legacy_bin import BIN_SIGNATURE
-from .sources import base_name, folder_of, is_remote, join, list_folder, open_binary
+from .sources import base_name, folder_of, hint_reads, is_remote, join, list_folder, open_binary
 from .storage import HyperVStorage
 from .storage.defs import FILE_SIGNATURE, OPEN_REGION
 from .vmrs.reader import PARTITION_STATE_PATHS, ram_block_keys
@@ -64,9 +64,7 @@ def read_head(path: str | os.PathLike[str]) -> bytes:
 def sniff(path: str | os.PathLike[str]) -> str | None:
     """:func:`signature_kind` of a file (or remote object); OSError (missing, a directory, unreadable) propagates."""
     with open_binary(path) as fh:
-        prefetch = getattr(fh, "prefetch", None)
-        if prefetch is not None:  # a remote object: the open that follows reads these pages first (one request)
-            prefetch([(0, OPEN_REGION)])
+        hint_reads(fh, [(0, OPEN_REGION)])  # the open that follows reads these pages first: one request
         return signature_kind(fh.read(HEAD_SIZE))
 
 

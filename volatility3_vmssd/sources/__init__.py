@@ -29,8 +29,10 @@ __all__ = [
     "configure",
     "folder_of",
     "forget",
+    "hint_reads",
     "is_file",
     "is_remote",
+    "is_remote_file",
     "join",
     "list_folder",
     "object_identity",
@@ -220,6 +222,18 @@ def open_binary(location: str | os.PathLike[str], opts: RemoteOptions | None = N
     from .remote import RemoteFile
 
     return RemoteFile(os.fspath(location), opts or options())  # type: ignore[return-value]
+
+
+def is_remote_file(fh: object) -> bool:
+    """Whether an open file is a remote reader (:func:`open_binary` of a URL), which takes read hints."""
+    return hasattr(fh, "prefetch")
+
+
+def hint_reads(fh: object, spans: list[tuple[int, int]]) -> None:
+    """Tell a remote reader the ``(offset, size)`` spans about to be parsed, so that they come in few ranged
+    requests (docs/remote.md); a local file is read as parsed and ignores the hint."""
+    if is_remote_file(fh):
+        fh.prefetch(spans)  # type: ignore[attr-defined]
 
 
 def _split(location: str) -> tuple[str, str]:

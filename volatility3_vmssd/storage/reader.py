@@ -21,11 +21,11 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from ..errors import ChecksumError, Findings, FormatError, NotFoundError, TruncatedError
-from ..sources import open_binary, redact
+from ..sources import hint_reads, is_remote_file, open_binary, redact
 from .defs import (
     FILE_HEADER,
     FILE_HEADER_CRC_OFFSET,
@@ -150,9 +150,10 @@ class HyperVStorage:
         self.file_size = fh.tell()
         self.overlay: Overlay | None = None  # the pending journal, applied in memory
         self.virtual_size = self.file_size
-        self._prefetch([(0, OPEN_REGION)])
+        hint_reads(fh, [(0, OPEN_REGION)])
         self.header = self._select_header()
-        self._prefetch(self._open_hint)
+        if is_remote_file(fh):  # the hint parses the root table: only where requests cost
+            hint_reads(fh, self._open_hint())
         self.replay_log, overlay = load_replay_log(
             path, self.header.fields, self.file_size, self.read_at, self.findings, apply_replay_log
         )
@@ -213,13 +214,6 @@ class HyperVStorage:
     def key_count(self) -> int:
         """Keys read from the key tables (also those left out of the tree)."""
         return len(self._tree)
-
-    def _prefetch(self, spans: list[tuple[int, int]] | Callable[[], list[tuple[int, int]]]) -> None:
-        """Tell a remote object what is about to be parsed (``spans``, or a function that finds them), so
-        that it comes in few ranged requests (docs/remote.md); a local file is read as parsed."""
-        prefetch = getattr(self._fh, "pread", None) and getattr(self._fh, "prefetch", None)
-        if prefetch is not None:
-            prefetch(spans() if callable(spans) else spans)
 
     def _open_hint(self) -> list[tuple[int, int]]:
         """The replay log's header and the key tables the root object table names as stored: what the open
@@ -473,7 +467,8 @@ class HyperVStorage:
         chosen: dict[int, tuple[int, StorageObject]] = {}
         spans: list[tuple[int, int]] = []  # key tables read so far, sorted, disjoint
         path, findings = self.path, self.findings
-        self._prefetch([(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
+        if is_remote_file(self._fh):  # the key tables in few ranged requests
+            hint_reads(self._fh, [(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
         for obj in self.objects.of_type(ObjectType.KEY_TABLE):
             head = self.read_at(obj.offset, min(obj.size, KEY_TABLE_HEADER.size))
             if len(head) < KEY_TABLE_HEADER.size:
