@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -58,6 +59,8 @@ from shared_data import SHARED  # noqa: E402 - the one rule for where real data 
 GUEST = SHARED / "data" / "linux-guest"
 MIB = 1 << 20
 CHUNK = 16 * MIB
+T = TypeVar("T")
+R = TypeVar("R")
 MINIMAL_REGS = {"format": "vmssd-registers/1", "vps": [{"vtls": {"0": {"efer": "0xd01", "cr0": "0x80000011"}}}]}
 
 
@@ -72,6 +75,18 @@ def best_of(n: int, fn: Callable[[], object]) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times), times
+
+
+def interleaved(reps: int, inputs: dict[str, T], measure: Callable[[T], R]) -> dict[str, list[R]]:
+    """``measure`` of every input ``reps`` times, the inputs taking turns and the first alternating:
+    whole-process runs drift with the page cache and the CPU clock, and a ratio of two blocks of runs
+    measured one after the other carried that drift (a row moved by 25 % between runs of one tree)."""
+    labels = list(inputs)
+    out: dict[str, list[R]] = {label: [] for label in labels}
+    for rep in range(reps):
+        for label in labels if rep % 2 == 0 else labels[::-1]:
+            out[label].append(measure(inputs[label]))
+    return out
 
 
 def synthetic_memory(path: Path, mib: int, seed: int = 1) -> None:
@@ -357,10 +372,8 @@ def windows_rows(tmp: Path, env: dict[str, str], reps: int, row: Callable[..., N
         guest = build_windows_guest(isfs[0], context, 5, tmp / f"windows-{context}")
         vmrs = wrap(guest, "vmrs", tmp / f"windows-{context}")
         run_vol([*symbols, "-f", str(guest.lime), "windows.pslist"], env)  # warm the caches
-        times: dict[str, list[float]] = {"vmrs": [], "lime": []}
-        for _ in range(max(3, reps)):  # interleaved, so that load from elsewhere hits both alike
-            for label, f in (("vmrs", vmrs), ("lime", guest.lime)):
-                times[label].append(run_vol([*symbols, "-f", str(f), "windows.pslist"], env)[0])
+        files = {"vmrs": vmrs, "lime": guest.lime}
+        times = interleaved(max(3, reps), files, lambda f: run_vol([*symbols, "-f", str(f), "windows.pslist"], env)[0])
         res = {label: min(values) for label, values in times.items()}
         ratio = res["vmrs"] / res["lime"]
         row(
@@ -510,11 +523,8 @@ def main() -> int:
                 )
 
         # --- raw blocks against plain read() ----------------------------------------------------
-        raw_runs: dict[str, list[float]] = {"plain": [], "provider": []}
-        for rep in range(read_reps):
-            for key in ("plain", "provider") if rep % 2 == 0 else ("provider", "plain"):
-                read_all = plain_read if key == "plain" else provider_read_all
-                raw_runs[key].append(best_of(1, lambda read_all=read_all: read_all(raw_vmrs))[0])
+        readers = {"plain": plain_read, "provider": provider_read_all}
+        raw_runs = interleaved(read_reps, readers, lambda read_all: best_of(1, lambda: read_all(raw_vmrs))[0])
         speed = min(raw_runs["plain"]) / min(raw_runs["provider"])
         row(
             "[synthetic-raw] provider reads of raw 1 MiB blocks / plain read() speed",
@@ -578,10 +588,11 @@ def main() -> int:
             run_vol(["-s", symbols, "-f", str(lime), "linux.pslist"], env)  # warm the identifier cache
             cache_limit = SavedStateProvider.load_vmrs(inputs["linux-guest"]).get_memory_block_cache_limit()
             for plugin in ("linux.pslist", "banners.Banners"):
-                res = {}
-                for label, f in (("vmrs", inputs["linux-guest"]), ("lime", lime)):
-                    runs = [run_vol(["-s", symbols, "-f", str(f), plugin], env) for _ in range(max(1, reps - 1))]
-                    res[label] = (min(r[0] for r in runs), max(r[1] for r in runs))
+                files = {"vmrs": inputs["linux-guest"], "lime": lime}
+                runs = interleaved(
+                    max(2, reps - 1), files, lambda f, p=plugin: run_vol(["-s", symbols, "-f", str(f), p], env)
+                )
+                res = {label: (min(r[0] for r in rs), max(r[1] for r in rs)) for label, rs in runs.items()}
                 ratio = res["vmrs"][0] / res["lime"][0]
                 row(
                     f"vol {plugin}: .vmrs / LiME wall time",
@@ -645,13 +656,11 @@ def main() -> int:
         )
 
         # --- declared RAM bounded by the file (issue 18) -------------------------------------------
-        times = {}
+        declared = {label: tmp / f"declared-{label}.vmrs" for label in ("2^40", "256")}
         for label, pages in (("2^40", 1 << 40), ("256", 256)):
-            declared = tmp / f"declared-{label}.vmrs"
-            write_declared(declared, pages)
-            times[label] = min(
-                run_vol(["-f", str(declared), "banners.Banners"], env)[0] for _ in range(max(1, reps - 1))
-            )
+            write_declared(declared[label], pages)
+        runs = interleaved(max(2, reps - 1), declared, lambda f: run_vol(["-f", str(f), "banners.Banners"], env))
+        times = {label: min(r[0] for r in rs) for label, rs in runs.items()}
         ratio = times["2^40"] / times["256"]
         row(
             "vol banners.Banners, 2^40 pages declared over 1 RamBlock / 256 declared",
@@ -677,10 +686,9 @@ def main() -> int:
                 f"xz -dc of the same RAM: {xz:.0f} MB/s" if xz is not None else "",
             )
         # --- vmssd convert --format dmp against --format raw of the same file (issue 23) -----------
-        dmp_rates: dict[str, list[float]] = {"raw": [], "dmp": []}
-        for rep in range(max(2, reps)):
-            for fmt in ("raw", "dmp") if rep % 2 == 0 else ("dmp", "raw"):  # neither always runs first
-                dmp_rates[fmt].append(convert_rate(inputs["synthetic"], tmp / "convert.out", fmt))
+        synthetic = inputs["synthetic"]
+        formats = {"raw": "raw", "dmp": "dmp"}
+        dmp_rates = interleaved(max(2, reps), formats, lambda f: convert_rate(synthetic, tmp / "convert.out", f))
         best_raw, best_dmp = max(dmp_rates["raw"]), max(dmp_rates["dmp"])
         row(
             "[synthetic] vmssd convert --format dmp / --format raw (throughput)",
