@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,18 +73,28 @@ class _Stub:
         self.run = run
 
 
-def test_watchdog_interrupts_a_runaway_input_and_the_run_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigint", ["python's handler", "ignored"])
+def test_watchdog_interrupts_a_runaway_input_and_the_run_goes_on(tmp_path: Path, sigint: str) -> None:
+    """Also where the process inherited SIGINT ignored (started with ``&`` by a non-interactive shell,
+    as CI jobs are), where ``interrupt_main`` alone does nothing and the run hung."""
     harness = Harness("storage", tmp_path)
     harness.watchdog = Watchdog(0.3)
 
     def forever(data: bytes) -> None:
-        while data:  # a parser stuck in a loop
+        give_up = time.monotonic() + 30  # a watchdog that never fires fails the test, not hangs it
+        while data and time.monotonic() < give_up:  # a parser stuck in a loop
             pass
 
-    harness.target = _Stub(forever)  # type: ignore[assignment]
-    harness.one(b"x")
-    harness.target = _Stub(len)  # type: ignore[assignment]
-    harness.one(b"y")
+    wanted = signal.default_int_handler if sigint == "python's handler" else signal.SIG_IGN
+    before = signal.signal(signal.SIGINT, wanted)
+    try:
+        harness.target = _Stub(forever)  # type: ignore[assignment]
+        harness.one(b"x")
+        harness.target = _Stub(len)  # type: ignore[assignment]
+        harness.one(b"y")
+        assert signal.getsignal(signal.SIGINT) == wanted  # the disposition is given back
+    finally:
+        signal.signal(signal.SIGINT, before)
     stats = harness.finish()
     assert stats.executions == 2 and stats.interrupted == 1 and stats.crashes == 0
 

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import resource
+import signal
 import struct
 import sys
 import threading
@@ -32,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 SLOW_SECONDS = 2.0
 RSS_LIMIT_MB = 300
@@ -70,16 +72,25 @@ def reset_peak_rss() -> bool:
 
 
 class Watchdog:
-    """A thread that interrupts the main thread when one input runs past ``WATCHDOG_SECONDS``."""
+    """A thread that interrupts the main thread when one input runs past ``WATCHDOG_SECONDS``.
+
+    It interrupts with ``_thread.interrupt_main()``, which does nothing where SIGINT has no Python
+    handler: a process started in the background by a non-interactive shell (a CI job, ``cmd &`` in a
+    script) inherits SIGINT ignored, and there a runaway input ran forever.  So while armed, SIGINT
+    gets Python's default handler when it has none, and gets its own back when disarmed.
+    """
 
     def __init__(self, seconds: float = WATCHDOG_SECONDS) -> None:
         self.seconds = seconds
         self.fired = False
         self._deadline: float | None = None
         self._cond = threading.Condition()
+        self._saved: Any = None  # SIGINT's handler while armed, when it was not Python's
         threading.Thread(target=self._watch, name="fuzz-watchdog", daemon=True).start()
 
     def arm(self) -> None:
+        if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGINT)):
+            self._saved = signal.signal(signal.SIGINT, signal.default_int_handler)
         with self._cond:
             self.fired = False
             self._deadline = time.monotonic() + self.seconds
@@ -88,6 +99,9 @@ class Watchdog:
     def disarm(self) -> None:
         with self._cond:
             self._deadline = None
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved)
+            self._saved = None
 
     def _watch(self) -> None:
         with self._cond:
