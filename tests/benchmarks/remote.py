@@ -69,6 +69,7 @@ def _vmssd(args: list[str], env: dict[str, str]) -> float:
 
 def remote_rows(vmrs: Path, symbols: str | None, run_vol: VolRun | None, row: Row, reps: int, tmp: Path) -> None:
     from remote_store import S3
+    from run import interleaved  # the harness's rule for a ratio of two whole-process timings
 
     store = S3()
     try:
@@ -90,10 +91,13 @@ def remote_rows(vmrs: Path, symbols: str | None, run_vol: VolRun | None, row: Ro
         )
         with SavedStateProvider.load_vmrs(vmrs) as p:
             ram_bytes = sum(n for _, n in p.get_guest_physical_memory_chunks()[1]) * 4096
-        local = min(_vmssd(["convert", str(vmrs), "-o", str(tmp / "l.raw"), "--format", "raw", "-q", "--force"], env)
-                    for _ in range(reps))  # fmt: skip
-        remote = min(_vmssd(["convert", url, "-o", str(tmp / "r.raw"), "--format", "raw", "-q", "--force"], env)
-                     for _ in range(reps))  # fmt: skip
+
+        def convert(source: str, out: Path) -> float:
+            return _vmssd(["convert", source, "-o", str(out), "--format", "raw", "-q", "--force"], env)
+
+        local_run = (str(vmrs), tmp / "l.raw")
+        times = interleaved(reps, {"local": local_run, "s3": (url, tmp / "r.raw")}, lambda run: convert(*run))
+        local, remote = min(times["local"]), min(times["s3"])
         store.proxy.take_log()
         same = (tmp / "l.raw").read_bytes() == (tmp / "r.raw").read_bytes()
         ratio = local / remote
@@ -113,9 +117,11 @@ def remote_rows(vmrs: Path, symbols: str | None, run_vol: VolRun | None, row: Ro
             proxy = Proxy(upstream)
             try:
                 http = f"{proxy.url}/{vmrs.name}"
-                web = min(_vmssd(["convert", http, "-o", str(tmp / "h.raw"), "--format", "raw", "-q", "--force"], env)
-                          for _ in range(reps))  # fmt: skip
-                hlog = proxy.take_log()
+                times = interleaved(
+                    reps, {"local": local_run, "http": (http, tmp / "h.raw")}, lambda run: convert(*run)
+                )
+                local, web = min(times["local"]), min(times["http"])
+                hlog = proxy.take_log()  # the local runs do not pass the proxy
             finally:
                 proxy.close()
         same = (tmp / "l.raw").read_bytes() == (tmp / "h.raw").read_bytes()
@@ -131,10 +137,12 @@ def remote_rows(vmrs: Path, symbols: str | None, run_vol: VolRun | None, row: Ro
         )
         if run_vol is not None and symbols is not None:
             run_vol(["-s", symbols, "-f", str(vmrs), "linux.pslist"], env)  # warm the identifier cache
-            lt, _, lout = min(run_vol(["-s", symbols, "-f", str(vmrs), "linux.pslist"], env) for _ in range(reps))
             store.proxy.take_log()
-            rt, _, rout = min(run_vol(["-s", symbols, "-f", url, "linux.pslist"], env) for _ in range(reps))
-            log = store.proxy.take_log()
+            runs = interleaved(
+                reps, {"local": str(vmrs), "s3": url}, lambda f: run_vol(["-s", symbols, "-f", f, "linux.pslist"], env)
+            )
+            (lt, _, lout), (rt, _, rout) = min(runs["local"]), min(runs["s3"])
+            log = store.proxy.take_log()  # the local runs do not pass the proxy
             ratio = rt / lt
             same = lout.splitlines()[1:] == rout.splitlines()[1:]
             row(
