@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from shared_data import REPO
+from terminal import foreground
 
 from volatility3_vmssd import open_saved_state
 from volatility3_vmssd.errors import VmssdError
@@ -111,7 +112,9 @@ def _start_create(
     out = tmp_path / "guest.vmrs"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [*CLI, "create", "--memory", str(guest_elf), "--registers", str(regs), "-o", str(out), "--jobs", "2"],
+        foreground(
+            [*CLI, "create", "--memory", str(guest_elf), "--registers", str(regs), "-o", str(out), "--jobs", "2"]
+        ),
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from builders import add_journal_entries
 from shared_data import LINUX_GUEST, REPO, need
+from terminal import foreground
 
 from volatility3_vmssd import SavedStateProvider
 from volatility3_vmssd.cpu.cpujson import register_to_json, state_from_json
@@ -395,7 +396,7 @@ def test_signals_during_convert_leave_nothing_behind(
     """Ctrl-C, and SIGTERM/SIGHUP as ``timeout`` or a job scheduler send them: exit 128 + N, no file left."""
     out = tmp_path / "large.elf"
     proc = subprocess.Popen(
-        [*CLI, "convert", str(large_vmrs), "-o", str(out), "--format", "elf"],
+        foreground([*CLI, "convert", str(large_vmrs), "-o", str(out), "--format", "elf"]),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
