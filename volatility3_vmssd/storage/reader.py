@@ -467,8 +467,7 @@ class HyperVStorage:
         chosen: dict[int, tuple[int, StorageObject]] = {}
         spans: list[tuple[int, int]] = []  # key tables read so far, sorted, disjoint
         path, findings = self.path, self.findings
-        if is_remote_file(self._fh):  # the key tables in few ranged requests
-            hint_reads(self._fh, [(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
+        hint_reads(self._fh, [(obj.offset, obj.size) for obj in self.objects.of_type(ObjectType.KEY_TABLE)])
         for obj in self.objects.of_type(ObjectType.KEY_TABLE):
             head = self.read_at(obj.offset, min(obj.size, KEY_TABLE_HEADER.size))
             if len(head) < KEY_TABLE_HEADER.size:
